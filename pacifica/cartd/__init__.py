@@ -1,0 +1,1 @@
+"""Pacifica Cartd: stage files from the Pacifica archive interface and serve them as one tar."""

@@ -1,0 +1,119 @@
+"""Open the configured database: build it from peewee_url, wait for it, and scope connections."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type
+from urllib.parse import urlparse
+
+from peewee import Database, InterfaceError, OperationalError, SqliteDatabase
+from playhouse.db_url import parse as parse_db_url
+from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
+
+from .config import Settings
+from .errors import ConfigError, DatabaseUnavailable
+from .orm import DB
+
+LOGGER = logging.getLogger(__name__)
+
+# Several processes (the server and each worker) write the same SQLite file: WAL lets
+# readers go on while one writer commits, BEGIN IMMEDIATE takes the write lock up front
+# so two writers queue on the busy timeout instead of deadlocking on a lock upgrade.
+SQLITE_PRAGMAS: Tuple[Tuple[str, Any], ...] = (
+    ('journal_mode', 'wal'),
+    ('synchronous', 'normal'),
+    ('busy_timeout', 60000),
+)
+SQLITE_TIMEOUT_S = 60
+
+_SERVER_DATABASES: Dict[str, Tuple[Type[Database], str]] = {
+    'postgres': (PooledPostgresqlDatabase, 'postgres'),
+    'postgresql': (PooledPostgresqlDatabase, 'postgres'),
+    'postgres+pool': (PooledPostgresqlDatabase, 'postgres'),
+    'postgresql+pool': (PooledPostgresqlDatabase, 'postgres'),
+    'mysql': (PooledMySQLDatabase, 'mysql'),
+    'mysql+pool': (PooledMySQLDatabase, 'mysql'),
+}
+_SQLITE_SCHEMES = ('sqlite', 'sqliteext', 'sqlite+pool', 'sqliteext+pool')
+
+
+def make_database(peewee_url: str) -> Database:
+    """Build (without connecting) the peewee database a peewee_url names.
+
+    `sqliteext://` (the published default, dropped by peewee 4) means plain SQLite here.
+    PostgreSQL and MySQL connections are pooled: a request or task returns its connection
+    to the pool when it ends, so the next one need not reconnect.
+    """
+    scheme = urlparse(peewee_url).scheme
+    params: Dict[str, Any] = parse_db_url(peewee_url)
+    if scheme in _SQLITE_SCHEMES:
+        if not params.get('database'):
+            raise ConfigError(f'bad value for [database] peewee_url (env PEEWEE_URL): no file in {peewee_url!r}')
+        return SqliteDatabase(params.pop('database'), pragmas=SQLITE_PRAGMAS, timeout=SQLITE_TIMEOUT_S,
+                              lock_type='IMMEDIATE', check_same_thread=False, **params)
+    if scheme in _SERVER_DATABASES:
+        database_class, kind = _SERVER_DATABASES[scheme]
+        if kind == 'mysql' and 'password' in params:
+            params['passwd'] = params.pop('password')
+        if kind == 'mysql':
+            params.setdefault('charset', 'utf8mb4')
+        params.setdefault('max_connections', 32)
+        params.setdefault('stale_timeout', 300)
+        return database_class(params.pop('database'), **params)
+    raise ConfigError(f'bad value for [database] peewee_url (env PEEWEE_URL): unknown scheme {scheme!r} '
+                      f'(use sqliteext, sqlite, postgres or mysql)')
+
+
+def is_sqlite(database: Database) -> bool:
+    """Say whether the database is SQLite (some DDL differs)."""
+    return isinstance(database, SqliteDatabase)
+
+
+def bind(settings: Settings) -> Database:
+    """Point the models' proxy at the configured database and return it."""
+    database = make_database(settings.peewee_url)
+    DB.initialize(database)
+    if settings.database_debug_logging:
+        peewee_logger = logging.getLogger('peewee')
+        peewee_logger.setLevel(logging.DEBUG)
+        if not peewee_logger.handlers:
+            peewee_logger.addHandler(logging.StreamHandler())
+    return database
+
+
+def wait_for_database(settings: Settings, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Connect, retrying connect_attempts times connect_wait seconds apart, then close.
+
+    Raises DatabaseUnavailable naming the URL's host (never its password) and the last error.
+    """
+    last_error: Optional[Exception] = None
+    for attempt in range(1, settings.database_connect_attempts + 1):
+        try:
+            DB.connect(reuse_if_open=True)
+            DB.execute_sql('SELECT 1')
+            DB.close()
+            return
+        except (OperationalError, InterfaceError) as exc:
+            last_error = exc
+            LOGGER.warning('database not reachable (attempt %d of %d): %s',
+                           attempt, settings.database_connect_attempts, exc)
+            if not DB.is_closed():
+                DB.close()
+            if attempt < settings.database_connect_attempts:
+                sleep(settings.database_connect_wait)
+    where = urlparse(settings.peewee_url)
+    raise DatabaseUnavailable(
+        f'cannot connect to the database {where.scheme}://{where.hostname or ""}{where.path} '
+        f'after {settings.database_connect_attempts} attempts: {last_error}')
+
+
+@contextlib.contextmanager
+def connection() -> Iterator[None]:
+    """Hold one connection for the length of a request, task or command, and give it back."""
+    opened = DB.connect(reuse_if_open=True)
+    try:
+        yield
+    finally:
+        if opened and not DB.is_closed():
+            DB.close()

@@ -1,0 +1,210 @@
+"""The REST API: CherryPy handlers as thin translations to the service, and the one error translator."""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import logging
+from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
+from urllib.parse import quote
+
+import cherrypy
+
+from . import database
+from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable
+from .service import CartDownload, CartService
+from .volume import parse_range, tar_top_name
+
+LOGGER = logging.getLogger(__name__)
+
+JSON_TYPES = ('application/json', 'text/javascript')
+STATUS_HEADER = 'X-Pacifica-Status'
+MESSAGE_HEADER = 'X-Pacifica-Message'
+UP_MESSAGE = 'Pacifica Cartd Interface Up and Running'
+
+F = TypeVar('F', bound=Callable[..., Any])
+
+
+def header_safe(text: str) -> str:
+    """Make text fit an HTTP header: one line, Latin-1 (others escaped as \\uXXXX)."""
+    flat = ' '.join(text.splitlines())
+    return flat.encode('latin-1', 'backslashreplace').decode('latin-1')
+
+
+def error_page(status: str, message: str, traceback: str, version: str) -> str:
+    """CherryPy's error page, as JSON with the published four keys; tracebacks stay in the log."""
+    del traceback
+    cherrypy.response.headers['Content-Type'] = 'application/json'
+    return json.dumps({'status': status, 'message': message, 'traceback': '', 'version': version})
+
+
+def _raise_http(status: int, message: str) -> None:
+    raise cherrypy.HTTPError(status, message)
+
+
+def translate_errors(handler: F) -> F:
+    """Run a handler with one database connection and map every failure to status + JSON.
+
+    CartErrors carry their status; anything else is logged with its traceback and
+    answered 500 with a generic message. HEAD answers also get the two X-Pacifica headers.
+    """
+    @functools.wraps(handler)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with database.connection():
+                return handler(*args, **kwargs)
+        except cherrypy.HTTPError:
+            raise
+        except CartNotReady as exc:
+            # Not an error to the published clients: 202 with a plain sentence.
+            cherrypy.response.status = exc.http_status
+            cherrypy.response.stream = False
+            return exc.message.encode('utf-8')
+        except CartError as exc:
+            status, message = exc.http_status, exc.message
+            if status >= 500:
+                LOGGER.error('%s %s: %s', cherrypy.request.method, cherrypy.request.path_info, message)
+        except Exception:  # the one place unexpected errors become a 500
+            LOGGER.exception('%s %s failed', cherrypy.request.method, cherrypy.request.path_info)
+            status, message = 500, 'The server encountered an unexpected condition which prevented it from fulfilling the request.'
+        if cherrypy.request.method == 'HEAD':
+            cherrypy.response.headers[STATUS_HEADER] = 'error'
+            cherrypy.response.headers[MESSAGE_HEADER] = header_safe(message)
+        _raise_http(status, message)
+        return None
+    return wrapper  # type: ignore[return-value]
+
+
+def _read_json_body(limit: int) -> Any:
+    request = cherrypy.request
+    content_type = (request.headers.get('Content-Type') or '').split(';')[0].strip().lower()
+    if content_type not in JSON_TYPES:
+        raise cherrypy.HTTPError(415, 'Expected an entity of content type application/json, text/javascript')
+    declared = request.headers.get('Content-Length')
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f'the request body is larger than {limit} bytes')
+    raw = request.body.fp.read(limit + 1) if request.body.fp is not None else b''
+    if len(raw) > limit:
+        raise PayloadTooLarge(f'the request body is larger than {limit} bytes')
+    try:
+        return json.loads(raw.decode('utf-8'))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f'Invalid JSON document: {exc}') from exc
+
+
+def _disposition(filename: str) -> str:
+    try:
+        filename.encode('ascii')
+        if '"' not in filename and ';' not in filename and ' ' not in filename:
+            return f'attachment; filename={filename}'
+        return 'attachment; filename="{}"'.format(filename.replace('"', '_'))
+    except UnicodeEncodeError:
+        return f"attachment; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _send(download: CartDownload, chunk_size: int) -> Iterator[bytes]:
+    """Set the download's headers (Range honoured) and return its body."""
+    request, response = cherrypy.request, cherrypy.response
+    layout = download.layout
+    response.headers['Content-Type'] = 'application/octet-stream'
+    response.headers['Content-Disposition'] = _disposition(download.filename)
+    response.headers['Accept-Ranges'] = 'bytes'
+    response.headers['ETag'] = layout.etag
+    wanted = request.headers.get('Range')
+    if_range = request.headers.get('If-Range')
+    if if_range is not None and if_range != layout.etag:
+        wanted = None
+    try:
+        byte_range = parse_range(wanted, layout.size)
+    except ValueError as exc:
+        response.headers['Content-Range'] = f'bytes */{layout.size}'
+        raise RangeNotSatisfiable(str(exc)) from exc
+    if byte_range is None:
+        response.headers['Content-Length'] = str(layout.size)
+        return layout.iter_bytes(0, layout.size, chunk_size)
+    start, end = byte_range
+    response.status = 206
+    response.headers['Content-Range'] = f'bytes {start}-{end - 1}/{layout.size}'
+    response.headers['Content-Length'] = str(end - start)
+    return layout.iter_bytes(start, end, chunk_size)
+
+
+class CartRoot:
+    """`/` and `/<uid>`: create, poll, download and delete carts."""
+
+    exposed = True
+
+    def __init__(self, service_factory: Callable[[], CartService]) -> None:
+        """Build handlers over the service the composition root provides."""
+        self._service_factory = service_factory
+
+    @property
+    def service(self) -> CartService:
+        """The service, built on first use."""
+        return self._service_factory()
+
+    @translate_errors
+    def GET(self, uid: Optional[str] = None, *extra: str, filename: Optional[str] = None, **params: Any) -> Any:
+        """`GET /` says the service is up; `GET /<uid>[?filename=x.tar]` downloads a ready cart."""
+        del params
+        if extra:
+            raise cherrypy.HTTPError(404, 'The path {!r} was not found.'.format(cherrypy.request.path_info))
+        if uid is None:
+            cherrypy.response.stream = False
+            return json.dumps({'message': UP_MESSAGE}).encode('utf-8')
+        if filename is None:
+            filename = datetime.datetime.now().strftime('data_%Y_%m_%d_%H_%M_%S.tar')
+        top = tar_top_name(filename)
+        download = self.service.download(uid, filename, top)
+        return _send(download, self.service.settings.transfer_size)
+    GET._cp_config = {'response.stream': True}  # type: ignore[attr-defined]
+
+    @translate_errors
+    def HEAD(self, uid: Optional[str] = None, *extra: str, **params: Any) -> None:
+        """`HEAD /<uid>`: 204 with the cart's status and message in X-Pacifica headers."""
+        del params
+        if uid is None or extra:
+            raise BadRequest('HEAD needs a cart uid: /<uid>')
+        state = self.service.status(uid)
+        headers = cherrypy.response.headers
+        headers[STATUS_HEADER] = state.status
+        headers[MESSAGE_HEADER] = header_safe(state.message)
+        if state.status == 'error':
+            raise cherrypy.HTTPError(500, state.message)
+        cherrypy.response.status = 204
+
+    @translate_errors
+    def POST(self, uid: Optional[str] = None, *extra: str, **params: Any) -> bytes:
+        """`POST /<uid>` with {"fileids": [...]}: 201 once the cart is recorded and queued."""
+        del params
+        if uid is None:
+            raise cherrypy.HTTPError(404, 'Missing parameters: uid')
+        if extra:
+            raise cherrypy.HTTPError(404, 'The path {!r} was not found.'.format(cherrypy.request.path_info))
+        body = _read_json_body(self.service.settings.max_request_size)
+        self.service.create_cart(uid, body)
+        cherrypy.response.status = 201
+        return json.dumps({'message': 'Cart Processing has begun'}).encode('utf-8')
+
+    @translate_errors
+    def DELETE(self, uid: Optional[str] = None, *extra: str, **params: Any) -> bytes:
+        """`DELETE /<uid>`: remove every cart with this uid, staging or not."""
+        del params
+        if uid is None or extra:
+            raise cherrypy.HTTPError(404, 'Not Found')
+        self.service.delete(uid)
+        return json.dumps({'message': 'Cart Deleted Successfully'}).encode('utf-8')
+
+
+def app_config() -> Dict[str, Dict[str, Any]]:
+    """The per-application CherryPy config the API needs, whatever the cpconfig file says."""
+    return {
+        '/': {
+            'request.dispatch': cherrypy.dispatch.MethodDispatcher(),
+            'request.show_tracebacks': False,
+            'request.process_request_body': False,
+            'tools.response_headers.on': True,
+            'tools.response_headers.headers': [('Content-Type', 'application/json')],
+            'error_page.default': error_page,
+        },
+    }

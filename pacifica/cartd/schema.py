@@ -1,0 +1,100 @@
+"""The database schema's version, its ordered upgrade steps, and the start-up check."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Tuple
+
+from peewee import fn
+from playhouse.migrate import SchemaMigrator, migrate
+
+from .errors import SchemaTooOld
+from .orm import DB, MODELS, Cart, CartSystem, File, FileStatus
+
+LOGGER = logging.getLogger(__name__)
+
+Version = Tuple[int, int]
+
+# 2.0 is the published 0.7.0 schema. 2.1 adds per-cart counters and per-file size/mtime,
+# all with server-side defaults, so a 0.7.0 process can still write to a 2.1 database.
+SCHEMA_VERSION: Version = (2, 1)
+
+
+def current_version() -> Optional[Version]:
+    """Return the stored schema version, or None when the database is empty."""
+    if not CartSystem.table_exists():
+        return None
+    rows = {row.part: row.value for row in CartSystem.select()}
+    if 'major' not in rows or 'minor' not in rows:
+        return None
+    return (rows['major'], rows['minor'])
+
+
+def _store_version(version: Version) -> None:
+    for part, value in zip(('major', 'minor'), version):
+        updated = CartSystem.update(value=value).where(CartSystem.part == part).execute()
+        if not updated:
+            CartSystem.create(part=part, value=value)
+
+
+def _upgrade_2_0_to_2_1() -> None:
+    """Add the counters and file metadata, then fill the counters from the existing rows."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    migrate(
+        migrator.add_column('cart', 'files_total', Cart.files_total),
+        migrator.add_column('cart', 'files_staged', Cart.files_staged),
+        migrator.add_column('file', 'size', File.size),
+        migrator.add_column('file', 'mtime', File.mtime),
+        migrator.add_index('cart', ('cart_uid',), False),
+    )
+    total = File.select(fn.COUNT(File.id)).where(File.cart == Cart.id)
+    staged = total.where(File.status == FileStatus.STAGED.value)
+    Cart.update(files_total=total, files_staged=staged).execute()
+
+
+UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
+    ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
+]
+
+
+def sync() -> Version:
+    """Create the schema, or upgrade it step by step to SCHEMA_VERSION, keeping every row."""
+    with DB.atomic():
+        version = current_version()
+        if version is None:
+            DB.create_tables(MODELS, safe=True)
+            _store_version(SCHEMA_VERSION)
+            LOGGER.info('created schema %d.%d', *SCHEMA_VERSION)
+            return SCHEMA_VERSION
+    for from_version, to_version, step in UPGRADES:
+        if version == from_version:
+            with DB.atomic():
+                step()
+                _store_version(to_version)
+            LOGGER.info('upgraded schema %d.%d to %d.%d', *from_version, *to_version)
+            version = to_version
+    if version[0] != SCHEMA_VERSION[0] or version < SCHEMA_VERSION:
+        raise SchemaTooOld(f'cannot upgrade schema {version[0]}.{version[1]} to '
+                           f'{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}')
+    return version
+
+
+def is_equal() -> bool:
+    """Say whether the stored schema is exactly this code's."""
+    return current_version() == SCHEMA_VERSION
+
+
+def is_usable() -> bool:
+    """Say whether this code can run on the stored schema (same major, minor not older)."""
+    version = current_version()
+    return version is not None and version[0] == SCHEMA_VERSION[0] and version >= SCHEMA_VERSION
+
+
+def require_usable() -> None:
+    """Raise SchemaTooOld with the fix in the message unless the schema is usable."""
+    version = current_version()
+    if version is None:
+        raise SchemaTooOld('the database has no cart schema: run `pacifica-cartd-cmd dbsync` first')
+    if not is_usable():
+        raise SchemaTooOld(
+            f'database schema {version[0]}.{version[1]} does not match this version '
+            f'({SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}): run `pacifica-cartd-cmd dbsync`')

@@ -1,0 +1,443 @@
+"""The cart's use cases and its state machine; owns every transaction, knows no web or queue framework."""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+import jsonschema
+from peewee import chunked
+
+from . import database
+from .archive import ArchiveClient, ArchiveStatus, Download
+from .config import Settings
+from .errors import (
+    ArchiveError,
+    ArchiveMediaError,
+    BadRequest,
+    CartGone,
+    CartNotFound,
+    CartNotReady,
+    FileStageError,
+    HashMismatch,
+    QueueUnavailable,
+)
+from .orm import DB, Cart, CartStatus, CartTasks, File, FileStatus, now
+from .volume import CartVolume, TarLayout, TarMember, cart_relative_path, check_cart_uid, path_conflicts
+
+LOGGER = logging.getLogger(__name__)
+
+LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
+HASH_TYPES = frozenset(name.lower() for name in hashlib.algorithms_available if not name.lower().startswith('shake'))
+INSERT_CHUNK = 200
+
+CART_REQUEST_SCHEMA: Dict[str, Any] = {
+    'type': 'object',
+    'required': ['fileids'],
+    'properties': {
+        'fileids': {
+            'type': 'array',
+            'items': {
+                'type': 'object',
+                'required': ['id', 'path', 'hashtype', 'hashsum'],
+                'properties': {
+                    'id': {'type': ['integer', 'string']},
+                    'path': {'type': 'string'},
+                    'hashtype': {'type': 'string'},
+                    'hashsum': {'type': 'string'},
+                },
+            },
+        },
+        'bundle': {'type': 'boolean'},
+    },
+}
+_VALIDATOR = jsonschema.Draft7Validator(CART_REQUEST_SCHEMA)
+
+
+class TaskQueue(Protocol):
+    """What the service needs of a task queue (Celery in production)."""
+
+    def enqueue_stage(self, cart_id: int, file_ids: Sequence[int], countdown: float = 0,
+                      tape_round: int = 0) -> str:
+        """Queue staging of these files; return the task id."""
+
+    def enqueue_bundle(self, cart_id: int) -> str:
+        """Queue the bundling of a cart whose files are all staged."""
+
+    def revoke(self, task_ids: Sequence[str]) -> None:
+        """Best effort: tell workers to drop these queued tasks."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRequest:
+    """One checked entry of a cart request."""
+
+    archive_id: str
+    path: str
+    hash_type: str
+    hash_value: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CartRequest:
+    """A checked cart request."""
+
+    files: Tuple[FileRequest, ...]
+    bundle: Optional[bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class CartState:
+    """What HEAD reports: the wire status and message."""
+
+    status: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CartDownload:
+    """A ready cart's tar, laid out for the requested name."""
+
+    layout: TarLayout
+    filename: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutcome:
+    """How one file's staging attempt ended: staged, still on tape, or failed."""
+
+    file_id: int
+    on_tape: bool = False
+    error: Optional[str] = None
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    path = ''.join(f'[{part}]' if isinstance(part, int) else f'.{part}' for part in error.absolute_path)
+    return path.lstrip('.') or 'the body'
+
+
+def parse_cart_request(body: Any) -> CartRequest:
+    """Check a POST body against the schema and the cart's rules; raise BadRequest saying what is wrong."""
+    error = next(iter(sorted(_VALIDATOR.iter_errors(body), key=lambda err: list(err.absolute_path))), None)
+    if error is not None:
+        raise BadRequest(f'invalid cart request: {_where(error)}: {error.message}')
+    files: List[FileRequest] = []
+    for index, entry in enumerate(body['fileids']):
+        archive_id = str(entry['id'])
+        if not archive_id or any(ord(char) < 0x20 for char in archive_id):
+            raise BadRequest(f'invalid cart request: fileids[{index}].id is empty or has control characters')
+        hash_type = entry['hashtype'].lower()
+        if hash_type not in HASH_TYPES:
+            raise BadRequest(f'invalid cart request: fileids[{index}].hashtype: unsupported hash type {entry["hashtype"]!r}')
+        hash_value = entry['hashsum'].strip().lower()
+        expected_length = hashlib.new(hash_type).digest_size * 2
+        if len(hash_value) != expected_length or any(char not in '0123456789abcdef' for char in hash_value):
+            raise BadRequest(f'invalid cart request: fileids[{index}].hashsum is not a {hash_type} hex digest')
+        try:
+            path = cart_relative_path(entry['path'])
+        except BadRequest as exc:
+            raise BadRequest(f'invalid cart request: fileids[{index}].path: {exc.message}') from exc
+        files.append(FileRequest(archive_id, path, hash_type, hash_value))
+    conflict = path_conflicts(file.path for file in files)
+    if conflict is not None:
+        raise BadRequest(f'invalid cart request: path {conflict!r} is given twice (or as a file and a directory)')
+    return CartRequest(files=tuple(files), bundle=body.get('bundle'))
+
+
+def _cart_message(file: File, cause: str) -> str:
+    return f'Failed to pull file({file.bundle_path} (archive id {file.file_name}): {cause})'
+
+
+class CartService:
+    """The cart's use cases, callable from the REST layer, a task or the command line."""
+
+    def __init__(self, settings: Settings, queue: Optional[TaskQueue] = None,
+                 archive: Optional[ArchiveClient] = None) -> None:
+        """Wire the settings, the volume, and (where needed) the task queue and archive client."""
+        self.settings = settings
+        self.volume = CartVolume(settings.volume_path)
+        self.queue = queue
+        self.archive = archive or ArchiveClient(
+            settings.archive_url, settings.archive_timeout, settings.transfer_size,
+            settings.archive_retries, settings.archive_retry_wait)
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pool_lock = threading.Lock()
+
+    # ---- requests from clients -------------------------------------------------
+
+    def create_cart(self, cart_uid: str, body: Any) -> int:
+        """Record a cart and its files, then queue their staging; return the cart's row id."""
+        check_cart_uid(cart_uid)
+        request = parse_cart_request(body)
+        bundle = self.settings.bundle_task if request.bundle is None else request.bundle
+        with DB.atomic():
+            cart = Cart.create(cart_uid=cart_uid, status=CartStatus.STAGING.value, bundle=bundle,
+                               files_total=len(request.files))
+            rows = [{'cart': cart.id, 'file_name': item.archive_id, 'bundle_path': item.path,
+                     'hash_type': item.hash_type, 'hash_value': item.hash_value,
+                     'status': FileStatus.WAITING.value} for item in request.files]
+            for batch in chunked(rows, INSERT_CHUNK):
+                File.insert_many(batch).execute()
+            file_ids = [row.id for row in File.select(File.id).where(File.cart == cart.id).order_by(File.id)]
+        LOGGER.info('cart %s (id %d): %d files, bundle %s', cart_uid, cart.id, len(file_ids), bundle)
+        if not file_ids:
+            self._finish(cart.id)
+            return cart.id
+        self._queue_batches(cart.id, file_ids)
+        return cart.id
+
+    def _queue_batches(self, cart_id: int, file_ids: Sequence[int]) -> None:
+        if self.queue is None:
+            raise QueueUnavailable('no task queue is configured')
+        task_ids: List[str] = []
+        try:
+            for batch in chunked(file_ids, self.settings.stage_batch_size):
+                task_ids.append(self.queue.enqueue_stage(cart_id, list(batch)))
+        except Exception as exc:
+            message = f'Could not queue the cart for staging: {type(exc).__name__}: {exc}'
+            LOGGER.error('cart id %d: %s', cart_id, message)
+            self._set_cart_error(cart_id, message)
+            raise QueueUnavailable(message) from exc
+        with DB.atomic():
+            for batch in chunked(task_ids, INSERT_CHUNK):
+                CartTasks.insert_many([{'cart': cart_id, 'celery_task_id': task} for task in batch]).execute()
+
+    @staticmethod
+    def _live_cart(cart_uid: str) -> Optional[Cart]:
+        return (Cart.select()
+                .where((Cart.cart_uid == cart_uid) & (Cart.status != CartStatus.DELETED.value))
+                .order_by(Cart.creation_date.desc(), Cart.id.desc())
+                .first())
+
+    def status(self, cart_uid: str) -> CartState:
+        """The newest live cart's wire status and message (one indexed query)."""
+        cart = self._live_cart(cart_uid)
+        if cart is None:
+            raise CartNotFound(f'No cart with uid {cart_uid} found')
+        return CartState(CartStatus(cart.status).wire, cart.error if cart.status == CartStatus.ERROR.value else '')
+
+    def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
+        """Lay out the ready cart's tar under the top directory `top`; count it as a use."""
+        cart = self._live_cart(cart_uid)
+        if cart is None:
+            raise CartNotFound('The cart does not exist or has already been deleted')
+        if cart.status != CartStatus.READY.value:
+            raise CartNotReady('The cart is not ready for download.')
+        files = list(File.select(File.bundle_path, File.size, File.mtime, File.id)
+                     .where(File.cart == cart.id).order_by(File.id))
+        members = self._members(cart, files)
+        Cart.update(updated_date=now()).where(Cart.id == cart.id).execute()
+        created = cart.creation_date.timestamp() if cart.creation_date else time.time()
+        return CartDownload(TarLayout(top, members, created), filename)
+
+    def _members(self, cart: Cart, files: Sequence[File]) -> List[TarMember]:
+        """Where each file's bytes are: its staged file, or its place in the bundle tar."""
+        plain = [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0,
+                           self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)) for file in files]
+        if not cart.bundle:
+            return plain
+        tar_path = self.volume.tar_path(cart.id, cart.cart_uid)
+        on_disk = TarLayout(cart.cart_uid, plain, 0)
+        return [dataclasses.replace(member, source=tar_path, source_offset=offset)
+                for member, offset in zip(plain, on_disk.file_offsets)]
+
+    def delete(self, cart_uid: str) -> int:
+        """Delete every live cart with this uid: mark, revoke its tasks, remove its files."""
+        with DB.atomic():
+            carts = list(Cart.select(Cart.id).where((Cart.cart_uid == cart_uid)
+                                                    & (Cart.status != CartStatus.DELETED.value)))
+            if not carts:
+                raise CartNotFound('Not Found')
+            cart_ids = [cart.id for cart in carts]
+            Cart.update(status=CartStatus.DELETED.value, deleted_date=now(), updated_date=now()).where(
+                Cart.id.in_(cart_ids)).execute()
+            task_ids = [task.celery_task_id for task in
+                        CartTasks.select(CartTasks.celery_task_id).where(CartTasks.cart.in_(cart_ids))]
+        if self.queue is not None and task_ids:
+            try:
+                self.queue.revoke(task_ids)
+            except Exception as exc:  # the tasks check the cart's status anyway
+                LOGGER.warning('could not revoke tasks of cart %s: %s', cart_uid, exc)
+        for cart_id in cart_ids:
+            self.volume.unlink_cart(cart_uid, cart_id)
+            self.volume.remove_cart(cart_id)
+        LOGGER.info('cart %s deleted (ids %s)', cart_uid, cart_ids)
+        return len(cart_ids)
+
+    # ---- work done by the workers ------------------------------------------------
+
+    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.settings.stage_concurrency, thread_name_prefix='cartd-stage')
+            return self._pool
+
+    def stage_files(self, cart_id: int, file_ids: Sequence[int], tape_round: int = 0) -> List[int]:
+        """Stage the listed files of a cart in parallel; return those still on tape.
+
+        Safe to run twice: files already staged are skipped, and a cart that is no longer
+        staging (deleted, failed) is left alone. Whoever stages the last file finishes the cart.
+        """
+        cart = Cart.get_or_none(Cart.id == cart_id)
+        if cart is None or cart.status not in LIVE_STATUSES:
+            LOGGER.info('cart id %d is %s: nothing to stage', cart_id, cart.status if cart else 'gone')
+            return []
+        files = list(File.select().where(File.id.in_(list(file_ids))
+                                         & (File.status != FileStatus.STAGED.value)).order_by(File.id))
+        if not files:
+            return []
+        pool = self._thread_pool()
+        outcomes = list(pool.map(lambda file: self._stage_in_thread(cart, file), files))
+        return [outcome.file_id for outcome in outcomes if outcome.on_tape]
+
+    def _stage_in_thread(self, cart: Cart, file: File) -> StageOutcome:
+        with database.connection():
+            try:
+                outcome = self._stage_one(cart, file)
+            except CartGone:
+                return StageOutcome(file.id)
+            except FileStageError as exc:
+                LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
+                self._fail_file(cart.id, file, exc.message)
+                return StageOutcome(file.id, error=exc.message)
+            except OSError as exc:
+                message = f'cannot write to the volume: {exc.strerror or exc}'
+                LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
+                self._fail_file(cart.id, file, message)
+                return StageOutcome(file.id, error=message)
+            return outcome
+
+    def _stage_one(self, cart: Cart, file: File) -> StageOutcome:
+        status: ArchiveStatus = self.archive.with_retries(lambda: self.archive.status(file.file_name))
+        if status.media == 'error':
+            raise ArchiveMediaError(f'the archive reports the media of the file as error: {status.message}')
+        if not status.on_disk:
+            self.archive.with_retries(lambda: self.archive.stage(file.file_name))
+            LOGGER.info('cart %s file %s is on %s: recall requested', cart.cart_uid, file.bundle_path, status.media)
+            return StageOutcome(file.id, on_tape=True)
+        final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        download = self._download_verified(cart, file, status, final)
+        self._record_staged(cart.id, file, download)
+        return StageOutcome(file.id)
+
+    def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path) -> Download:
+        """Download until whole and matching: transient faults retried, a hash mismatch once."""
+        mismatches = 0
+        while True:
+            partial = self.volume.partial_path(cart.id, file.id)
+            try:
+                download = self.archive.with_retries(lambda: self.archive.download(
+                    file.file_name, partial, file.hash_type, file.hash_value, status.size))
+                mtime = status.mtime if status.mtime is not None else download.mtime
+                if mtime is not None:
+                    os.utime(partial, (mtime, mtime))
+                os.replace(partial, final)
+                return Download(download.size, mtime)
+            except HashMismatch:
+                mismatches += 1
+                if mismatches > 1:
+                    raise
+                LOGGER.info('cart %s file %s: hash mismatch, downloading once more', cart.cart_uid, file.bundle_path)
+            finally:
+                partial.unlink(missing_ok=True)
+
+    def _record_staged(self, cart_id: int, file: File, download: Download) -> None:
+        """Mark the file staged and count it, in one transaction; finish the cart if it was the last."""
+        try:
+            with DB.atomic():
+                marked = (File.update(status=FileStatus.STAGED.value, size=download.size, mtime=download.mtime,
+                                      error='')
+                          .where((File.id == file.id) & (File.status != FileStatus.STAGED.value))
+                          .execute())
+                if not marked:
+                    return  # a duplicate task got there first
+                counted = (Cart.update(files_staged=Cart.files_staged + 1, updated_date=now())
+                           .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES)))
+                           .execute())
+                if not counted:
+                    raise CartGone(f'cart id {cart_id} is no longer staging')
+        except CartGone:
+            self._cleanup_if_deleted(cart_id)
+            raise
+        self._finish(cart_id)
+
+    def _cleanup_if_deleted(self, cart_id: int) -> None:
+        cart = Cart.get_or_none(Cart.id == cart_id)
+        if cart is None or cart.status == CartStatus.DELETED.value:
+            self.volume.remove_cart(cart_id)
+
+    def _finish(self, cart_id: int) -> None:
+        """Move a cart whose files are all staged on, exactly once (compare-and-set on its status)."""
+        claimed = (Cart.update(status=CartStatus.BUNDLING.value, updated_date=now())
+                   .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))
+                          & (Cart.files_staged >= Cart.files_total))
+                   .execute())
+        if claimed:
+            self.bundle(cart_id)
+
+    def bundle(self, cart_id: int) -> None:
+        """Make a cart in `bundling` ready: write its tar when it asked for one, link it, mark it ready."""
+        cart = Cart.get_or_none(Cart.id == cart_id)
+        if cart is None or cart.status != CartStatus.BUNDLING.value:
+            return
+        files_dir = self.volume.files_dir(cart.id, cart.cart_uid)
+        files_dir.mkdir(parents=True, exist_ok=True)
+        target = files_dir
+        if cart.bundle:
+            files = list(File.select(File.bundle_path, File.size, File.mtime, File.id)
+                         .where(File.cart == cart.id).order_by(File.id))
+            plain = [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0,
+                               self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)) for file in files]
+            target = self.volume.tar_path(cart.id, cart.cart_uid)
+            partial = self.volume.partial_path(cart.id, 0)
+            created = cart.creation_date.timestamp() if cart.creation_date else time.time()
+            TarLayout(cart.cart_uid, plain, created).write_to(partial)
+            os.replace(partial, target)
+        done = (Cart.update(status=CartStatus.READY.value, bundle_path=str(target), updated_date=now())
+                .where((Cart.id == cart.id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
+        if not done:
+            self._cleanup_if_deleted(cart.id)
+            return
+        self.volume.link_ready_cart(cart.cart_uid, target)
+        LOGGER.info('cart %s (id %d) is ready', cart.cart_uid, cart.id)
+
+    def _fail_file(self, cart_id: int, file: File, cause: str) -> None:
+        with DB.atomic():
+            File.update(status=FileStatus.ERROR.value, error=cause).where(File.id == file.id).execute()
+            self._set_cart_error(cart_id, _cart_message(file, cause))
+
+    @staticmethod
+    def _set_cart_error(cart_id: int, message: str) -> None:
+        (Cart.update(status=CartStatus.ERROR.value, error=message, updated_date=now())
+         .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES + (CartStatus.BUNDLING.value,))))
+         .execute())
+
+    def tape_wait(self, tape_round: int) -> float:
+        """Seconds before re-checking files on tape: doubling from tape_wait up to tape_wait_max."""
+        return min(self.settings.archive_tape_wait * (2 ** tape_round), self.settings.archive_tape_wait_max)
+
+    def requeue_tape_files(self, cart_id: int, file_ids: Sequence[int], tape_round: int) -> None:
+        """Queue another look at files still on tape, after a growing delay."""
+        if not file_ids or self.queue is None:
+            return
+        task_id = self.queue.enqueue_stage(cart_id, list(file_ids), countdown=self.tape_wait(tape_round),
+                                           tape_round=tape_round + 1)
+        CartTasks.create(cart=cart_id, celery_task_id=task_id)
+
+    def describe(self, cart_uid: str) -> Mapping[str, Any]:
+        """Progress of the newest live cart, for operators and tests."""
+        cart = self._live_cart(cart_uid)
+        if cart is None:
+            raise CartNotFound(f'No cart with uid {cart_uid} found')
+        return {'id': cart.id, 'status': cart.status, 'files_total': cart.files_total,
+                'files_staged': cart.files_staged, 'error': cart.error,
+                'updated': cart.updated_date.isoformat() if isinstance(cart.updated_date, datetime.datetime) else None}

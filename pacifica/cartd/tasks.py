@@ -1,0 +1,134 @@
+"""The Celery app (configured lazily from the settings) and the thin tasks that call the service.
+
+Run a worker with `celery -A pacifica.cartd.tasks worker`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, List, Optional, Sequence
+
+from celery import Celery, signals
+
+from . import database
+from .config import Settings, load_settings
+from .service import CartService
+
+LOGGER = logging.getLogger(__name__)
+
+STAGE_TASK = 'pacifica.cartd.tasks.stage_files'
+BUNDLE_TASK = 'pacifica.cartd.tasks.bundle_cart'
+
+app = Celery('pacifica.cartd')
+
+
+def celery_settings(settings: Settings) -> dict:
+    """The Celery configuration the service runs with.
+
+    Late acks and reject-on-worker-lost: a task killed mid-file is delivered again, and the
+    task is idempotent (staged files are skipped), so nothing is lost and nothing doubled.
+    """
+    return {
+        'broker_url': settings.broker_url,
+        'result_backend': settings.backend_url,
+        'task_ignore_result': True,
+        'task_default_queue': settings.celery_queue,
+        'task_acks_late': True,
+        'task_reject_on_worker_lost': True,
+        'worker_prefetch_multiplier': 1,
+        'task_serializer': 'json',
+        'accept_content': ['json'],
+        'broker_connection_retry_on_startup': True,
+        'worker_hijack_root_logger': False,
+    }
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_kwargs: Any) -> None:
+    """Read the settings the first time Celery needs its configuration, never at import."""
+    settings = _settings()
+    sender.conf.update(celery_settings(settings))
+
+
+_STATE_LOCK = threading.Lock()
+_SETTINGS: Optional[Settings] = None
+_SERVICE: Optional[CartService] = None
+_SERVICE_PID: Optional[int] = None
+
+
+def _settings() -> Settings:
+    global _SETTINGS  # pylint: disable=global-statement
+    with _STATE_LOCK:
+        if _SETTINGS is None:
+            _SETTINGS = load_settings()
+        return _SETTINGS
+
+
+def use_settings(settings: Settings) -> None:
+    """Let a composition root (server, tests) hand over settings it already parsed."""
+    global _SETTINGS  # pylint: disable=global-statement
+    with _STATE_LOCK:
+        _SETTINGS = settings
+
+
+class CeleryTaskQueue:
+    """The service's TaskQueue, on Celery."""
+
+    def __init__(self, celery_app: Celery) -> None:
+        """Publish through this app."""
+        self.app = celery_app
+
+    def enqueue_stage(self, cart_id: int, file_ids: Sequence[int], countdown: float = 0,
+                      tape_round: int = 0) -> str:
+        """Queue staging of these files, optionally after a delay."""
+        result = self.app.send_task(STAGE_TASK, args=(cart_id, list(file_ids), tape_round),
+                                    countdown=countdown or None)
+        return str(result.id)
+
+    def enqueue_bundle(self, cart_id: int) -> str:
+        """Queue the bundling of a cart."""
+        return str(self.app.send_task(BUNDLE_TASK, args=(cart_id,)).id)
+
+    def revoke(self, task_ids: Sequence[str]) -> None:
+        """Tell the workers to drop these tasks if they have not run yet."""
+        self.app.control.revoke(list(task_ids))
+
+
+def worker_service() -> CartService:
+    """The worker process's service, built on first use in each process (after the fork)."""
+    global _SERVICE, _SERVICE_PID  # pylint: disable=global-statement
+    with _STATE_LOCK:
+        pid = os.getpid()
+        if _SERVICE is None or _SERVICE_PID != pid:
+            settings = _SETTINGS or load_settings()
+            database.bind(settings)
+            _SERVICE = CartService(settings, CeleryTaskQueue(app))
+            _SERVICE_PID = pid
+        return _SERVICE
+
+
+@signals.worker_process_init.connect
+def _reset_after_fork(**_kwargs: Any) -> None:
+    """A forked pool process must not share the parent's connections or threads."""
+    global _SERVICE, _SERVICE_PID  # pylint: disable=global-statement
+    with _STATE_LOCK:
+        _SERVICE = None
+        _SERVICE_PID = None
+
+
+@app.task(name=STAGE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def stage_files(cart_id: int, file_ids: List[int], tape_round: int = 0) -> None:
+    """Stage a batch of a cart's files; look again later at those still on tape."""
+    service = worker_service()
+    with database.connection():
+        on_tape = service.stage_files(cart_id, file_ids, tape_round)
+        service.requeue_tape_files(cart_id, on_tape, tape_round)
+
+
+@app.task(name=BUNDLE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def bundle_cart(cart_id: int) -> None:
+    """Finish a cart whose files are all staged (used when bundling is re-driven)."""
+    service = worker_service()
+    with database.connection():
+        service.bundle(cart_id)
