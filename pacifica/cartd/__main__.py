@@ -51,7 +51,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prepare(settings)
     except CartError as exc:
         return _fail(exc.message)
-    cherrypy.config.update({'server.socket_host': '127.0.0.1', 'server.socket_port': 8081})
+    cherrypy.config.update({'server.socket_host': '127.0.0.1', 'server.socket_port': 8081,
+                            'engine.autoreload.on': False})
+    # CherryPy prints its own ENGINE and access lines; do not print them twice via the root logger.
+    cherrypy.log.error_log.propagate = False
+    cherrypy.log.access_log.propagate = False
     mount(settings, cpconfig)
     if args.port is not None:
         cherrypy.config.update({'server.socket_port': args.port})

@@ -1,0 +1,72 @@
+"""Shared fixtures: test the installed pacifica-cartd (not the source tree), and run the real peers."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import pathlib
+import sys
+from typing import Iterator, List
+
+import pytest
+
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _inside_repo(entry: str) -> bool:
+    """Tell whether a sys.path entry is the repository root ('' means the current directory)."""
+    return pathlib.Path(entry or os.getcwd()).resolve() == REPO_ROOT
+
+
+def _installed_elsewhere() -> bool:
+    """Tell whether a pacifica-cartd distribution is installed outside the repository."""
+    outside = [entry for entry in sys.path if not _inside_repo(entry)]
+    return any(True for _ in importlib.metadata.distributions(name='pacifica-cartd', path=outside))
+
+
+# `python -m pytest` (and every xdist worker) puts the repo root first on sys.path, and the
+# `pacifica` namespace then resolves pacifica.cartd to ./pacifica/cartd. When the package is
+# installed, drop the repo root so the installed copy (the one the server and worker
+# subprocesses run) is the one tested; without an install, the source tree is used.
+if _installed_elsewhere():
+    sys.path[:] = [entry for entry in sys.path if not _inside_repo(entry)]
+
+
+def pytest_report_header() -> List[str]:
+    """Say which copy of pacifica.cartd the run imports."""
+    spec = importlib.util.find_spec('pacifica.cartd')
+    where = 'not importable' if spec is None else ', '.join(spec.submodule_search_locations or [str(spec.origin)])
+    return [f'pacifica.cartd from: {where}']
+
+
+# ---- shared peers ---------------------------------------------------------------------
+
+from support.archive import ArchiveServer  # noqa: E402  (after the sys.path fix above)
+from support.databases import drop_database, fresh_database  # noqa: E402
+from support.stack import CartStack  # noqa: E402
+
+DATABASE_KINDS = ('sqlite', 'postgres', 'mysql')
+
+
+@pytest.fixture(scope='session')
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArchiveServer]:
+    """The real archive interface (POSIX backend under gunicorn), one per test process."""
+    with ArchiveServer(tmp_path_factory.mktemp('archive')) as server:
+        yield server
+
+
+@pytest.fixture(scope='module', params=DATABASE_KINDS)
+def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
+    """A running cart (server + one celery worker) on each database in turn, for a test module."""
+    kind = request.param
+    base = tmp_path_factory.mktemp(f'stack-{kind}')
+    url = fresh_database(kind, base)
+    cart = CartStack(base, archive, url, workers=1, concurrency=2)
+    try:
+        cart.start()
+        yield cart
+    finally:
+        cart.stop()
+        drop_database(kind, url)
