@@ -1,0 +1,201 @@
+"""The service's state machine on a temp SQLite file, with the archive and queue replaced.
+
+The real archive interface (POSIX backend) always reports `disk` and always sends its
+headers, so tape recalls, `error` media and header-less answers cannot be produced by it:
+these tests stand a small fake in for the archive client, and a list for the queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pytest
+
+from pacifica.cartd import database, schema
+from pacifica.cartd.archive import ArchiveStatus, Download, new_hash
+from pacifica.cartd.config import load_settings
+from pacifica.cartd.errors import ArchiveError, BadRequest, CartNotFound, CartNotReady
+from pacifica.cartd.orm import Cart, File
+from pacifica.cartd.service import CartService
+
+
+class FakeQueue:
+    """Records what the service queues."""
+
+    def __init__(self) -> None:
+        self.staged: List[Tuple[int, List[int], float, int]] = []
+        self.revoked: List[str] = []
+
+    def enqueue_stage(self, cart_id: int, file_ids: Sequence[int], countdown: float = 0, tape_round: int = 0) -> str:
+        self.staged.append((cart_id, list(file_ids), countdown, tape_round))
+        return f'task-{len(self.staged)}'
+
+    def enqueue_bundle(self, cart_id: int) -> str:
+        return 'bundle'
+
+    def revoke(self, task_ids: Sequence[str]) -> None:
+        self.revoked.extend(task_ids)
+
+
+@dataclasses.dataclass
+class FakeArchive:
+    """Serves bytes from a dict; media and header presence per id are set by the test."""
+
+    files: Dict[str, bytes]
+    media: Dict[str, str] = dataclasses.field(default_factory=dict)
+    stage_calls: List[str] = dataclasses.field(default_factory=list)
+    downloads: List[str] = dataclasses.field(default_factory=list)
+    fail_downloads: int = 0
+
+    def with_retries(self, action):  # noqa: ANN001 - mirrors ArchiveClient.with_retries
+        return action()
+
+    def status(self, archive_id: str) -> ArchiveStatus:
+        media = self.media.get(archive_id, 'disk')
+        if media == 'no-headers':
+            return ArchiveStatus('', None, None, '')
+        return ArchiveStatus(media, len(self.files[archive_id]), 1500000000.0, 'File was found')
+
+    def stage(self, archive_id: str) -> None:
+        self.stage_calls.append(archive_id)
+
+    def download(self, archive_id: str, partial: pathlib.Path, hash_type: str, hash_value: str,
+                 expected_size: Optional[int]) -> Download:
+        self.downloads.append(archive_id)
+        if self.fail_downloads:
+            self.fail_downloads -= 1
+            raise ArchiveError('archive GET answered 503: busy')
+        data = self.files[archive_id]
+        partial.write_bytes(data)
+        digest = new_hash(hash_type)
+        digest.update(data)
+        if digest.hexdigest() != hash_value:
+            from pacifica.cartd.errors import HashMismatch  # pylint: disable=import-outside-toplevel
+            raise HashMismatch('File hash does not match provided hash')
+        return Download(len(data), None)
+
+
+@pytest.fixture
+def make_service(tmp_path: pathlib.Path):
+    settings = load_settings(str(tmp_path / 'none.ini'), environ={
+        'VOLUME_PATH': str(tmp_path / 'volume'), 'PEEWEE_URL': f'sqliteext:///{tmp_path}/db.sqlite3',
+        'ARCHIVE_INTERFACE_TAPE_WAIT': '2', 'ARCHIVE_INTERFACE_TAPE_WAIT_MAX': '5'})
+    database.bind(settings)
+    with database.connection():
+        schema.sync()
+
+    def build(files: Dict[str, bytes]) -> Tuple[CartService, FakeArchive, FakeQueue]:
+        archive, queue = FakeArchive(files), FakeQueue()
+        return CartService(settings, queue, archive), archive, queue  # type: ignore[arg-type]
+
+    with database.connection():
+        yield build
+
+
+def _entries(files: Dict[str, bytes], hashtype: str = 'sha1') -> List[dict]:
+    return [{'id': name, 'path': f'p/{name}', 'hashtype': hashtype,
+             'hashsum': hashlib.new(hashtype, data).hexdigest()} for name, data in files.items()]
+
+
+def _run_queue(service: CartService, queue: FakeQueue) -> None:
+    """Run queued stage tasks like a worker would, tape re-checks included."""
+    done = 0
+    while done < len(queue.staged):
+        cart_id, file_ids, _countdown, tape_round = queue.staged[done]
+        done += 1
+        on_tape = service.stage_files(cart_id, file_ids, tape_round)
+        service.requeue_tape_files(cart_id, on_tape, tape_round)
+        assert done < 50, 'tasks kept requeueing'
+
+
+def test_stages_and_becomes_ready(make_service) -> None:
+    files = {'a': b'alpha', 'b': b'beta' * 1000}
+    service, archive, queue = make_service(files)
+    cart_id = service.create_cart('c1', {'fileids': _entries(files)})
+    assert service.status('c1').status == 'staging'
+    with pytest.raises(CartNotReady):
+        service.download('c1', 'x.tar', 'x')
+    _run_queue(service, queue)
+    assert service.status('c1').status == 'ready'
+    cart = Cart.get_by_id(cart_id)
+    assert (cart.files_total, cart.files_staged) == (2, 2)
+    assert sorted(archive.downloads) == ['a', 'b']
+    # a duplicated (redelivered) task neither downloads again nor counts twice
+    service.stage_files(cart_id, [file.id for file in File.select()])
+    assert sorted(archive.downloads) == ['a', 'b'] and Cart.get_by_id(cart_id).files_staged == 2
+
+
+def test_tape_is_recalled_and_rechecked_with_growing_delay(make_service) -> None:
+    files = {'ontape': b'cold bytes'}
+    service, archive, queue = make_service(files)
+    archive.media['ontape'] = 'tape'
+    service.create_cart('t1', {'fileids': _entries(files)})
+    for _ in range(3):
+        cart_id, file_ids, _countdown, tape_round = queue.staged[-1]
+        on_tape = service.stage_files(cart_id, file_ids, tape_round)
+        service.requeue_tape_files(cart_id, on_tape, tape_round)
+    assert archive.stage_calls == ['ontape'] * 3
+    assert [entry[2] for entry in queue.staged] == [0, 2, 4, 5]  # doubling, capped at tape_wait_max
+    assert archive.downloads == [] and service.status('t1').status == 'staging'
+    archive.media['ontape'] = 'disk'
+    _run_queue(service, queue)
+    assert service.status('t1').status == 'ready'
+
+
+def test_error_media_fails_the_cart(make_service) -> None:
+    files = {'broken': b'x'}
+    service, archive, queue = make_service(files)
+    archive.media['broken'] = 'error'
+    service.create_cart('e1', {'fileids': _entries(files)})
+    _run_queue(service, queue)
+    state = service.status('e1')
+    assert state.status == 'error'
+    assert 'p/broken' in state.message and 'media of the file as error' in state.message
+
+
+def test_answer_without_headers_still_downloads_and_verifies(make_service) -> None:
+    files = {'bare': b'no headers here'}
+    service, archive, queue = make_service(files)
+    archive.media['bare'] = 'no-headers'
+    service.create_cart('h1', {'fileids': _entries(files)})
+    _run_queue(service, queue)
+    assert service.status('h1').status == 'ready'
+    assert archive.downloads == ['bare']
+
+
+def test_hash_mismatch_downloads_once_more_then_fails(make_service) -> None:
+    files = {'bad': b'actual bytes'}
+    service, archive, queue = make_service(files)
+    entries = _entries(files, 'md5')
+    entries[0]['hashsum'] = hashlib.md5(b'other').hexdigest()
+    service.create_cart('m1', {'fileids': entries})
+    _run_queue(service, queue)
+    assert archive.downloads == ['bad', 'bad']
+    assert 'File hash does not match provided hash' in service.status('m1').message
+
+
+def test_delete_revokes_queued_tasks_and_late_tasks_do_nothing(make_service) -> None:
+    files = {'late': b'too late'}
+    service, archive, queue = make_service(files)
+    cart_id = service.create_cart('d1', {'fileids': _entries(files)})
+    assert service.delete('d1') == 1
+    assert queue.revoked == ['task-1']
+    _run_queue(service, queue)
+    assert archive.downloads == []
+    assert not service.volume.cart_dir(cart_id).exists()
+    with pytest.raises(CartNotFound):
+        service.status('d1')
+
+
+def test_bad_requests_create_nothing(make_service) -> None:
+    service, _archive, queue = make_service({})
+    for body in ({'fileids': [{'id': 1, 'path': 'a/../b', 'hashtype': 'md5', 'hashsum': '0' * 32}]},
+                 {'fileids': [{'id': 1, 'path': 'a', 'hashtype': 'md5', 'hashsum': '0' * 31}]},
+                 {'fileids': [{'id': 1, 'path': 'a', 'hashtype': 'md5', 'hashsum': '0' * 32},
+                              {'id': 2, 'path': 'a', 'hashtype': 'md5', 'hashsum': '0' * 32}]},
+                 {'fileids': 'nope'}):
+        with pytest.raises(BadRequest):
+            service.create_cart('bad', body)
+    assert Cart.select().count() == 0 and queue.staged == []
