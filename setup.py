@@ -13,7 +13,7 @@ setup(
     long_description_content_type='text/markdown',
     url='https://github.com/pacifica/pacifica-cartd/',
     license='LGPLv3',
-    python_requires='>=3.9',
+    python_requires='>=3.10',
     packages=find_namespace_packages(include=['pacifica.*']),
     entry_points={
         'console_scripts': [
@@ -43,6 +43,8 @@ setup(
             'PyMySQL>=1.1',
             'uwsgi>=2.0.23',
             'pacifica-downloader>=0.4.1',
+            'mypy>=1.10',
+            'ruff>=0.5',
             'setuptools<81',
         ],
     },

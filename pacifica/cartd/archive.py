@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import quote
 
 import requests
@@ -106,7 +106,7 @@ class ArchiveClient:
         """The archive URL of one file: base URL plus the id, percent-encoded."""
         return self.base_url + quote(archive_id, safe='/')
 
-    def _request(self, method: str, archive_id: str, **kwargs: object) -> requests.Response:
+    def _request(self, method: str, archive_id: str, **kwargs: Any) -> requests.Response:
         try:
             response = self._session().request(method, self.url(archive_id), timeout=self.timeout, **kwargs)
         except requests.Timeout as exc:
@@ -173,7 +173,8 @@ class ArchiveClient:
                         out.write(chunk)
                         written += len(chunk)
                 except requests.RequestException as exc:
-                    raise ArchiveShortRead(f'archive GET broke off after {written} bytes: {type(exc).__name__}') from exc
+                    raise ArchiveShortRead(
+                        f'archive GET broke off after {written} bytes: {type(exc).__name__}') from exc
                 out.flush()
                 os.fsync(out.fileno())
         finally:

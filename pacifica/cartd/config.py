@@ -212,6 +212,7 @@ def check_volume(settings: Settings) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f'bad value for [cartd] volume_path (env VOLUME_PATH): cannot create {path}: {exc.strerror}') from exc
+        raise ConfigError(f'bad value for [cartd] volume_path (env VOLUME_PATH): '
+                          f'cannot create {path}: {exc.strerror}') from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f'bad value for [cartd] volume_path (env VOLUME_PATH): {path} is not writable')

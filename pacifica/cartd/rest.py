@@ -21,6 +21,7 @@ JSON_TYPES = ('application/json', 'text/javascript')
 STATUS_HEADER = 'X-Pacifica-Status'
 MESSAGE_HEADER = 'X-Pacifica-Message'
 UP_MESSAGE = 'Pacifica Cartd Interface Up and Running'
+UNEXPECTED_MESSAGE = 'The server encountered an unexpected condition which prevented it from fulfilling the request.'
 
 F = TypeVar('F', bound=Callable[..., Any])
 
@@ -66,7 +67,7 @@ def translate_errors(handler: F) -> F:
                 LOGGER.error('%s %s: %s', cherrypy.request.method, cherrypy.request.path_info, message)
         except Exception:  # the one place unexpected errors become a 500
             LOGGER.exception('%s %s failed', cherrypy.request.method, cherrypy.request.path_info)
-            status, message = 500, 'The server encountered an unexpected condition which prevented it from fulfilling the request.'
+            status, message = 500, UNEXPECTED_MESSAGE
         if cherrypy.request.method == 'HEAD':
             cherrypy.response.headers[STATUS_HEADER] = 'error'
             cherrypy.response.headers[MESSAGE_HEADER] = header_safe(message)

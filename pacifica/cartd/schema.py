@@ -30,7 +30,7 @@ def current_version() -> Optional[Version]:
 
 
 def _store_version(version: Version) -> None:
-    for part, value in zip(('major', 'minor'), version):
+    for part, value in zip(('major', 'minor'), version, strict=True):
         updated = CartSystem.update(value=value).where(CartSystem.part == part).execute()
         if not updated:
             CartSystem.create(part=part, value=value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import hashlib
 import logging
 import os
@@ -19,7 +20,6 @@ from . import database
 from .archive import ArchiveClient, ArchiveStatus, Download
 from .config import Settings
 from .errors import (
-    ArchiveError,
     ArchiveMediaError,
     BadRequest,
     CartGone,
@@ -135,7 +135,8 @@ def parse_cart_request(body: Any) -> CartRequest:
             raise BadRequest(f'invalid cart request: fileids[{index}].id is empty or has control characters')
         hash_type = entry['hashtype'].lower()
         if hash_type not in HASH_TYPES:
-            raise BadRequest(f'invalid cart request: fileids[{index}].hashtype: unsupported hash type {entry["hashtype"]!r}')
+            raise BadRequest(f'invalid cart request: fileids[{index}].hashtype: '
+                             f'unsupported hash type {entry["hashtype"]!r}')
         hash_value = entry['hashsum'].strip().lower()
         expected_length = hashlib.new(hash_type).digest_size * 2
         if len(hash_value) != expected_length or any(char not in '0123456789abcdef' for char in hash_value):
@@ -206,8 +207,8 @@ class CartService:
             self._set_cart_error(cart_id, message)
             raise QueueUnavailable(message) from exc
         with DB.atomic():
-            for batch in chunked(task_ids, INSERT_CHUNK):
-                CartTasks.insert_many([{'cart': cart_id, 'celery_task_id': task} for task in batch]).execute()
+            for task_batch in chunked(task_ids, INSERT_CHUNK):
+                CartTasks.insert_many([{'cart': cart_id, 'celery_task_id': task} for task in task_batch]).execute()
 
     @staticmethod
     def _live_cart(cart_uid: str) -> Optional[Cart]:
@@ -246,7 +247,7 @@ class CartService:
         tar_path = self.volume.tar_path(cart.id, cart.cart_uid)
         on_disk = TarLayout(cart.cart_uid, plain, 0)
         return [dataclasses.replace(member, source=tar_path, source_offset=offset)
-                for member, offset in zip(plain, on_disk.file_offsets)]
+                for member, offset in zip(plain, on_disk.file_offsets, strict=True)]
 
     def delete(self, cart_uid: str) -> int:
         """Delete every live cart with this uid: mark, revoke its tasks, remove its files."""
@@ -335,8 +336,9 @@ class CartService:
         while True:
             partial = self.volume.partial_path(cart.id, file.id)
             try:
-                download = self.archive.with_retries(lambda: self.archive.download(
-                    file.file_name, partial, file.hash_type, file.hash_value, status.size))
+                download = self.archive.with_retries(functools.partial(
+                    self.archive.download, file.file_name, partial, str(file.hash_type), str(file.hash_value),
+                    status.size))
                 mtime = status.mtime if status.mtime is not None else download.mtime
                 if mtime is not None:
                     os.utime(partial, (mtime, mtime))

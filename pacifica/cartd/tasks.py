@@ -51,25 +51,30 @@ def _configure(sender: Celery, **_kwargs: Any) -> None:
     sender.conf.update(celery_settings(settings))
 
 
-_STATE_LOCK = threading.Lock()
-_SETTINGS: Optional[Settings] = None
-_SERVICE: Optional[CartService] = None
-_SERVICE_PID: Optional[int] = None
+class _ProcessState:
+    """The settings and service of this process, made on first use (and again after a fork)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.settings: Optional[Settings] = None
+        self.service: Optional[CartService] = None
+        self.service_pid: Optional[int] = None
+
+
+_STATE = _ProcessState()
 
 
 def _settings() -> Settings:
-    global _SETTINGS  # pylint: disable=global-statement
-    with _STATE_LOCK:
-        if _SETTINGS is None:
-            _SETTINGS = load_settings()
-        return _SETTINGS
+    with _STATE.lock:
+        if _STATE.settings is None:
+            _STATE.settings = load_settings()
+        return _STATE.settings
 
 
 def use_settings(settings: Settings) -> None:
     """Let a composition root (server, tests) hand over settings it already parsed."""
-    global _SETTINGS  # pylint: disable=global-statement
-    with _STATE_LOCK:
-        _SETTINGS = settings
+    with _STATE.lock:
+        _STATE.settings = settings
 
 
 class CeleryTaskQueue:
@@ -97,24 +102,22 @@ class CeleryTaskQueue:
 
 def worker_service() -> CartService:
     """The worker process's service, built on first use in each process (after the fork)."""
-    global _SERVICE, _SERVICE_PID  # pylint: disable=global-statement
-    with _STATE_LOCK:
+    settings = _settings()
+    with _STATE.lock:
         pid = os.getpid()
-        if _SERVICE is None or _SERVICE_PID != pid:
-            settings = _SETTINGS or load_settings()
+        if _STATE.service is None or _STATE.service_pid != pid:
             database.bind(settings)
-            _SERVICE = CartService(settings, CeleryTaskQueue(app))
-            _SERVICE_PID = pid
-        return _SERVICE
+            _STATE.service = CartService(settings, CeleryTaskQueue(app))
+            _STATE.service_pid = pid
+        return _STATE.service
 
 
 @signals.worker_process_init.connect
 def _reset_after_fork(**_kwargs: Any) -> None:
     """A forked pool process must not share the parent's connections or threads."""
-    global _SERVICE, _SERVICE_PID  # pylint: disable=global-statement
-    with _STATE_LOCK:
-        _SERVICE = None
-        _SERVICE_PID = None
+    with _STATE.lock:
+        _STATE.service = None
+        _STATE.service_pid = None
 
 
 @app.task(name=STAGE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -256,6 +256,7 @@ class TarLayout:
             if segment.data is not None:
                 yield segment.data[begin:begin + length]
             else:
+                assert segment.source is not None
                 yield from _read_file(segment.source, segment.source_offset + begin, length, chunk_size)
             position += length
             index += 1
@@ -268,14 +269,14 @@ class TarLayout:
                     out.write(segment.data)
                     continue
                 out.flush()
+                assert segment.source is not None
                 with open(segment.source, 'rb') as source:
                     _copy_range(source.fileno(), out.fileno(), segment.source_offset, segment.length)
             out.flush()
             os.fsync(out.fileno())
 
 
-def _read_file(path: Optional[Path], offset: int, length: int, chunk_size: int) -> Iterator[bytes]:
-    assert path is not None
+def _read_file(path: Path, offset: int, length: int, chunk_size: int) -> Iterator[bytes]:
     with open(path, 'rb') as handle:
         handle.seek(offset)
         remaining = length
