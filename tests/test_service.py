@@ -7,6 +7,7 @@ these tests stand a small fake in for the archive client, and a list for the que
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import pathlib
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,13 +27,18 @@ class FakeQueue:
 
     def __init__(self) -> None:
         self.staged: List[Tuple[int, List[int], float, int]] = []
+        self.bundles: List[int] = []
         self.revoked: List[str] = []
+        self.broken = False
 
     def enqueue_stage(self, cart_id: int, file_ids: Sequence[int], countdown: float = 0, tape_round: int = 0) -> str:
+        if self.broken:
+            raise ConnectionError('broker unreachable')
         self.staged.append((cart_id, list(file_ids), countdown, tape_round))
         return f'task-{len(self.staged)}'
 
     def enqueue_bundle(self, cart_id: int) -> str:
+        self.bundles.append(cart_id)
         return 'bundle'
 
     def revoke(self, task_ids: Sequence[str]) -> None:
@@ -62,7 +68,7 @@ class FakeArchive:
         self.stage_calls.append(archive_id)
 
     def download(self, archive_id: str, partial: pathlib.Path, hash_type: str, hash_value: str,
-                 expected_size: Optional[int]) -> Download:
+                 expected_size: Optional[int], progress=None) -> Download:  # noqa: ANN001
         self.downloads.append(archive_id)
         if self.fail_downloads:
             self.fail_downloads -= 1
@@ -81,7 +87,7 @@ class FakeArchive:
 def make_service(tmp_path: pathlib.Path):
     settings = load_settings(str(tmp_path / 'none.ini'), environ={
         'VOLUME_PATH': str(tmp_path / 'volume'), 'PEEWEE_URL': f'sqliteext:///{tmp_path}/db.sqlite3',
-        'ARCHIVE_INTERFACE_TAPE_WAIT': '2', 'ARCHIVE_INTERFACE_TAPE_WAIT_MAX': '5'})
+        'ARCHIVE_INTERFACE_TAPE_WAIT': '2', 'ARCHIVE_INTERFACE_TAPE_WAIT_MAX': '5', 'STALL_TIMEOUT': '300'})
     database.bind(settings)
     with database.connection():
         schema.sync()
@@ -199,3 +205,49 @@ def test_bad_requests_create_nothing(make_service) -> None:
         with pytest.raises(BadRequest):
             service.create_cart('bad', body)
     assert Cart.select().count() == 0 and queue.staged == []
+
+
+def _age(cart_id: int, seconds: float) -> None:
+    Cart.update(updated_date=datetime.datetime.now() - datetime.timedelta(seconds=seconds)).where(
+        Cart.id == cart_id).execute()
+
+
+def test_cart_posted_while_the_broker_is_down_is_queued_by_the_reconciler(make_service) -> None:
+    files = {'q': b'queued later'}
+    service, _archive, queue = make_service(files)
+    queue.broken = True
+    service.create_cart('b1', {'fileids': _entries(files)})
+    state = service.status('b1')
+    assert state.status == 'staging' and 'Waiting for the task queue' in state.message
+    assert service.reconcile() == 1  # still broken: claimed, tried, marked stale again
+    queue.broken = False
+    assert service.reconcile() == 1
+    assert 'Re-queued 1 unfinished files' in service.status('b1').message
+    _run_queue(service, queue)
+    assert service.status('b1').status == 'ready' and service.status('b1').message == ''
+
+
+def test_stalled_cart_is_redriven_once(make_service) -> None:
+    files = {'s1': b'one', 's2': b'two'}
+    service, _archive, queue = make_service(files)
+    cart_id = service.create_cart('s', {'fileids': _entries(files)})
+    queue.staged.clear()  # the first delivery was lost (say, with its worker)
+    assert service.reconcile() == 0  # not stalled yet
+    _age(cart_id, 301)
+    assert service.reconcile() == 1
+    assert service.reconcile() == 0  # claimed: the next pass leaves it alone
+    assert sorted(sum((entry[1] for entry in queue.staged), [])) == sorted(f.id for f in File.select())
+    _run_queue(service, queue)
+    assert service.status('s').status == 'ready'
+
+
+def test_cart_stuck_after_its_last_file_is_bundled_by_the_reconciler(make_service) -> None:
+    files = {'z': b'last'}
+    service, _archive, queue = make_service(files)
+    cart_id = service.create_cart('z', {'fileids': _entries(files)})
+    _run_queue(service, queue)
+    Cart.update(status='staging').where(Cart.id == cart_id).execute()  # as if the finisher died
+    _age(cart_id, 1000)
+    assert service.reconcile() == 1 and queue.bundles == [cart_id]
+    service.bundle(cart_id)
+    assert service.status('z').status == 'ready'

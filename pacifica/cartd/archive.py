@@ -157,10 +157,11 @@ class ArchiveClient:
         self._request('POST', archive_id).close()
 
     def download(self, archive_id: str, partial: Path, hash_type: str, hash_value: str,
-                 expected_size: Optional[int]) -> Download:
+                 expected_size: Optional[int], progress: Optional[Callable[[], None]] = None) -> Download:
         """GET the file into `partial`, hashing while writing; raise unless whole and matching.
 
-        The caller renames `partial` into place only after this returns.
+        `progress` is called after each chunk (the caller throttles it). The caller renames
+        `partial` into place only after this returns.
         """
         digest = new_hash(hash_type)
         written = 0
@@ -172,6 +173,8 @@ class ArchiveClient:
                         digest.update(chunk)
                         out.write(chunk)
                         written += len(chunk)
+                        if progress is not None:
+                            progress()
                 except requests.RequestException as exc:
                     raise ArchiveShortRead(
                         f'archive GET broke off after {written} bytes: {type(exc).__name__}') from exc

@@ -42,6 +42,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option('cartd', 'stage_concurrency', 'STAGE_CONCURRENCY', '8'),
     Option('cartd', 'stage_batch_size', 'STAGE_BATCH_SIZE', '32'),
     Option('cartd', 'max_request_size', 'MAX_REQUEST_SIZE', '8 Mb'),
+    Option('cartd', 'stall_timeout', 'STALL_TIMEOUT', '600'),
+    Option('cartd', 'reconcile_interval', 'RECONCILE_INTERVAL', '60'),
     Option('archiveinterface', 'url', 'ARCHIVE_INTERFACE_URL', 'http://127.0.0.1:8080/'),
     Option('archiveinterface', 'timeout', 'ARCHIVE_INTERFACE_TIMEOUT', '60'),
     Option('archiveinterface', 'retries', 'ARCHIVE_INTERFACE_RETRIES', '4'),
@@ -132,6 +134,8 @@ class Settings:
     stage_concurrency: int
     stage_batch_size: int
     max_request_size: int
+    stall_timeout: float
+    reconcile_interval: float
     archive_url: str
     archive_timeout: float
     archive_retries: int
@@ -158,6 +162,8 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('cartd', 'stage_concurrency'): ('stage_concurrency', _positive_int),
     ('cartd', 'stage_batch_size'): ('stage_batch_size', _positive_int),
     ('cartd', 'max_request_size'): ('max_request_size', lambda text: _positive_int(str(parse_size(text)))),
+    ('cartd', 'stall_timeout'): ('stall_timeout', _non_negative(float)),
+    ('cartd', 'reconcile_interval'): ('reconcile_interval', _non_negative(float)),
     ('archiveinterface', 'url'): ('archive_url', _url_with_slash),
     ('archiveinterface', 'timeout'): ('archive_timeout', _non_negative(float)),
     ('archiveinterface', 'retries'): ('archive_retries', _non_negative(int)),

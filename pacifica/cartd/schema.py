@@ -30,9 +30,13 @@ def current_version() -> Optional[Version]:
 
 
 def _store_version(version: Version) -> None:
+    # Decide insert or update by what exists: MySQL's row count of an UPDATE is the rows
+    # changed, not matched, so it is 0 when a part (e.g. 'major') keeps its value.
+    existing = {row.part for row in CartSystem.select(CartSystem.part)}
     for part, value in zip(('major', 'minor'), version, strict=True):
-        updated = CartSystem.update(value=value).where(CartSystem.part == part).execute()
-        if not updated:
+        if part in existing:
+            CartSystem.update(value=value).where(CartSystem.part == part).execute()
+        else:
             CartSystem.create(part=part, value=value)
 
 

@@ -37,6 +37,9 @@ LOGGER = logging.getLogger(__name__)
 LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
 HASH_TYPES = frozenset(name.lower() for name in hashlib.algorithms_available if not name.lower().startswith('shake'))
 INSERT_CHUNK = 200
+HEARTBEAT_S = 30.0  # how often a long download tells the reconciler it is alive
+RECONCILE_BATCH = 100  # carts re-driven per reconcile pass
+STALE_AT_ONCE = datetime.datetime(2000, 1, 1)  # an updated_date the next reconcile treats as stalled
 
 CART_REQUEST_SCHEMA: Dict[str, Any] = {
     'type': 'object',
@@ -156,6 +159,20 @@ def _cart_message(file: File, cause: str) -> str:
     return f'Failed to pull file({file.bundle_path} (archive id {file.file_name}): {cause})'
 
 
+class _Heartbeat:
+    """Called as bytes arrive; every HEARTBEAT_S it marks the cart alive, so a long download is not 'stalled'."""
+
+    def __init__(self, cart_id: int) -> None:
+        self.cart_id = cart_id
+        self.last = time.monotonic()
+
+    def __call__(self) -> None:
+        moment = time.monotonic()
+        if moment - self.last >= HEARTBEAT_S:
+            self.last = moment
+            Cart.update(updated_date=now()).where(Cart.id == self.cart_id).execute()
+
+
 class CartService:
     """The cart's use cases, callable from the REST layer, a task or the command line."""
 
@@ -195,17 +212,28 @@ class CartService:
         return cart.id
 
     def _queue_batches(self, cart_id: int, file_ids: Sequence[int]) -> None:
+        """Queue the files in batches; if the broker refuses, leave the cart for the reconciler.
+
+        The cart's rows are committed before this runs, so nothing is lost: a cart that
+        could not be queued is marked stale at once and re-queued by the next reconcile.
+        """
         if self.queue is None:
             raise QueueUnavailable('no task queue is configured')
         task_ids: List[str] = []
         try:
             for batch in chunked(file_ids, self.settings.stage_batch_size):
                 task_ids.append(self.queue.enqueue_stage(cart_id, list(batch)))
-        except Exception as exc:
-            message = f'Could not queue the cart for staging: {type(exc).__name__}: {exc}'
+        except Exception as exc:  # any broker failure: the reconciler takes over
+            message = f'Waiting for the task queue ({type(exc).__name__}: {exc}); will retry'
             LOGGER.error('cart id %d: %s', cart_id, message)
-            self._set_cart_error(cart_id, message)
-            raise QueueUnavailable(message) from exc
+            (Cart.update(error=message[:2000], updated_date=STALE_AT_ONCE)
+             .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))).execute())
+        self._record_tasks(cart_id, task_ids)
+
+    @staticmethod
+    def _record_tasks(cart_id: int, task_ids: Sequence[str]) -> None:
+        if not task_ids:
+            return
         with DB.atomic():
             for task_batch in chunked(task_ids, INSERT_CHUNK):
                 CartTasks.insert_many([{'cart': cart_id, 'celery_task_id': task} for task in task_batch]).execute()
@@ -222,7 +250,8 @@ class CartService:
         cart = self._live_cart(cart_uid)
         if cart is None:
             raise CartNotFound(f'No cart with uid {cart_uid} found')
-        return CartState(CartStatus(cart.status).wire, cart.error if cart.status == CartStatus.ERROR.value else '')
+        status = CartStatus(cart.status)
+        return CartState(status.wire, '' if status == CartStatus.READY else cart.error)
 
     def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
         """Lay out the ready cart's tar under the top directory `top`; count it as a use."""
@@ -338,7 +367,7 @@ class CartService:
             try:
                 download = self.archive.with_retries(functools.partial(
                     self.archive.download, file.file_name, partial, str(file.hash_type), str(file.hash_value),
-                    status.size))
+                    status.size, _Heartbeat(cart.id)))
                 mtime = status.mtime if status.mtime is not None else download.mtime
                 if mtime is not None:
                     os.utime(partial, (mtime, mtime))
@@ -377,17 +406,18 @@ class CartService:
         if cart is None or cart.status == CartStatus.DELETED.value:
             self.volume.remove_cart(cart_id)
 
-    def _finish(self, cart_id: int) -> None:
+    def _finish(self, cart_id: int, bundle_now: bool = True) -> None:
         """Move a cart whose files are all staged on, exactly once (compare-and-set on its status)."""
         claimed = (Cart.update(status=CartStatus.BUNDLING.value, updated_date=now())
                    .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))
                           & (Cart.files_staged >= Cart.files_total))
                    .execute())
-        if claimed:
+        if claimed and bundle_now:
             self.bundle(cart_id)
 
     def bundle(self, cart_id: int) -> None:
         """Make a cart in `bundling` ready: write its tar when it asked for one, link it, mark it ready."""
+        self._finish(cart_id, bundle_now=False)
         cart = Cart.get_or_none(Cart.id == cart_id)
         if cart is None or cart.status != CartStatus.BUNDLING.value:
             return
@@ -404,7 +434,7 @@ class CartService:
             created = cart.creation_date.timestamp() if cart.creation_date else time.time()
             TarLayout(cart.cart_uid, plain, created).write_to(partial)
             os.replace(partial, target)
-        done = (Cart.update(status=CartStatus.READY.value, bundle_path=str(target), updated_date=now())
+        done = (Cart.update(status=CartStatus.READY.value, bundle_path=str(target), updated_date=now(), error='')
                 .where((Cart.id == cart.id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
         if not done:
             self._cleanup_if_deleted(cart.id)
@@ -428,12 +458,45 @@ class CartService:
         return min(self.settings.archive_tape_wait * (2 ** tape_round), self.settings.archive_tape_wait_max)
 
     def requeue_tape_files(self, cart_id: int, file_ids: Sequence[int], tape_round: int) -> None:
-        """Queue another look at files still on tape, after a growing delay."""
+        """Queue another look at files still on tape, after a growing delay; the cart is alive meanwhile."""
         if not file_ids or self.queue is None:
             return
         task_id = self.queue.enqueue_stage(cart_id, list(file_ids), countdown=self.tape_wait(tape_round),
                                            tape_round=tape_round + 1)
+        Cart.update(updated_date=now()).where(Cart.id == cart_id).execute()
         CartTasks.create(cart=cart_id, celery_task_id=task_id)
+
+    def reconcile(self) -> int:
+        """Re-queue the unfinished work of carts that made no progress for stall_timeout seconds.
+
+        Each stalled cart is claimed by compare-and-set on its updated_date, so when several
+        workers reconcile at once a cart is re-driven by one of them. Returns carts re-driven.
+        """
+        if self.queue is None:
+            return 0
+        threshold = now() - datetime.timedelta(seconds=self.settings.stall_timeout)
+        active = LIVE_STATUSES + (CartStatus.BUNDLING.value,)
+        stalled = list(Cart.select(Cart.id, Cart.status, Cart.updated_date, Cart.cart_uid)
+                       .where(Cart.status.in_(active) & (Cart.updated_date < threshold))
+                       .order_by(Cart.updated_date).limit(RECONCILE_BATCH))
+        redriven = 0
+        for cart in stalled:
+            unfinished = [row.id for row in File.select(File.id).where(
+                (File.cart == cart.id) & File.status.not_in((FileStatus.STAGED.value, FileStatus.ERROR.value)))]
+            note = (f'Re-queued {len(unfinished)} unfinished files at {now():%Y-%m-%d %H:%M:%S} '
+                    f'after no progress for {self.settings.stall_timeout:g} s')
+            claimed = (Cart.update(updated_date=now(), error=note)
+                       .where((Cart.id == cart.id) & (Cart.updated_date == cart.updated_date)
+                              & Cart.status.in_(active)).execute())
+            if not claimed:
+                continue
+            redriven += 1
+            LOGGER.warning('cart %s (id %d): %s', cart.cart_uid, cart.id, note)
+            if cart.status == CartStatus.BUNDLING.value or not unfinished:
+                self._record_tasks(cart.id, [self.queue.enqueue_bundle(cart.id)])
+            else:
+                self._queue_batches(cart.id, unfinished)
+        return redriven
 
     def describe(self, cart_uid: str) -> Mapping[str, Any]:
         """Progress of the newest live cart, for operators and tests."""

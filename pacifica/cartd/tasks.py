@@ -120,6 +120,45 @@ def _reset_after_fork(**_kwargs: Any) -> None:
         _STATE.service_pid = None
 
 
+class Reconciler:
+    """A thread in each worker's main process that re-drives stalled carts every reconcile_interval."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        """Start the loop unless reconcile_interval is 0."""
+        interval = _settings().reconcile_interval
+        if not interval or self.thread is not None:
+            return
+        self.thread = threading.Thread(target=self._loop, args=(interval,), name='cartd-reconciler', daemon=True)
+        self.thread.start()
+        LOGGER.info('reconciler runs every %g s (stall timeout %g s)', interval, _settings().stall_timeout)
+
+    def _loop(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            try:
+                service = worker_service()
+                with database.connection():
+                    service.reconcile()
+            except Exception:  # a database or broker outage must not end the loop
+                LOGGER.exception('reconcile pass failed; trying again in %g s', interval)
+
+
+RECONCILER = Reconciler()
+
+
+@signals.worker_ready.connect
+def _start_reconciler(**_kwargs: Any) -> None:
+    RECONCILER.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_reconciler(**_kwargs: Any) -> None:
+    RECONCILER.stop.set()
+
+
 @app.task(name=STAGE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def stage_files(cart_id: int, file_ids: List[int], tape_round: int = 0) -> None:
     """Stage a batch of a cart's files; look again later at those still on tape."""
