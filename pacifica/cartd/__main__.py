@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import os
 import sys
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import cherrypy
+import tqdm
+import yaml
 
 from . import database, schema
 from .app import mount, prepare
 from .config import Settings, default_config_path, default_cpconfig_path, load_settings
 from .errors import CartError
+from .service import CartService
 
 LOGGER = logging.getLogger('pacifica.cartd')
 
@@ -36,8 +42,8 @@ def server_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+def _logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -61,6 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cherrypy.config.update({'server.socket_port': args.port})
     if args.address is not None:
         cherrypy.config.update({'server.socket_host': args.address})
+    # SIGINT stops the bus like SIGTERM does, also while it is starting (a KeyboardInterrupt
+    # then would leave the non-daemon HTTP server thread running and the process hung).
+    cherrypy.engine.signal_handler.handlers['SIGINT'] = cherrypy.engine.exit
     cherrypy.engine.signals.subscribe()
     cherrypy.engine.start()
     cherrypy.engine.block()
@@ -83,7 +92,90 @@ def cmd_parser() -> argparse.ArgumentParser:
                        help='succeed only if the schema is exactly this version (default: usable)')
     check.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
                        help='cart config file')
+    fix = subparsers.add_parser('fixit', help='re-stage and re-bundle carts in this process',
+                                description='Fix an existing cart')
+    fix.add_argument('--cartid', metavar='CARTIDS', nargs='+', required=True, dest='cartids',
+                     help='Cart IDs to try and fix')
+    fix.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
+                     help='cart config file')
+    dump = subparsers.add_parser('dump', help='print every cart and its files',
+                                 description='Dump all the carts as yaml')
+    dump.add_argument('--json', action='store_true', default=False, help='Dump as Json')
+    dump.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
+                      help='cart config file')
+    purge = subparsers.add_parser('purge', help='delete carts not used for a while',
+                                  description='delete all carts before a time')
+    purge.add_argument('--time-ago', type=time_ago, default=time_ago('180 days ago'), dest='time_ago',
+                       help='only cart older than X days ago (i.e. --time-ago="7 days ago"); default 180 days')
+    purge.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
+                       help='cart config file')
     return parser
+
+
+TIME_UNITS = {'second': 'seconds', 'minute': 'minutes', 'hour': 'hours', 'day': 'days', 'week': 'weeks'}
+
+
+def time_ago(text: str) -> datetime.timedelta:
+    """Parse '60 days ago' (or '2 weeks', '12 hours ago', ...) into a timedelta; argparse reports errors."""
+    words = text.strip().lower().split()
+    if words and words[-1] == 'ago':
+        words = words[:-1]
+    unit = TIME_UNITS.get(words[1].rstrip('s')) if len(words) == 2 else None
+    try:
+        amount = float(words[0]) if unit else -1.0
+    except ValueError:
+        amount = -1.0
+    if unit is None or amount < 0:
+        raise argparse.ArgumentTypeError(f'{text!r} is not like "60 days ago" (units: {", ".join(TIME_UNITS)})')
+    return datetime.timedelta(**{unit: amount})
+
+
+def _dump(settings: Settings, args: argparse.Namespace) -> int:
+    carts = CartService(settings).dump()
+    if args.json:
+        print(json.dumps(carts, indent=2))
+    else:
+        print(yaml.safe_dump(carts, sort_keys=False, allow_unicode=True), end='')
+    return 0
+
+
+def _purge(settings: Settings, args: argparse.Namespace) -> int:
+    cutoff = datetime.datetime.now() - args.time_ago
+    purged = CartService(settings).purge(cutoff)
+    for cart_id, cart_uid in purged:
+        print(f'deleted cart {cart_uid} (id {cart_id})')
+    print(f'{len(purged)} carts not used since {cutoff:%Y-%m-%d %H:%M:%S} deleted')
+    return 0
+
+
+FIXIT_MAX_TAPE_ROUNDS = 50
+
+
+def _fixit(settings: Settings, args: argparse.Namespace) -> int:
+    service = CartService(settings)
+    failed = 0
+    for cart_uid in tqdm.tqdm(args.cartids, desc='carts', unit='cart', position=0):
+        try:
+            cart_id, todo = service.fixit_prepare(cart_uid)
+        except CartError as exc:
+            tqdm.tqdm.write(f'{cart_uid}: {exc.message}')
+            failed += 1
+            continue
+        with tqdm.tqdm(total=len(todo), desc=cart_uid, unit='file', position=1, leave=False) as files_bar:
+            for tape_round in range(FIXIT_MAX_TAPE_ROUNDS):
+                todo = service.stage_files(cart_id, todo, tape_round,
+                                           on_done=lambda outcome: files_bar.update(0 if outcome.on_tape else 1))
+                if not todo:
+                    break
+                time.sleep(service.tape_wait(tape_round))
+        state = service.fixit_finish(cart_id)
+        if state.status != 'ready':
+            detail = state.message or f'{len(todo)} files still on tape'
+            tqdm.tqdm.write(f'{cart_uid}: {state.status}: {detail}')
+            failed += 1
+        else:
+            tqdm.tqdm.write(f'{cart_uid}: ready')
+    return 1 if failed else 0
 
 
 def _dbsync(_settings: Settings, _args: argparse.Namespace) -> int:
@@ -104,6 +196,9 @@ def _dbchk(_settings: Settings, args: argparse.Namespace) -> int:
 COMMANDS: Dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     'dbsync': _dbsync,
     'dbchk': _dbchk,
+    'fixit': _fixit,
+    'dump': _dump,
+    'purge': _purge,
 }
 
 
@@ -114,12 +209,14 @@ def cmd(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    _logging()
+    _logging(logging.WARNING)
     try:
         settings = load_settings(args.config or default_config_path(os.environ))
         database.bind(settings)
         database.wait_for_database(settings)
         with database.connection():
+            if args.command not in ('dbsync', 'dbchk'):
+                schema.require_usable()
             return COMMANDS[args.command](settings, args)
     except CartError as exc:
         return _fail(exc.message)

@@ -103,9 +103,11 @@ def wait_for_database(settings: Settings, sleep: Callable[[float], None] = time.
             if attempt < settings.database_connect_attempts:
                 sleep(settings.database_connect_wait)
     where = urlparse(settings.peewee_url)
+    # one line: drivers (psycopg2) put newlines and hints into their messages
+    reason = ' '.join(str(last_error).split())
     raise DatabaseUnavailable(
         f'cannot connect to the database {where.scheme}://{where.hostname or ""}{where.path} '
-        f'after {settings.database_connect_attempts} attempts: {last_error}')
+        f'after {settings.database_connect_attempts} attempts: {reason}')
 
 
 @contextlib.contextmanager

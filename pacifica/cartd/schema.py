@@ -5,7 +5,7 @@ import logging
 from typing import Callable, List, Optional, Tuple
 
 from peewee import fn
-from playhouse.migrate import SchemaMigrator, migrate
+from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
 from .orm import DB, MODELS, Cart, CartSystem, File, FileStatus
@@ -43,13 +43,18 @@ def _store_version(version: Version) -> None:
 def _upgrade_2_0_to_2_1() -> None:
     """Add the counters and file metadata, then fill the counters from the existing rows."""
     migrator = SchemaMigrator.from_database(DB.obj)
-    migrate(
+    operations = [
         migrator.add_column('cart', 'files_total', Cart.files_total),
         migrator.add_column('cart', 'files_staged', Cart.files_staged),
         migrator.add_column('file', 'size', File.size),
         migrator.add_column('file', 'mtime', File.mtime),
         migrator.add_index('cart', ('cart_uid',), False),
-    )
+    ]
+    if isinstance(migrator, MySQLMigrator):
+        # MySQL's add_not_null re-declares the column (MODIFY ... NOT NULL) without its
+        # DEFAULT; put the server-side default back so a 2.0 writer can still insert.
+        operations += [migrator.add_column_default('cart', name, 0) for name in ('files_total', 'files_staged')]
+    migrate(*operations)
     total = File.select(fn.COUNT(File.id)).where(File.cart == Cart.id)
     staged = total.where(File.status == FileStatus.STAGED.value)
     Cart.update(files_total=total, files_staged=staged).execute()

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, cast
 
 import jsonschema
 from peewee import chunked
@@ -310,11 +310,13 @@ class CartService:
                     max_workers=self.settings.stage_concurrency, thread_name_prefix='cartd-stage')
             return self._pool
 
-    def stage_files(self, cart_id: int, file_ids: Sequence[int], tape_round: int = 0) -> List[int]:
+    def stage_files(self, cart_id: int, file_ids: Sequence[int], tape_round: int = 0,
+                    on_done: Optional[Callable[[StageOutcome], None]] = None) -> List[int]:
         """Stage the listed files of a cart in parallel; return those still on tape.
 
         Safe to run twice: files already staged are skipped, and a cart that is no longer
         staging (deleted, failed) is left alone. Whoever stages the last file finishes the cart.
+        `on_done` hears about each file as it ends (the admin command's progress bar).
         """
         cart = Cart.get_or_none(Cart.id == cart_id)
         if cart is None or cart.status not in LIVE_STATUSES:
@@ -325,8 +327,15 @@ class CartService:
         if not files:
             return []
         pool = self._thread_pool()
-        outcomes = list(pool.map(lambda file: self._stage_in_thread(cart, file), files))
-        return [outcome.file_id for outcome in outcomes if outcome.on_tape]
+        futures = [pool.submit(self._stage_in_thread, cart, file) for file in files]
+        on_tape: List[int] = []
+        for future in concurrent.futures.as_completed(futures):
+            outcome = future.result()
+            if outcome.on_tape:
+                on_tape.append(outcome.file_id)
+            if on_done is not None:
+                on_done(outcome)
+        return sorted(on_tape)
 
     def _stage_in_thread(self, cart: Cart, file: File) -> StageOutcome:
         with database.connection():
@@ -434,6 +443,7 @@ class CartService:
             created = cart.creation_date.timestamp() if cart.creation_date else time.time()
             TarLayout(cart.cart_uid, plain, created).write_to(partial)
             os.replace(partial, target)
+            self.volume.remove_files(cart.id, cart.cart_uid)  # served from the tar from now on
         done = (Cart.update(status=CartStatus.READY.value, bundle_path=str(target), updated_date=now(), error='')
                 .where((Cart.id == cart.id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
         if not done:
@@ -506,3 +516,72 @@ class CartService:
         return {'id': cart.id, 'status': cart.status, 'files_total': cart.files_total,
                 'files_staged': cart.files_staged, 'error': cart.error,
                 'updated': cart.updated_date.isoformat() if isinstance(cart.updated_date, datetime.datetime) else None}
+
+    # ---- operators ------------------------------------------------------------------
+
+    @staticmethod
+    def dump() -> List[Dict[str, Any]]:
+        """Every cart that is not deleted, with its files, as plain data (oldest first)."""
+        carts = list(Cart.select().where(Cart.status != CartStatus.DELETED.value).order_by(Cart.id))
+        files: Dict[int, List[Dict[str, Any]]] = {cart.id: [] for cart in carts}
+        if carts:
+            rows = File.select().where(File.cart.in_(list(files))).order_by(File.id).dicts()
+            for row in cast(Iterable[Dict[str, Any]], rows):
+                files[row['cart']].append({
+                    'id': row['id'], 'archive_id': row['file_name'], 'path': row['bundle_path'],
+                    'hashtype': row['hash_type'], 'hashsum': row['hash_value'], 'status': row['status'],
+                    'error': row['error'], 'size': row['size']})
+        return [{'id': cart.id, 'uid': cart.cart_uid, 'status': cart.status, 'bundle': bool(cart.bundle),
+                 'error': cart.error, 'files_total': cart.files_total, 'files_staged': cart.files_staged,
+                 'created': str(cart.creation_date), 'updated': str(cart.updated_date),
+                 'files': files[cart.id]} for cart in carts]
+
+    def purge(self, unused_since: datetime.datetime) -> List[Tuple[int, str]]:
+        """Delete carts (rows and files) not used since the given time; return (id, uid) of each."""
+        carts = list(Cart.select(Cart.id, Cart.cart_uid).where(Cart.updated_date < unused_since).order_by(Cart.id))
+        for cart in carts:
+            self.volume.unlink_cart(cart.cart_uid, cart.id)
+            self.volume.remove_cart(cart.id)
+            with DB.atomic():
+                CartTasks.delete().where(CartTasks.cart == cart.id).execute()
+                File.delete().where(File.cart == cart.id).execute()
+                Cart.delete().where(Cart.id == cart.id).execute()
+            LOGGER.info('purged cart %s (id %d)', cart.cart_uid, cart.id)
+        return [(cart.id, cart.cart_uid) for cart in carts]
+
+    def fixit_prepare(self, cart_uid: str) -> Tuple[int, List[int]]:
+        """Put a cart back to staging, re-marking failed files and staged files missing from disk.
+
+        Returns the cart id and the ids of the files still to stage.
+        """
+        cart = self._live_cart(cart_uid)
+        if cart is None:
+            raise CartNotFound(f'No cart with uid {cart_uid} found')
+        tar = self.volume.tar_path(cart.id, cart.cart_uid)
+        tar_ok = bool(cart.bundle) and cart.status == CartStatus.READY.value and tar.is_file()
+        with DB.atomic():
+            lost = [] if tar_ok else [
+                file.id for file in File.select(File.id, File.bundle_path).where(
+                    (File.cart == cart.id) & (File.status == FileStatus.STAGED.value))
+                if not self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path).is_file()]
+            if lost:
+                File.update(status=FileStatus.WAITING.value).where(File.id.in_(lost)).execute()
+            File.update(status=FileStatus.WAITING.value, error='').where(
+                (File.cart == cart.id) & (File.status == FileStatus.ERROR.value)).execute()
+            staged = File.select().where((File.cart == cart.id) & (File.status == FileStatus.STAGED.value)).count()
+            todo = [row.id for row in File.select(File.id).where(
+                (File.cart == cart.id) & (File.status != FileStatus.STAGED.value)).order_by(File.id)]
+            if todo or cart.status != CartStatus.READY.value:
+                Cart.update(status=CartStatus.STAGING.value, error='', files_staged=staged,
+                            updated_date=now()).where(Cart.id == cart.id).execute()
+        return cart.id, todo
+
+    def fixit_finish(self, cart_id: int) -> CartState:
+        """Finish a cart whose files fixit staged (or that was stuck before bundling); return its state."""
+        self._finish(cart_id)
+        cart = Cart.get_by_id(cart_id)
+        if cart.status == CartStatus.BUNDLING.value:
+            self.bundle(cart_id)
+            cart = Cart.get_by_id(cart_id)
+        status = CartStatus(cart.status)
+        return CartState(status.wire, '' if status == CartStatus.READY else cart.error)

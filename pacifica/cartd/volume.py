@@ -159,6 +159,10 @@ class CartVolume:
         """Delete everything the cart has on disk (files, partials, tar)."""
         shutil.rmtree(self.cart_dir(cart_id), ignore_errors=True)
 
+    def remove_files(self, cart_id: int, cart_uid: str) -> None:
+        """Delete a cart's staged files (once its tar holds them)."""
+        shutil.rmtree(self.files_dir(cart_id, cart_uid), ignore_errors=True)
+
     def free_bytes(self) -> int:
         """Bytes free on the volume's filesystem for an unprivileged writer."""
         stats = os.statvfs(self.root)

@@ -1,0 +1,111 @@
+"""`pacifica-cartd-cmd fixit / dump / purge` through the installed entry point, on a running cart."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import uuid
+from typing import Iterator
+
+import pytest
+import yaml
+
+from support.archive import ArchiveServer
+from support.databases import fresh_database
+from support.stack import CartStack, tar_contents
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope='module')
+def admin_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
+    """A cart on SQLite with one worker."""
+    base = tmp_path_factory.mktemp('admin')
+    stack = CartStack(base, archive, fresh_database('sqlite', base), workers=1)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+def _uid() -> str:
+    return f'adm-{uuid.uuid4().hex[:10]}'
+
+
+def test_fixit_restages_only_what_is_missing(admin_stack: CartStack) -> None:
+    stack, archive = admin_stack, admin_stack.archive
+    uid = _uid()
+    good, late = os.urandom(5000), os.urandom(7000)
+    archive.put(f'{uid}-good', good)
+    fileids = [{'id': f'{uid}-good', 'path': 'good.bin', 'hashtype': 'sha1', 'hashsum': hashlib.sha1(good).hexdigest()},
+               {'id': f'{uid}-late', 'path': 'sub/late.bin', 'hashtype': 'sha1',
+                'hashsum': hashlib.sha1(late).hexdigest()}]
+    assert stack.post(uid, fileids).status_code == 201
+    assert stack.wait_final(uid).headers['X-Pacifica-Status'] == 'error'
+    good_path = next(stack.volume.glob(f'*/{uid}/good.bin'))
+    good_mtime = good_path.stat().st_mtime_ns
+    archive.put(f'{uid}-late', late)  # the operator puts the missing file back
+    result = stack.run_cmd('fixit', '--cartid', uid)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f'{uid}: ready' in result.stdout + result.stderr
+    assert good_path.stat().st_mtime_ns == good_mtime  # the verified file was not fetched again
+    answer = stack.head(uid)
+    assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (204, 'ready')
+    assert tar_contents(stack.download(uid, 'f.tar').content) == {'f/good.bin': good, 'f/sub/late.bin': late}
+
+
+def test_fixit_fails_clearly(admin_stack: CartStack) -> None:
+    stack = admin_stack
+    unknown = stack.run_cmd('fixit', '--cartid', 'no-such-cart')
+    assert unknown.returncode == 1 and 'No cart with uid no-such-cart found' in unknown.stdout + unknown.stderr
+    uid = _uid()
+    fileids = [{'id': f'{uid}-never', 'path': 'never.bin', 'hashtype': 'md5', 'hashsum': '0' * 32}]
+    assert stack.post(uid, fileids).status_code == 201
+    assert stack.wait_final(uid).headers['X-Pacifica-Status'] == 'error'
+    still = stack.run_cmd('fixit', '--cartid', uid)
+    assert still.returncode == 1
+    assert 'never.bin' in still.stdout + still.stderr
+
+
+def test_dump_yaml_and_json(admin_stack: CartStack) -> None:
+    stack, archive = admin_stack, admin_stack.archive
+    uid = _uid()
+    data = b'dumped'
+    archive.put(f'{uid}-d', data)
+    assert stack.post(uid, [{'id': f'{uid}-d', 'path': 'd.txt', 'hashtype': 'md5',
+                             'hashsum': hashlib.md5(data).hexdigest()}]).status_code == 201
+    assert stack.wait_final(uid).headers['X-Pacifica-Status'] == 'ready'
+    as_yaml = stack.run_cmd('dump')
+    as_json = stack.run_cmd('dump', '--json')
+    assert as_yaml.returncode == 0 and as_json.returncode == 0
+    for carts in (yaml.safe_load(as_yaml.stdout), json.loads(as_json.stdout)):
+        mine = [cart for cart in carts if cart['uid'] == uid]
+        assert len(mine) == 1 and mine[0]['status'] == 'ready'
+        assert [(f['path'], f['status'], f['size']) for f in mine[0]['files']] == [('d.txt', 'staged', 6)]
+
+
+def test_purge(admin_stack: CartStack) -> None:
+    stack, archive = admin_stack, admin_stack.archive
+    uid = _uid()
+    archive.put(f'{uid}-p', b'purge me')
+    assert stack.post(uid, [{'id': f'{uid}-p', 'path': 'p.txt', 'hashtype': 'md5',
+                             'hashsum': hashlib.md5(b'purge me').hexdigest()}]).status_code == 201
+    assert stack.wait_final(uid).headers['X-Pacifica-Status'] == 'ready'
+    bad = stack.run_cmd('purge', '--time-ago', 'last tuesday')
+    assert bad.returncode == 2 and 'is not like "60 days ago"' in bad.stderr
+    keep = stack.run_cmd('purge')  # default: 180 days
+    assert keep.returncode == 0 and uid not in keep.stdout
+    assert stack.head(uid).status_code == 204
+    gone = stack.run_cmd('purge', '--time-ago', '0 seconds ago')
+    assert gone.returncode == 0 and f'deleted cart {uid}' in gone.stdout
+    assert stack.head(uid).status_code == 404
+    assert not (stack.volume / 'cartuids' / uid).exists()
+    assert list(stack.volume.glob(f'*/{uid}')) == []
+
+
+def test_commands_need_a_subcommand(admin_stack: CartStack) -> None:
+    result = admin_stack.run_cmd()
+    assert result.returncode != 0
+    for name in ('dbsync', 'dbchk', 'fixit', 'dump', 'purge'):
+        assert name in result.stdout
