@@ -153,20 +153,22 @@ class Site:
 
     # ---- direct inspection (peewee of the test process, its own connection each time) ----
 
-    def _quote(self, name: str) -> str:
+    def quote(self, name: str) -> str:
+        """The identifier quoted for this kind of database."""
         return f'`{name}`' if self.kind == 'mysql' else f'"{name}"'
 
-    def _database(self) -> Any:
+    def database(self) -> Any:
+        """A new, unconnected peewee database for this URL (peewee runs in autocommit mode)."""
         return connect(peewee4_url(self.url))
 
     def dump(self, columns: Mapping[str, Sequence[str]]) -> Dict[str, List[Tuple[Any, ...]]]:
         """Every row of each table, only the given columns, in key order."""
-        database = self._database()
+        database = self.database()
         try:
             rows: Dict[str, List[Tuple[Any, ...]]] = {}
             for table, names in columns.items():
-                select = ', '.join(self._quote(name) for name in names)
-                sql = f'SELECT {select} FROM {self._quote(table)} ORDER BY {self._quote(ORDER_BY[table])}'
+                select = ', '.join(self.quote(name) for name in names)
+                sql = f'SELECT {select} FROM {self.quote(table)} ORDER BY {self.quote(ORDER_BY[table])}'
                 rows[table] = [tuple(row) for row in database.execute_sql(sql).fetchall()]
             return rows
         finally:
@@ -174,7 +176,7 @@ class Site:
 
     def columns(self) -> Dict[str, Dict[str, Any]]:
         """Table -> column name -> peewee's ColumnMetadata, for the four cart tables that exist."""
-        database = self._database()
+        database = self.database()
         try:
             tables = set(database.get_tables())
             return {table: {column.name: column for column in database.get_columns(table)}
@@ -184,7 +186,7 @@ class Site:
 
     def indexed_columns(self, table: str) -> List[Tuple[str, ...]]:
         """The column tuples of each index on `table`."""
-        database = self._database()
+        database = self.database()
         try:
             return [tuple(index.columns) for index in database.get_indexes(table)]
         finally:
@@ -270,6 +272,11 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     for table, names in ORIGINAL_COLUMNS.items():
         assert set(after_columns[table]) == set(names) | set(ADDED_COLUMNS.get(table, ())), table
     assert any(cols == ('cart_uid',) for cols in site.indexed_columns('cart')), site.indexed_columns('cart')
+    shape = _new_column_shape(after_columns)
+    for counter in ('files_total', 'files_staged'):
+        # NOT NULL with a server-side default, or a 2.0 writer in strict SQL mode cannot insert a cart.
+        assert shape[('cart', counter)][1:] == (False, True), (counter, shape)
+    assert shape[('file', 'size')][1] is True and shape[('file', 'mtime')][1] is True, shape
 
     # The counters come from the file rows; the file metadata is unknown (NULL).
     counters = site.dump({'cart': ('id', 'cart_uid', 'files_total', 'files_staged')})['cart']
@@ -348,3 +355,51 @@ def test_upgraded_columns_match_fresh_schema(site: Site, tmp_path_factory: pytes
     finally:
         drop_database(site.kind, other_url)
     assert upgraded == fresh
+
+
+def test_file_metadata_keeps_its_values(site: Site) -> None:
+    """file.size holds sizes over 4 GiB and file.mtime an epoch time to the second (tar headers use both)."""
+    site.ours_ok('dbsync')
+    rolled = site.reference_script(ROLLING_SCRIPT)
+    size, mtime = 5 * 1024 ** 3 + 7, 1700000123.25
+    database = site.database()
+    try:
+        database.execute_sql(
+            f'UPDATE {site.quote("file")} SET {site.quote("size")} = {database.param}, '
+            f'{site.quote("mtime")} = {database.param} WHERE {site.quote("id")} = {database.param}',
+            (size, mtime, rolled['file']))
+    finally:
+        database.close()
+    [(stored_size, stored_mtime)] = site.dump({'file': ('size', 'mtime')})['file']
+    assert stored_size == size
+    assert abs(stored_mtime - mtime) < 1, f'mtime {mtime} came back as {stored_mtime}'
+
+
+def test_interrupted_upgrade_can_be_finished(site: Site) -> None:
+    """MySQL commits each ALTER at once: a dbsync killed half way leaves columns with version 2.0; a rerun ends it."""
+    assert site.reference('dbsync').returncode == 0
+    site.reference_script(SEED_SCRIPT)
+    database = site.database()
+    try:
+        database.execute_sql(f'ALTER TABLE {site.quote("cart")} ADD COLUMN {site.quote("files_total")} '
+                             'INTEGER NOT NULL DEFAULT 0')
+    finally:
+        database.close()
+    assert site.version() == {'major': 2, 'minor': 0}
+    site.ours_ok('dbsync')
+    assert site.version() == {'major': 2, 'minor': 1}
+    assert site.ours('dbchk', '--equal').returncode == 0
+    totals = sorted(row[0] for row in site.dump({'cart': ('files_total',)})['cart'])
+    assert totals == [1, 2, 3]
+
+
+def test_database_errors_are_one_line(site: Site) -> None:
+    """A database the commands cannot use gives one clear line, not a traceback."""
+    database = site.database()
+    try:
+        database.execute_sql(f'CREATE TABLE {site.quote("cartsystem")} (part INTEGER)')
+    finally:
+        database.close()
+    result = site.ours('dump')
+    assert result.returncode != 0
+    assert 'Traceback' not in result.stderr and result.stderr.strip().startswith('pacifica-cartd: error:')

@@ -57,6 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prepare(settings)
     except CartError as exc:
         return _fail(exc.message)
+    except database.DATABASE_ERRORS as exc:
+        return _fail(f'database error: {type(exc).__name__}: {exc}')
     cherrypy.config.update({'server.socket_host': '127.0.0.1', 'server.socket_port': 8081,
                             'engine.autoreload.on': False})
     # CherryPy prints its own ENGINE and access lines; do not print them twice via the root logger.
@@ -220,6 +222,9 @@ def cmd(argv: Optional[List[str]] = None) -> int:
             return COMMANDS[args.command](settings, args)
     except CartError as exc:
         return _fail(exc.message)
+    except database.DATABASE_ERRORS as exc:
+        LOGGER.debug('database error', exc_info=True)
+        return _fail(f'database error: {type(exc).__name__}: {exc}')
 
 
 if __name__ == '__main__':

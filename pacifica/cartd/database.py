@@ -7,7 +7,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type
 from urllib.parse import urlparse
 
-from peewee import Database, InterfaceError, OperationalError, SqliteDatabase
+from peewee import Database, DatabaseError, InterfaceError, OperationalError, SqliteDatabase
 from playhouse.db_url import parse as parse_db_url
 from playhouse.pool import PooledMySQLDatabase, PooledPostgresqlDatabase
 
@@ -36,6 +36,9 @@ _SERVER_DATABASES: Dict[str, Tuple[Type[Database], str]] = {
     'mysql+pool': (PooledMySQLDatabase, 'mysql'),
 }
 _SQLITE_SCHEMES = ('sqlite', 'sqliteext', 'sqlite+pool', 'sqliteext+pool')
+
+# What the database driver raises, for entry points that must turn it into one clear line.
+DATABASE_ERRORS = (DatabaseError, InterfaceError)
 
 
 def make_database(peewee_url: str) -> Database:

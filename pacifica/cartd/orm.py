@@ -12,7 +12,7 @@ from peewee import (
     CharField,
     DatabaseProxy,
     DateTimeField,
-    FloatField,
+    DoubleField,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -122,7 +122,7 @@ class File(BaseModel):
     error = TextField(default='')
     # Added in schema 2.1: what the archive reported, used to lay out the tar.
     size = BigIntegerField(null=True)
-    mtime = FloatField(null=True)
+    mtime = DoubleField(null=True)
 
     class Meta:
         """Table name of the published schema."""

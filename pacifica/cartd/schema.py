@@ -41,15 +41,20 @@ def _store_version(version: Version) -> None:
 
 
 def _upgrade_2_0_to_2_1() -> None:
-    """Add the counters and file metadata, then fill the counters from the existing rows."""
+    """Add the counters and file metadata, then fill the counters from the existing rows.
+
+    Resumable: MySQL commits each ALTER at once, so an interrupted run can leave some
+    columns added with the version still 2.0; a second run adds only what is missing.
+    """
     migrator = SchemaMigrator.from_database(DB.obj)
-    operations = [
-        migrator.add_column('cart', 'files_total', Cart.files_total),
-        migrator.add_column('cart', 'files_staged', Cart.files_staged),
-        migrator.add_column('file', 'size', File.size),
-        migrator.add_column('file', 'mtime', File.mtime),
-        migrator.add_index('cart', ('cart_uid',), False),
-    ]
+    columns = {table: {column.name for column in DB.get_columns(table)} for table in ('cart', 'file')}
+    indexes = {index.name for index in DB.get_indexes('cart')}
+    wanted = [('cart', 'files_total', Cart.files_total), ('cart', 'files_staged', Cart.files_staged),
+              ('file', 'size', File.size), ('file', 'mtime', File.mtime)]
+    operations = [migrator.add_column(table, name, field)
+                  for table, name, field in wanted if name not in columns[table]]
+    if 'cart_cart_uid' not in indexes:
+        operations.append(migrator.add_index('cart', ('cart_uid',), False))
     if isinstance(migrator, MySQLMigrator):
         # MySQL's add_not_null re-declares the column (MODIFY ... NOT NULL) without its
         # DEFAULT; put the server-side default back so a 2.0 writer can still insert.
