@@ -211,3 +211,16 @@ def test_root_and_unsupported_method(stack: CartStack) -> None:
     assert put.status_code == 405 and put.json()['status'] == '405 Method Not Allowed'
     wrong_type = requests.post(stack.url + '/x', data='{}', headers={'Content-Type': 'text/plain'}, timeout=30)
     assert wrong_type.status_code == 415
+
+
+def test_uids_differing_in_case_or_trailing_space_are_different_carts(stack: CartStack) -> None:
+    """MySQL's default collation would match them; the cart must not."""
+    base = _uid()
+    upper, lower, spaced = base.upper(), base, base + ' '
+    fileids, expected = _fill(stack.archive, 1, 'md5', base)
+    assert stack.post(upper, fileids).status_code == 201
+    assert stack.wait_final(upper).headers['X-Pacifica-Status'] == 'ready'
+    assert stack.head(lower).status_code == 404
+    assert stack.head(spaced).status_code == 404
+    assert stack.delete(lower).status_code == 404
+    _check_download(stack, upper, expected)

@@ -239,11 +239,21 @@ class CartService:
                 CartTasks.insert_many([{'cart': cart_id, 'celery_task_id': task} for task in task_batch]).execute()
 
     @staticmethod
-    def _live_cart(cart_uid: str) -> Optional[Cart]:
-        return (Cart.select()
-                .where((Cart.cart_uid == cart_uid) & (Cart.status != CartStatus.DELETED.value))
-                .order_by(Cart.creation_date.desc(), Cart.id.desc())
-                .first())
+    def _live_carts(cart_uid: str, *fields: Any) -> List[Cart]:
+        """Live carts with exactly this uid, newest first.
+
+        The indexed lookup may also match other spellings (MySQL's default collation
+        ignores case and trailing spaces), so the exact match is checked here too.
+        """
+        candidates = (Cart.select(*fields, Cart.cart_uid)
+                      .where((Cart.cart_uid == cart_uid) & (Cart.status != CartStatus.DELETED.value))
+                      .order_by(Cart.creation_date.desc(), Cart.id.desc()))
+        return [cart for cart in candidates if cart.cart_uid == cart_uid]
+
+    @classmethod
+    def _live_cart(cls, cart_uid: str) -> Optional[Cart]:
+        carts = cls._live_carts(cart_uid, *Cart._meta.sorted_fields)
+        return carts[0] if carts else None
 
     def status(self, cart_uid: str) -> CartState:
         """The newest live cart's wire status and message (one indexed query)."""
@@ -281,8 +291,7 @@ class CartService:
     def delete(self, cart_uid: str) -> int:
         """Delete every live cart with this uid: mark, revoke its tasks, remove its files."""
         with DB.atomic():
-            carts = list(Cart.select(Cart.id).where((Cart.cart_uid == cart_uid)
-                                                    & (Cart.status != CartStatus.DELETED.value)))
+            carts = self._live_carts(cart_uid, Cart.id)
             if not carts:
                 raise CartNotFound('Not Found')
             cart_ids = [cart.id for cart in carts]
