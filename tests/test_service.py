@@ -251,3 +251,15 @@ def test_cart_stuck_after_its_last_file_is_bundled_by_the_reconciler(make_servic
     assert service.reconcile() == 1 and queue.bundles == [cart_id]
     service.bundle(cart_id)
     assert service.status('z').status == 'ready'
+
+
+def test_temp_files_of_killed_downloads_are_removed_when_the_cart_finishes(make_service) -> None:
+    files = {'k': b'kept'}
+    service, _archive, queue = make_service(files)
+    cart_id = service.create_cart('k', {'fileids': _entries(files)})
+    orphan = service.volume.partial_path(cart_id, 1)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b'half a download')
+    _run_queue(service, queue)
+    assert service.status('k').status == 'ready'
+    assert not orphan.exists()

@@ -441,6 +441,8 @@ class CartService:
             return
         files_dir = self.volume.files_dir(cart.id, cart.cart_uid)
         files_dir.mkdir(parents=True, exist_ok=True)
+        # Downloads killed with their worker leave temp files; every file is staged now.
+        self.volume.remove_partials(cart.id)
         target = files_dir
         if cart.bundle:
             files = list(File.select(File.bundle_path, File.size, File.mtime, File.id)
@@ -462,9 +464,12 @@ class CartService:
         LOGGER.info('cart %s (id %d) is ready', cart.cart_uid, cart.id)
 
     def _fail_file(self, cart_id: int, file: File, cause: str) -> None:
+        """Record a file's failure and fail its cart, unless a duplicate task already staged the file."""
         with DB.atomic():
-            File.update(status=FileStatus.ERROR.value, error=cause).where(File.id == file.id).execute()
-            self._set_cart_error(cart_id, _cart_message(file, cause))
+            failed = (File.update(status=FileStatus.ERROR.value, error=cause)
+                      .where((File.id == file.id) & (File.status != FileStatus.STAGED.value)).execute())
+            if failed:
+                self._set_cart_error(cart_id, _cart_message(file, cause))
 
     @staticmethod
     def _set_cart_error(cart_id: int, message: str) -> None:

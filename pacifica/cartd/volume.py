@@ -159,6 +159,14 @@ class CartVolume:
         """Delete everything the cart has on disk (files, partials, tar)."""
         shutil.rmtree(self.cart_dir(cart_id), ignore_errors=True)
 
+    def remove_partials(self, cart_id: int) -> int:
+        """Delete temp files of download attempts that never finished; return how many."""
+        removed = 0
+        for partial in self.cart_dir(cart_id).glob(f'.*{PARTIAL_SUFFIX}'):
+            partial.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def remove_files(self, cart_id: int, cart_uid: str) -> None:
         """Delete a cart's staged files (once its tar holds them)."""
         shutil.rmtree(self.files_dir(cart_id, cart_uid), ignore_errors=True)
