@@ -113,6 +113,16 @@ def wait_for_database(settings: Settings, sleep: Callable[[float], None] = time.
         f'after {settings.database_connect_attempts} attempts: {reason}')
 
 
+def serialize_writers() -> None:
+    """Inside a transaction, wait for every other transaction that called this to end.
+
+    SQLite's BEGIN IMMEDIATE already admits one writer at a time; on PostgreSQL and MySQL
+    the schema's version row is locked FOR UPDATE for the rest of the transaction.
+    """
+    if not isinstance(DB.obj, SqliteDatabase):
+        DB.execute_sql("SELECT value FROM cartsystem WHERE part = 'major' FOR UPDATE")
+
+
 @contextlib.contextmanager
 def connection() -> Iterator[None]:
     """Hold one connection for the length of a request, task or command, and give it back."""

@@ -130,4 +130,19 @@ class File(BaseModel):
         table_name = 'file'
 
 
-MODELS = (CartSystem, Cart, File, CartTasks)
+class SpaceReservation(BaseModel):
+    """Disk bytes a download in flight may still write (schema 2.1); one row per file being pulled."""
+
+    file = ForeignKeyField(File, column_name='file_id', primary_key=True)
+    cart = ForeignKeyField(Cart, column_name='cart_id', index=True)
+    bytes = BigIntegerField()
+    partial = TextField(null=True)  # the temp file being written, so bytes already on disk are not counted twice
+    created = DateTimeField(default=now)
+
+    class Meta:
+        """Not a 0.7.0 table."""
+
+        table_name = 'spacereservation'
+
+
+MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation)

@@ -122,12 +122,12 @@ def _send(download: CartDownload, chunk_size: int) -> Iterator[bytes]:
         raise RangeNotSatisfiable(str(exc)) from exc
     if byte_range is None:
         response.headers['Content-Length'] = str(layout.size)
-        return layout.iter_bytes(0, layout.size, chunk_size)
+        return download.body(0, layout.size, chunk_size)
     start, end = byte_range
     response.status = 206
     response.headers['Content-Range'] = f'bytes {start}-{end - 1}/{layout.size}'
     response.headers['Content-Length'] = str(end - start)
-    return layout.iter_bytes(start, end, chunk_size)
+    return download.body(start, end, chunk_size)
 
 
 class CartRoot:

@@ -8,7 +8,7 @@ from peewee import fn
 from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
-from .orm import DB, MODELS, Cart, CartSystem, File, FileStatus
+from .orm import DB, MODELS, Cart, CartSystem, File, FileStatus, SpaceReservation
 
 LOGGER = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def _upgrade_2_0_to_2_1() -> None:
         # DEFAULT; put the server-side default back so a 2.0 writer can still insert.
         operations += [migrator.add_column_default('cart', name, 0) for name in ('files_total', 'files_staged')]
     migrate(*operations)
+    DB.create_tables([SpaceReservation], safe=True)
     total = File.select(fn.COUNT(File.id)).where(File.cart == Cart.id)
     staged = total.where(File.status == FileStatus.STAGED.value)
     Cart.update(files_total=total, files_staged=staged).execute()

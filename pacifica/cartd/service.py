@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, cast
 
 import jsonschema
 from peewee import chunked
@@ -19,6 +19,16 @@ from peewee import chunked
 from . import database
 from .archive import ArchiveClient, ArchiveStatus, Download
 from .config import Settings
+from .eviction import (
+    DOWNLOAD_HEARTBEAT_S,
+    bytes_in_flight,
+    disk_bytes,
+    evict_one,
+    release,
+    release_cart,
+    reserve,
+    track_partial,
+)
 from .errors import (
     ArchiveMediaError,
     BadRequest,
@@ -27,6 +37,7 @@ from .errors import (
     CartNotReady,
     FileStageError,
     HashMismatch,
+    NoSpace,
     QueueUnavailable,
 )
 from .orm import DB, Cart, CartStatus, CartTasks, File, FileStatus, now
@@ -37,7 +48,8 @@ LOGGER = logging.getLogger(__name__)
 LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
 HASH_TYPES = frozenset(name.lower() for name in hashlib.algorithms_available if not name.lower().startswith('shake'))
 INSERT_CHUNK = 200
-HEARTBEAT_S = 30.0  # how often a long download tells the reconciler it is alive
+HEARTBEAT_S = 30.0
+MAX_EVICTIONS_PER_FILE = 1000  # how often a long download tells the reconciler it is alive
 RECONCILE_BATCH = 100  # carts re-driven per reconcile pass
 STALE_AT_ONCE = datetime.datetime(2000, 1, 1)  # an updated_date the next reconcile treats as stalled
 
@@ -110,6 +122,17 @@ class CartDownload:
 
     layout: TarLayout
     filename: str
+    cart_id: int
+
+    def body(self, start: int, end: int, chunk_size: int) -> Iterator[bytes]:
+        """The tar's bytes [start, end); while they flow the cart is marked used, so it is not evicted."""
+        last = time.monotonic()
+        for piece in self.layout.iter_bytes(start, end, chunk_size):
+            yield piece
+            if time.monotonic() - last >= DOWNLOAD_HEARTBEAT_S:
+                last = time.monotonic()
+                with database.connection():
+                    Cart.update(updated_date=now()).where(Cart.id == self.cart_id).execute()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +298,7 @@ class CartService:
         members = self._members(cart, files)
         Cart.update(updated_date=now()).where(Cart.id == cart.id).execute()
         created = cart.creation_date.timestamp() if cart.creation_date else time.time()
-        return CartDownload(TarLayout(top, members, created), filename)
+        return CartDownload(TarLayout(top, members, created), filename, cart.id)
 
     def _members(self, cart: Cart, files: Sequence[File]) -> List[TarMember]:
         """Where each file's bytes are: its staged file, or its place in the bundle tar."""
@@ -297,6 +320,8 @@ class CartService:
             cart_ids = [cart.id for cart in carts]
             Cart.update(status=CartStatus.DELETED.value, deleted_date=now(), updated_date=now()).where(
                 Cart.id.in_(cart_ids)).execute()
+            for cart_id in cart_ids:
+                release_cart(cart_id)
             task_ids = [task.celery_task_id for task in
                         CartTasks.select(CartTasks.celery_task_id).where(CartTasks.cart.in_(cart_ids))]
         if self.queue is not None and task_ids:
@@ -372,16 +397,52 @@ class CartService:
             LOGGER.info('cart %s file %s is on %s: recall requested', cart.cart_uid, file.bundle_path, status.media)
             return StageOutcome(file.id, on_tape=True)
         final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        download = self._download_verified(cart, file, status, final)
+        self._reserve_space(cart, file, status.size)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            download = self._download_verified(cart, file, status, final)
+        except BaseException:
+            release(file.id)
+            raise
         self._record_staged(cart.id, file, download)
         return StageOutcome(file.id)
+
+    def _reserve_space(self, cart: Cart, file: File, size: Optional[int]) -> None:
+        """Make sure the volume has room for the file and for every download already in flight.
+
+        Reservations are serialised in the database (one at a time across all workers) and
+        recorded in the reservation table until the file is staged. When room is short and
+        lru_purge is on, ready carts go in least-recently-used order until the file fits;
+        otherwise NoSpace fails this file (and so its cart) and no other cart is touched.
+        """
+        wanted = disk_bytes(size or 0)
+        evicted = 0
+        for _ in range(MAX_EVICTIONS_PER_FILE):
+            with DB.atomic():
+                database.serialize_writers()
+                needed = wanted + bytes_in_flight(file.id)
+                free = self.volume.free_bytes()
+                if needed <= free:
+                    reserve(cart.id, file.id, wanted)
+                    return
+                victim = evict_one(self.settings.lru_buffer_time) if self.settings.lru_purge else None
+            if victim is None:
+                after = f' after evicting {evicted} carts' if evicted else ''
+                raise NoSpace(f'No space left on the volume for {size} bytes: {needed} bytes needed with the '
+                              f'downloads in flight, {free} free{after}')
+            self.volume.unlink_cart(victim.cart_uid, victim.id)
+            self.volume.remove_cart(victim.id)
+            evicted += 1
+            LOGGER.warning('evicted cart %s (id %d, last used %s) to make room for cart %s',
+                           victim.cart_uid, victim.id, victim.updated_date, cart.cart_uid)
+        raise NoSpace(f'No space left on the volume for {size} bytes after evicting {evicted} carts')
 
     def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path) -> Download:
         """Download until whole and matching: transient faults retried, a hash mismatch once."""
         mismatches = 0
         while True:
             partial = self.volume.partial_path(cart.id, file.id)
+            track_partial(file.id, partial)
             try:
                 download = self.archive.with_retries(functools.partial(
                     self.archive.download, file.file_name, partial, str(file.hash_type), str(file.hash_value),
@@ -407,6 +468,7 @@ class CartService:
                                       error='')
                           .where((File.id == file.id) & (File.status != FileStatus.STAGED.value))
                           .execute())
+                release(file.id)
                 if not marked:
                     return  # a duplicate task got there first
                 counted = (Cart.update(files_staged=Cart.files_staged + 1, updated_date=now())
@@ -443,6 +505,7 @@ class CartService:
         files_dir.mkdir(parents=True, exist_ok=True)
         # Downloads killed with their worker leave temp files; every file is staged now.
         self.volume.remove_partials(cart.id)
+        release_cart(cart.id)
         target = files_dir
         if cart.bundle:
             files = list(File.select(File.bundle_path, File.size, File.mtime, File.id)
@@ -557,6 +620,7 @@ class CartService:
             self.volume.unlink_cart(cart.cart_uid, cart.id)
             self.volume.remove_cart(cart.id)
             with DB.atomic():
+                release_cart(cart.id)
                 CartTasks.delete().where(CartTasks.cart == cart.id).execute()
                 File.delete().where(File.cart == cart.id).execute()
                 Cart.delete().where(Cart.id == cart.id).execute()

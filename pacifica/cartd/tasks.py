@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Sequence
 from celery import Celery, signals
 
 from . import database
-from .config import Settings, load_settings
+from .config import Settings, check_volume, load_settings
 from .service import CartService
 
 LOGGER = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ def worker_service() -> CartService:
     with _STATE.lock:
         pid = os.getpid()
         if _STATE.service is None or _STATE.service_pid != pid:
+            check_volume(settings)
             database.bind(settings)
             _STATE.service = CartService(settings, CeleryTaskQueue(app))
             _STATE.service_pid = pid

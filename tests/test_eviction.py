@@ -1,0 +1,131 @@
+"""Disk space and LRU eviction on a real size-limited filesystem (a tmpfs mounted for the test).
+
+The archive is the fake of test_service (bytes from memory) so that the test controls
+exactly how much each cart needs; the filesystem, the database and the service are real.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import os
+import pathlib
+import subprocess
+import tarfile
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+
+from pacifica.cartd import database, schema
+from pacifica.cartd.config import check_volume, load_settings
+from pacifica.cartd.errors import CartNotFound
+from pacifica.cartd.orm import Cart
+from pacifica.cartd.service import CartService
+from test_service import FakeArchive, FakeQueue, _run_queue
+
+MIB = 1024 * 1024
+FILE_SIZE = 600 * 1024
+
+
+@pytest.fixture
+def small_volume(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 4 MiB tmpfs: room for about six 600 KiB files."""
+    mount_point = tmp_path / 'volume'
+    mount_point.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount_point)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}')
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(['umount', '-l', str(mount_point)], check=False)
+
+
+def _service(tmp_path: pathlib.Path, volume: pathlib.Path, files: Dict[str, bytes],
+             **env: str) -> Tuple[CartService, FakeArchive, FakeQueue]:
+    settings = load_settings(str(tmp_path / 'none.ini'), environ={
+        'VOLUME_PATH': str(volume), 'PEEWEE_URL': f'sqliteext:///{tmp_path}/db.sqlite3', **env})
+    check_volume(settings)
+    database.bind(settings)
+    with database.connection():
+        schema.sync()
+    archive, queue = FakeArchive(files), FakeQueue()
+    return CartService(settings, queue, archive), archive, queue  # type: ignore[arg-type]
+
+
+def _cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, count: int,
+          age_minutes: float = 0) -> List[bytes]:
+    datas = []
+    entries = []
+    for index in range(count):
+        data = os.urandom(FILE_SIZE)
+        archive.files[f'{uid}-{index}'] = data
+        datas.append(data)
+        entries.append({'id': f'{uid}-{index}', 'path': f'f{index}', 'hashtype': 'md5',
+                        'hashsum': hashlib.md5(data).hexdigest()})
+    cart_id = service.create_cart(uid, {'fileids': entries})
+    _run_queue(service, queue)
+    if age_minutes:
+        Cart.update(updated_date=datetime.datetime.now() - datetime.timedelta(minutes=age_minutes)).where(
+            Cart.id == cart_id).execute()
+    return datas
+
+
+def test_lru_carts_make_room_and_protected_carts_stay(tmp_path: pathlib.Path, small_volume: pathlib.Path) -> None:
+    service, archive, queue = _service(tmp_path, small_volume, {}, LRU_BUFFER_TIME='600')
+    with database.connection():
+        _cart(service, queue, archive, 'oldest', 2, age_minutes=300)
+        _cart(service, queue, archive, 'older', 2, age_minutes=200)
+        _cart(service, queue, archive, 'recent', 2, age_minutes=5)  # inside lru_buffer_time
+        assert [service.status(uid).status for uid in ('oldest', 'older', 'recent')] == ['ready'] * 3
+        assert service.volume.free_bytes() < 2 * FILE_SIZE
+
+        _cart(service, queue, archive, 'new', 2)
+        assert service.status('new').status == 'ready'
+        # only the least recently used cart went, and only as many as needed
+        with pytest.raises(CartNotFound):
+            service.status('oldest')
+        assert service.status('older').status == 'ready'
+        assert service.status('recent').status == 'ready'
+        assert not (small_volume / 'cartuids' / 'oldest').exists()
+
+        _cart(service, queue, archive, 'newer', 2)
+        assert service.status('newer').status == 'ready', service.status('newer').message
+        with pytest.raises(CartNotFound):
+            service.status('older')
+        # what is left is protected (recent use, or just finished): the next cart cannot fit
+        _cart(service, queue, archive, 'toobig', 3)
+        state = service.status('toobig')
+        assert state.status == 'error'
+        assert 'No space left on the volume' in state.message and 'f' in state.message
+        for uid in ('recent', 'new', 'newer'):
+            assert service.status(uid).status == 'ready'
+        assert list(small_volume.rglob('*.part')) == []
+
+
+def test_no_eviction_when_lru_purge_is_off(tmp_path: pathlib.Path, small_volume: pathlib.Path) -> None:
+    service, archive, queue = _service(tmp_path, small_volume, {}, LRU_PURGE='off')
+    with database.connection():
+        _cart(service, queue, archive, 'a', 3, age_minutes=600)
+        _cart(service, queue, archive, 'b', 4, age_minutes=600)
+        state = service.status('b')
+        assert state.status == 'error' and 'No space left on the volume' in state.message
+        assert service.status('a').status == 'ready'
+
+
+def test_download_in_progress_survives_eviction(tmp_path: pathlib.Path, small_volume: pathlib.Path) -> None:
+    service, archive, queue = _service(tmp_path, small_volume, {})
+    with database.connection():
+        old = _cart(service, queue, archive, 'old', 2, age_minutes=600)
+        _cart(service, queue, archive, 'older', 2, age_minutes=700)
+        _cart(service, queue, archive, 'other', 2, age_minutes=500)
+        download = service.download('old', 'old.tar', 'old')  # a GET marks the cart used
+        body = download.body(0, download.layout.size, 64 * 1024)
+        received = [next(body)]
+        _cart(service, queue, archive, 'incoming', 3)
+        assert service.status('incoming').status == 'ready'
+        assert service.status('old').status == 'ready'  # in use: not evicted
+        received.extend(body)
+    with tarfile.open(fileobj=io.BytesIO(b''.join(received)), mode='r:') as tar:
+        assert [tar.extractfile(f'old/f{index}').read() for index in range(2)] == old  # type: ignore[union-attr]
