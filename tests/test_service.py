@@ -16,7 +16,7 @@ import pytest
 
 from pacifica.cartd import database, schema
 from pacifica.cartd.archive import ArchiveStatus, Download, new_hash
-from pacifica.cartd.config import load_settings
+from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import ArchiveError, BadRequest, CartNotFound, CartNotReady
 from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
@@ -88,6 +88,7 @@ def make_service(tmp_path: pathlib.Path):
     settings = load_settings(str(tmp_path / 'none.ini'), environ={
         'VOLUME_PATH': str(tmp_path / 'volume'), 'PEEWEE_URL': f'sqliteext:///{tmp_path}/db.sqlite3',
         'ARCHIVE_INTERFACE_TAPE_WAIT': '2', 'ARCHIVE_INTERFACE_TAPE_WAIT_MAX': '5', 'STALL_TIMEOUT': '300'})
+    check_volume(settings)
     database.bind(settings)
     with database.connection():
         schema.sync()
