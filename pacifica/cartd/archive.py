@@ -177,7 +177,7 @@ class ArchiveClient:
                             progress()
                 except requests.RequestException as exc:
                     raise ArchiveShortRead(
-                        f'archive GET broke off after {written} bytes: {type(exc).__name__}') from exc
+                        f'archive GET broke off before the end of the file: {type(exc).__name__}') from exc
                 out.flush()
                 os.fsync(out.fileno())
         finally:

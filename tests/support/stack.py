@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import tarfile
 import time
@@ -69,7 +71,6 @@ class CartStack:
     @property
     def env(self) -> Dict[str, str]:
         """Environment of every cart process: only the config file, nothing inherited that could leak."""
-        import os  # pylint: disable=import-outside-toplevel
         env = {key: value for key, value in os.environ.items()
                if key not in ('PYTHONPATH', 'VOLUME_PATH', 'PEEWEE_URL', 'BROKER_URL', 'CELERY_QUEUE')}
         env['CARTD_CONFIG'] = str(self.config)
@@ -83,7 +84,6 @@ class CartStack:
 
     def run_cmd(self, *args: str, timeout: float = 120) -> 'subprocess.CompletedProcess[str]':
         """Run pacifica-cartd-cmd with this stack's config."""
-        import subprocess  # pylint: disable=import-outside-toplevel
         return subprocess.run([binary('pacifica-cartd-cmd'), *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout, check=False)
 
