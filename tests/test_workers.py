@@ -66,7 +66,8 @@ def test_archive_down_fails_the_cart_with_the_cause(tmp_path: pathlib.Path) -> N
         stack.start()
         dead_archive.stop()
         uid = f'down-{uuid.uuid4().hex[:8]}'
-        fileids = [{'id': 'lonely', 'path': 'lonely.txt', 'hashtype': 'sha1', 'hashsum': hashlib.sha1(data).hexdigest()}]
+        fileids = [{'id': 'lonely', 'path': 'lonely.txt', 'hashtype': 'sha1',
+                    'hashsum': hashlib.sha1(data).hexdigest()}]
         assert stack.post(uid, fileids).status_code == 201
         final = stack.wait_final(uid, deadline_s=60)
         assert final.status_code == 500 and final.headers['X-Pacifica-Status'] == 'error'
