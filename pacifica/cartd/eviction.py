@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from peewee import fn
 
@@ -46,19 +46,24 @@ def _written(partial: Optional[str]) -> int:
 
 
 def track_partial(file_id: int, partial: Path) -> None:
-    """Say which temp file a reserved download is writing now."""
+    """Say which file a reserved download is writing now (or, once renamed, where its bytes are)."""
     SpaceReservation.update(partial=str(partial)).where(SpaceReservation.file == file_id).execute()
 
 
-def reserve(cart_id: int, file_id: int, size: int) -> None:
-    """Record that this file's download may write `size` disk bytes (replacing an older record)."""
+def reserve(cart_id: int, file_id: int, size: int, partial: Path) -> None:
+    """Record that this file's download may write `size` disk bytes into `partial` (replacing an older record)."""
     SpaceReservation.delete().where(SpaceReservation.file == file_id).execute()
-    SpaceReservation.create(file=file_id, cart=cart_id, bytes=size)
+    SpaceReservation.create(file=file_id, cart=cart_id, bytes=size, partial=str(partial))
 
 
 def release(file_id: int) -> None:
     """The file is on disk (or failed): its bytes are no longer in flight."""
     SpaceReservation.delete().where(SpaceReservation.file == file_id).execute()
+
+
+def release_files(file_ids: Sequence[int]) -> None:
+    """Several files are on disk: their bytes are no longer in flight."""
+    SpaceReservation.delete().where(SpaceReservation.file.in_(list(file_ids))).execute()
 
 
 def release_cart(cart_id: int) -> None:

@@ -26,6 +26,7 @@ from .eviction import (
     evict_one,
     release,
     release_cart,
+    release_files,
     reserve,
     track_partial,
 )
@@ -49,6 +50,10 @@ LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
 HASH_TYPES = frozenset(name.lower() for name in hashlib.algorithms_available if not name.lower().startswith('shake'))
 INSERT_CHUNK = 200
 HEARTBEAT_S = 30.0
+FLUSH_FILES = 64  # staged files recorded per transaction at most
+FLUSH_SECONDS = 0.25  # and at least this often while files arrive
+SMALL_FILE = 256 * 1024  # files this small are not reserved one by one ...
+SMALL_FILE_MARGIN = 256 * 1024 * 1024  # ... while the volume has this much more free
 MAX_EVICTIONS_PER_FILE = 1000  # how often a long download tells the reconciler it is alive
 RECONCILE_BATCH = 100  # carts re-driven per reconcile pass
 STALE_AT_ONCE = datetime.datetime(2000, 1, 1)  # an updated_date the next reconcile treats as stalled
@@ -142,6 +147,7 @@ class StageOutcome:
     file_id: int
     on_tape: bool = False
     error: Optional[str] = None
+    download: Optional[Download] = None
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -193,7 +199,8 @@ class _Heartbeat:
         moment = time.monotonic()
         if moment - self.last >= HEARTBEAT_S:
             self.last = moment
-            Cart.update(updated_date=now()).where(Cart.id == self.cart_id).execute()
+            with database.connection():
+                Cart.update(updated_date=now()).where(Cart.id == self.cart_id).execute()
 
 
 class CartService:
@@ -348,9 +355,11 @@ class CartService:
                     on_done: Optional[Callable[[StageOutcome], None]] = None) -> List[int]:
         """Stage the listed files of a cart in parallel; return those still on tape.
 
-        Safe to run twice: files already staged are skipped, and a cart that is no longer
-        staging (deleted, failed) is left alone. Whoever stages the last file finishes the cart.
-        `on_done` hears about each file as it ends (the admin command's progress bar).
+        Threads download and verify; this thread records what they staged in one
+        transaction per FLUSH_FILES files or FLUSH_SECONDS, so the database work per file is a
+        fraction of a statement. Safe to run twice: files already staged are skipped, and a
+        cart that is no longer staging (deleted, failed) is left alone. Whoever records the
+        last file finishes the cart. `on_done` hears about each file as it ends.
         """
         cart = Cart.get_or_none(Cart.id == cart_id)
         if cart is None or cart.status not in LIVE_STATUSES:
@@ -359,34 +368,49 @@ class CartService:
         files = list(File.select().where(File.id.in_(list(file_ids))
                                          & (File.status != FileStatus.STAGED.value)).order_by(File.id))
         if not files:
+            self._finish(cart_id)
             return []
         pool = self._thread_pool()
         futures = [pool.submit(self._stage_in_thread, cart, file) for file in files]
         on_tape: List[int] = []
-        for future in concurrent.futures.as_completed(futures):
-            outcome = future.result()
-            if outcome.on_tape:
-                on_tape.append(outcome.file_id)
-            if on_done is not None:
-                on_done(outcome)
+        staged: List[StageOutcome] = []
+        last_flush = time.monotonic()
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                outcome = future.result()
+                if outcome.on_tape:
+                    on_tape.append(outcome.file_id)
+                if outcome.download is not None:
+                    staged.append(outcome)
+                if staged and (len(staged) >= FLUSH_FILES or time.monotonic() - last_flush >= FLUSH_SECONDS):
+                    self._record_staged(cart, staged)
+                    staged, last_flush = [], time.monotonic()
+                if on_done is not None:
+                    on_done(outcome)
+            if staged:
+                self._record_staged(cart, staged)
+        except CartGone:
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            self._cleanup_if_deleted(cart.id)  # what the running downloads wrote meanwhile
+            LOGGER.info('cart %s (id %d) went away while staging', cart.cart_uid, cart.id)
+            return []
         return sorted(on_tape)
 
     def _stage_in_thread(self, cart: Cart, file: File) -> StageOutcome:
+        """Stage one file in a pool thread; failures are recorded here, successes by the caller."""
+        try:
+            return self._stage_one(cart, file)
+        except FileStageError as exc:
+            message = exc.message
+            LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
+        except OSError as exc:
+            message = f'cannot write to the volume: {exc.strerror or exc}'
+            LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
         with database.connection():
-            try:
-                outcome = self._stage_one(cart, file)
-            except CartGone:
-                return StageOutcome(file.id)
-            except FileStageError as exc:
-                LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
-                self._fail_file(cart.id, file, exc.message)
-                return StageOutcome(file.id, error=exc.message)
-            except OSError as exc:
-                message = f'cannot write to the volume: {exc.strerror or exc}'
-                LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
-                self._fail_file(cart.id, file, message)
-                return StageOutcome(file.id, error=message)
-            return outcome
+            self._fail_file(cart.id, file, message)
+        return StageOutcome(file.id, error=message)
 
     def _stage_one(self, cart: Cart, file: File) -> StageOutcome:
         status: ArchiveStatus = self.archive.with_retries(lambda: self.archive.status(file.file_name))
@@ -397,34 +421,42 @@ class CartService:
             LOGGER.info('cart %s file %s is on %s: recall requested', cart.cart_uid, file.bundle_path, status.media)
             return StageOutcome(file.id, on_tape=True)
         final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
-        self._reserve_space(cart, file, status.size)
+        partial = self.volume.partial_path(cart.id, file.id)
+        reserved = self._reserve_space(cart, file, status.size, partial)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            download = self._download_verified(cart, file, status, final)
+            download = self._download_verified(cart, file, status, final, partial, reserved)
         except BaseException:
-            release(file.id)
+            if reserved:
+                with database.connection():
+                    release(file.id)
             raise
-        self._record_staged(cart.id, file, download)
-        return StageOutcome(file.id)
+        return StageOutcome(file.id, download=download)
 
-    def _reserve_space(self, cart: Cart, file: File, size: Optional[int]) -> None:
+    def _reserve_space(self, cart: Cart, file: File, size: Optional[int], partial: Path) -> bool:
         """Make sure the volume has room for the file and for every download already in flight.
 
         Reservations are serialised in the database (one at a time across all workers) and
         recorded in the reservation table until the file is staged. When room is short and
         lru_purge is on, ready carts go in least-recently-used order until the file fits;
         otherwise NoSpace fails this file (and so its cart) and no other cart is touched.
+
+        Small files skip the database while the volume has a wide margin: all the small
+        downloads that can be in flight at once fit in SMALL_FILE_MARGIN. Returns whether a
+        reservation was recorded (and must be released).
         """
         wanted = disk_bytes(size or 0)
+        if (size or 0) <= SMALL_FILE and self.volume.free_bytes() >= wanted + SMALL_FILE_MARGIN:
+            return False
         evicted = 0
         for _ in range(MAX_EVICTIONS_PER_FILE):
-            with DB.atomic():
+            with database.connection(), DB.atomic():
                 database.serialize_writers()
                 needed = wanted + bytes_in_flight(file.id)
                 free = self.volume.free_bytes()
                 if needed <= free:
-                    reserve(cart.id, file.id, wanted)
-                    return
+                    reserve(cart.id, file.id, wanted, partial)
+                    return True
                 victim = evict_one(self.settings.lru_buffer_time) if self.settings.lru_purge else None
             if victim is None:
                 after = f' after evicting {evicted} carts' if evicted else ''
@@ -437,12 +469,11 @@ class CartService:
                            victim.cart_uid, victim.id, victim.updated_date, cart.cart_uid)
         raise NoSpace(f'No space left on the volume for {size} bytes after evicting {evicted} carts')
 
-    def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path) -> Download:
+    def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path, partial: Path,
+                           reserved: bool) -> Download:
         """Download until whole and matching: transient faults retried, a hash mismatch once."""
         mismatches = 0
         while True:
-            partial = self.volume.partial_path(cart.id, file.id)
-            track_partial(file.id, partial)
             try:
                 download = self.archive.with_retries(functools.partial(
                     self.archive.download, file.file_name, partial, str(file.hash_type), str(file.hash_value),
@@ -451,6 +482,9 @@ class CartService:
                 if mtime is not None:
                     os.utime(partial, (mtime, mtime))
                 os.replace(partial, final)
+                if reserved:  # its bytes are on disk now: count them once, as the final file
+                    with database.connection():
+                        track_partial(file.id, final)
                 return Download(download.size, mtime)
             except HashMismatch:
                 mismatches += 1
@@ -459,27 +493,43 @@ class CartService:
                 LOGGER.info('cart %s file %s: hash mismatch, downloading once more', cart.cart_uid, file.bundle_path)
             finally:
                 partial.unlink(missing_ok=True)
+            partial = self.volume.partial_path(cart.id, file.id)
+            if reserved:
+                with database.connection():
+                    track_partial(file.id, partial)
 
-    def _record_staged(self, cart_id: int, file: File, download: Download) -> None:
-        """Mark the file staged and count it, in one transaction; finish the cart if it was the last."""
+    def _record_staged(self, cart: Cart, outcomes: Sequence[StageOutcome]) -> None:
+        """Mark files staged and count them, in one transaction; finish the cart if they were the last.
+
+        Only files not already staged are counted, so a duplicated task never counts twice.
+        Raises CartGone (after cleaning up) when the cart stopped staging meanwhile.
+        """
+        by_id = {outcome.file_id: outcome for outcome in outcomes}
         try:
             with DB.atomic():
-                marked = (File.update(status=FileStatus.STAGED.value, size=download.size, mtime=download.mtime,
-                                      error='')
-                          .where((File.id == file.id) & (File.status != FileStatus.STAGED.value))
-                          .execute())
-                release(file.id)
-                if not marked:
-                    return  # a duplicate task got there first
-                counted = (Cart.update(files_staged=Cart.files_staged + 1, updated_date=now())
-                           .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES)))
+                fresh = [row.id for row in File.select(File.id).where(
+                    File.id.in_(list(by_id)) & (File.status != FileStatus.STAGED.value))]
+                rows = []
+                for file_id in fresh:
+                    download = by_id[file_id].download
+                    assert download is not None
+                    rows.append(File(id=file_id, status=FileStatus.STAGED.value, size=download.size,
+                                     mtime=download.mtime, error=''))
+                if rows:
+                    File.bulk_update(rows, fields=[File.status, File.size, File.mtime, File.error],
+                                     batch_size=INSERT_CHUNK)
+                release_files(list(by_id))
+                if not fresh:
+                    return  # duplicates of work already recorded
+                counted = (Cart.update(files_staged=Cart.files_staged + len(fresh), updated_date=now())
+                           .where((Cart.id == cart.id) & (Cart.status.in_(LIVE_STATUSES)))
                            .execute())
                 if not counted:
-                    raise CartGone(f'cart id {cart_id} is no longer staging')
+                    raise CartGone(f'cart id {cart.id} is no longer staging')
         except CartGone:
-            self._cleanup_if_deleted(cart_id)
+            self._cleanup_if_deleted(cart.id)
             raise
-        self._finish(cart_id)
+        self._finish(cart.id)
 
     def _cleanup_if_deleted(self, cart_id: int) -> None:
         cart = Cart.get_or_none(Cart.id == cart_id)
