@@ -44,6 +44,7 @@ setup(
             'uwsgi>=2.0.23',
             'pacifica-downloader>=0.4.1',
             'mypy>=1.10',
+            'schemathesis>=4.32',
             'ruff>=0.5',
             'setuptools<81',
         ],

@@ -29,10 +29,10 @@ FILE_SIZE = 600 * 1024
 
 @pytest.fixture
 def small_volume(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A 4 MiB tmpfs: room for about six 600 KiB files."""
+    """A 4400 KiB tmpfs: room for six 600 KiB files and one more in flight, not seven."""
     mount_point = tmp_path / 'volume'
     mount_point.mkdir()
-    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mount_point)],
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4400k', 'tmpfs', str(mount_point)],
                              capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f'cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}')
@@ -108,7 +108,7 @@ def test_no_eviction_when_lru_purge_is_off(tmp_path: pathlib.Path, small_volume:
     service, archive, queue = _service(tmp_path, small_volume, {}, LRU_PURGE='off')
     with database.connection():
         _cart(service, queue, archive, 'a', 3, age_minutes=600)
-        _cart(service, queue, archive, 'b', 4, age_minutes=600)
+        _cart(service, queue, archive, 'b', 5, age_minutes=600)
         state = service.status('b')
         assert state.status == 'error' and 'No space left on the volume' in state.message
         assert service.status('a').status == 'ready'

@@ -5,7 +5,7 @@ import datetime
 import functools
 import json
 import logging
-from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
 from urllib.parse import quote
 
 import cherrypy
@@ -91,6 +91,8 @@ def _read_json_body(limit: int) -> Any:
         return json.loads(raw.decode('utf-8'))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f'Invalid JSON document: {exc}') from exc
+    except RecursionError as exc:
+        raise BadRequest('Invalid JSON document: nested too deeply') from exc
 
 
 def _disposition(filename: str) -> str:
@@ -130,6 +132,15 @@ def _send(download: CartDownload, chunk_size: int) -> Iterator[bytes]:
     return download.body(start, end, chunk_size)
 
 
+def _split(path: Tuple[str, ...]) -> Tuple[Optional[str], Tuple[str, ...]]:
+    """The cart uid (first path segment) and any further segments.
+
+    Handlers take the path positionally and query parameters as **params, so a query
+    parameter named like an argument (`?uid=`, `?self=`) cannot collide with it.
+    """
+    return (path[0] if path else None), path[1:]
+
+
 class CartRoot:
     """`/` and `/<uid>`: create, poll, download and delete carts."""
 
@@ -145,9 +156,12 @@ class CartRoot:
         return self._service_factory()
 
     @translate_errors
-    def GET(self, uid: Optional[str] = None, *extra: str, filename: Optional[str] = None, **params: Any) -> Any:
+    def GET(self, /, *path: str, **params: Any) -> Any:
         """`GET /` says the service is up; `GET /<uid>[?filename=x.tar]` downloads a ready cart."""
-        del params
+        uid, extra = _split(path)
+        filename = params.get('filename')
+        if filename is not None and not isinstance(filename, str):
+            raise BadRequest('give the filename parameter once')
         if extra:
             raise cherrypy.HTTPError(404, 'The path {!r} was not found.'.format(cherrypy.request.path_info))
         if uid is None:
@@ -161,9 +175,10 @@ class CartRoot:
     GET._cp_config = {'response.stream': True}  # type: ignore[attr-defined]
 
     @translate_errors
-    def HEAD(self, uid: Optional[str] = None, *extra: str, **params: Any) -> None:
+    def HEAD(self, /, *path: str, **params: Any) -> None:
         """`HEAD /<uid>`: 204 with the cart's status and message in X-Pacifica headers."""
         del params
+        uid, extra = _split(path)
         if uid is None or extra:
             raise BadRequest('HEAD needs a cart uid: /<uid>')
         state = self.service.status(uid)
@@ -175,9 +190,10 @@ class CartRoot:
         cherrypy.response.status = 204
 
     @translate_errors
-    def POST(self, uid: Optional[str] = None, *extra: str, **params: Any) -> bytes:
+    def POST(self, /, *path: str, **params: Any) -> bytes:
         """`POST /<uid>` with {"fileids": [...]}: 201 once the cart is recorded and queued."""
         del params
+        uid, extra = _split(path)
         if uid is None:
             raise cherrypy.HTTPError(404, 'Missing parameters: uid')
         if extra:
@@ -188,9 +204,10 @@ class CartRoot:
         return json.dumps({'message': 'Cart Processing has begun'}).encode('utf-8')
 
     @translate_errors
-    def DELETE(self, uid: Optional[str] = None, *extra: str, **params: Any) -> bytes:
+    def DELETE(self, /, *path: str, **params: Any) -> bytes:
         """`DELETE /<uid>`: remove every cart with this uid, staging or not."""
         del params
+        uid, extra = _split(path)
         if uid is None or extra:
             raise cherrypy.HTTPError(404, 'Not Found')
         self.service.delete(uid)

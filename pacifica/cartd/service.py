@@ -49,6 +49,7 @@ LOGGER = logging.getLogger(__name__)
 LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
 HASH_TYPES = frozenset(name.lower() for name in hashlib.algorithms_available if not name.lower().startswith('shake'))
 INSERT_CHUNK = 200
+MAX_ARCHIVE_ID_CHARS = 255  # the published schema stores archive ids in VARCHAR(255)
 HEARTBEAT_S = 30.0
 FLUSH_FILES = 64  # staged files recorded per transaction at most
 FLUSH_SECONDS = 0.25  # and at least this often while files arrive
@@ -163,8 +164,11 @@ def parse_cart_request(body: Any) -> CartRequest:
     files: List[FileRequest] = []
     for index, entry in enumerate(body['fileids']):
         archive_id = str(entry['id'])
-        if not archive_id or any(ord(char) < 0x20 for char in archive_id):
+        if not archive_id or any(ord(char) < 0x20 or 0xD800 <= ord(char) <= 0xDFFF for char in archive_id):
             raise BadRequest(f'invalid cart request: fileids[{index}].id is empty or has control characters')
+        if len(archive_id) > MAX_ARCHIVE_ID_CHARS:
+            raise BadRequest(f'invalid cart request: fileids[{index}].id is longer than {MAX_ARCHIVE_ID_CHARS} '
+                             'characters')
         hash_type = entry['hashtype'].lower()
         if hash_type not in HASH_TYPES:
             raise BadRequest(f'invalid cart request: fileids[{index}].hashtype: '
@@ -189,15 +193,19 @@ def _cart_message(file: File, cause: str) -> str:
 
 
 class _Heartbeat:
-    """Called as bytes arrive; every HEARTBEAT_S it marks the cart alive, so a long download is not 'stalled'."""
+    """Called as bytes arrive; now and then it marks the cart alive, so a long download is not 'stalled'.
 
-    def __init__(self, cart_id: int) -> None:
+    The interval is HEARTBEAT_S, or a third of stall_timeout when that is shorter.
+    """
+
+    def __init__(self, cart_id: int, stall_timeout: float) -> None:
         self.cart_id = cart_id
+        self.interval = min(HEARTBEAT_S, stall_timeout / 3)
         self.last = time.monotonic()
 
     def __call__(self) -> None:
         moment = time.monotonic()
-        if moment - self.last >= HEARTBEAT_S:
+        if moment - self.last >= self.interval:
             self.last = moment
             with database.connection():
                 Cart.update(updated_date=now()).where(Cart.id == self.cart_id).execute()
@@ -458,12 +466,14 @@ class CartService:
                     reserve(cart.id, file.id, wanted, partial)
                     return True
                 victim = evict_one(self.settings.lru_buffer_time) if self.settings.lru_purge else None
+                if victim is not None:
+                    # Still holding the lock: the next reservation must see the bytes freed.
+                    self.volume.unlink_cart(victim.cart_uid, victim.id)
+                    self.volume.remove_cart(victim.id)
             if victim is None:
                 after = f' after evicting {evicted} carts' if evicted else ''
                 raise NoSpace(f'No space left on the volume for {size} bytes: {needed} bytes needed with the '
                               f'downloads in flight, {free} free{after}')
-            self.volume.unlink_cart(victim.cart_uid, victim.id)
-            self.volume.remove_cart(victim.id)
             evicted += 1
             LOGGER.warning('evicted cart %s (id %d, last used %s) to make room for cart %s',
                            victim.cart_uid, victim.id, victim.updated_date, cart.cart_uid)
@@ -477,7 +487,7 @@ class CartService:
             try:
                 download = self.archive.with_retries(functools.partial(
                     self.archive.download, file.file_name, partial, str(file.hash_type), str(file.hash_value),
-                    status.size, _Heartbeat(cart.id)))
+                    status.size, _Heartbeat(cart.id, self.settings.stall_timeout)))
                 mtime = status.mtime if status.mtime is not None else download.mtime
                 if mtime is not None:
                     os.utime(partial, (mtime, mtime))

@@ -22,6 +22,11 @@ BUNDLE_TASK = 'pacifica.cartd.tasks.bundle_cart'
 
 app = Celery('pacifica.cartd')
 
+# Publishing gives up after about a second when the broker is down (the cart's rows are
+# committed and the reconciler queues it later); ignore_result keeps send_task from
+# declaring a result queue, which would retry for ever.
+PUBLISH_RETRY = {'max_retries': 2, 'interval_start': 0.2, 'interval_step': 0.3, 'interval_max': 0.5}
+
 
 def celery_settings(settings: Settings) -> dict:
     """The Celery configuration the service runs with.
@@ -88,12 +93,13 @@ class CeleryTaskQueue:
                       tape_round: int = 0) -> str:
         """Queue staging of these files, optionally after a delay."""
         result = self.app.send_task(STAGE_TASK, args=(cart_id, list(file_ids), tape_round),
-                                    countdown=countdown or None)
+                                    countdown=countdown or None, ignore_result=True, retry_policy=PUBLISH_RETRY)
         return str(result.id)
 
     def enqueue_bundle(self, cart_id: int) -> str:
         """Queue the bundling of a cart."""
-        return str(self.app.send_task(BUNDLE_TASK, args=(cart_id,)).id)
+        return str(self.app.send_task(BUNDLE_TASK, args=(cart_id,), ignore_result=True,
+                                      retry_policy=PUBLISH_RETRY).id)
 
     def revoke(self, task_ids: Sequence[str]) -> None:
         """Tell the workers to drop these tasks if they have not run yet."""

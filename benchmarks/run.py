@@ -1,0 +1,880 @@
+#!/usr/bin/env python3
+"""Benchmark pacifica-cartd: the real archive interface, RabbitMQ-backed workers and the server, a set of
+workloads with every downloaded byte checked, the physical limits measured in the same run, and (with
+--compare-0.7.0) the published pacifica-cartd 0.7.0 on the same archive.
+
+Run it with the interpreter of the virtual environment the project is installed in, e.g.
+
+    .venv/bin/python benchmarks/run.py --compare-0.7.0
+
+See benchmarks/README.md for what each figure means.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / 'tests'))  # tests/support: the archive, stacks, venvs and databases
+
+from cartbench import client, limits  # noqa: E402
+from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, total_bytes  # noqa: E402
+from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes  # noqa: E402
+from cartbench.stacks import Nginx, OurStack, ReferenceStack, find_nginx  # noqa: E402
+from support.archive import ArchiveServer  # noqa: E402
+from support.broker import broker_available  # noqa: E402
+from support.databases import drop_database, fresh_database, server_available  # noqa: E402
+from support.venvs import reference_cart_venv  # noqa: E402
+
+WORKLOADS = ('small', 'many', 'large', 'concurrent', 'polling', 'memory')
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Sizes of every workload."""
+
+    small: Tuple[int, int]            # files, bytes each
+    many: Tuple[int, int]
+    large: Tuple[int, int]
+    big: Tuple[int, int]              # the memory workload's cart
+    concurrent: Tuple[int, int, int]  # carts, files per cart, bytes each
+    poll_seconds: float
+    floor_files: int                  # files for the archive's per-file floor
+
+
+SCALES = {
+    'full': Scale(small=(1000, 4 * KiB), many=(20000, KiB), large=(8, 256 * MiB), big=(16, 256 * MiB),
+                  concurrent=(20, 50, 64 * KiB), poll_seconds=5, floor_files=2000),
+    'small': Scale(small=(200, 4 * KiB), many=(2000, KiB), large=(8, 16 * MiB), big=(16, 16 * MiB),
+                   concurrent=(20, 10, 64 * KiB), poll_seconds=2, floor_files=500),
+}
+
+
+def log(text: str) -> None:
+    """Progress on stderr; the figures go to stdout."""
+    print(f'# {datetime.datetime.now():%H:%M:%S} {text}', file=sys.stderr, flush=True)
+
+
+def secs(value: float) -> str:
+    """A duration for the report."""
+    return f'{value:.2f} s' if value < 10 else f'{value:.1f} s'
+
+
+def mb(value: float) -> str:
+    """A byte count in MB (10^6)."""
+    return f'{value / 1e6:,.0f} MB'
+
+
+def size_text(nbytes: int) -> str:
+    """1 KiB, 256 MiB, 4.0 GiB."""
+    if nbytes >= 1 << 30:
+        return f'{nbytes / (1 << 30):.1f} GiB'
+    if nbytes >= MiB:
+        return f'{nbytes // MiB} MiB'
+    return f'{nbytes // KiB} KiB'
+
+
+def ratio(slow: Optional[float], fast: Optional[float], more: bool = False) -> str:
+    """'16.3x' (how many times faster ours is); '>' when the slow side hit its deadline."""
+    if not slow or not fast:
+        return '-'
+    return f'{">" if more else ""}{slow / fast:.1f}x'
+
+
+class Report:
+    """Collects one line per workload (stdout) and the rows of the Markdown table."""
+
+    def __init__(self) -> None:
+        """Start empty."""
+        self.lines: List[str] = []
+        self.cpu: List[str] = []
+        self.rows: List[Tuple[str, str, str, str, str, str]] = []
+        self.failed = False
+
+    def line(self, name: str, text: str) -> None:
+        """Print and keep one workload's line."""
+        entry = f'{name:<11} {text}'
+        self.lines.append(entry)
+        print(entry, flush=True)
+        for note in self.cpu:
+            print(note, flush=True)
+        self.cpu = []
+
+    def row(self, workload: str, figure: str, ours: str, ref: str, times: str, limit: str) -> None:
+        """One row of the Markdown table."""
+        self.rows.append((workload, figure, ours, ref, times, limit))
+
+    def markdown(self, compare: bool) -> str:
+        """The table for the README."""
+        head = ['workload', 'figure', 'ours'] + (['0.7.0', 'ours vs 0.7.0'] if compare else []) + \
+            ['limit measured in the same run']
+        out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        for workload, figure, ours, ref, times, limit in self.rows:
+            cells = [workload, figure, ours] + ([ref, times] if compare else []) + [limit]
+            out.append('| ' + ' | '.join(cells) + ' |')
+        return '\n'.join(out)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one side did in one workload."""
+
+    ready: Optional[float] = None       # seconds from POST to ready (or all ready)
+    done: Optional[float] = None        # seconds from POST to the last byte of the download
+    mb_per_s: Optional[float] = None    # download rate
+    staged: Optional[int] = None        # files staged when the deadline passed
+    deadline: Optional[float] = None    # the deadline that passed
+    error: str = ''
+    check: str = ''                     # '' when every byte matched
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        """Finished and checked."""
+        return not self.error and not self.check and self.deadline is None
+
+
+class Bench:
+    """One run: the archive, the data, our stack, optionally 0.7.0's, nginx, and the workloads."""
+
+    def __init__(self, args: argparse.Namespace, base: pathlib.Path, cleanup: contextlib.ExitStack) -> None:
+        """Remember the options; start nothing yet."""
+        self.args = args
+        self.base = base
+        self.cleanup = cleanup
+        self.scale = SCALES[args.scale]
+        self.report = Report()
+        self.archive: Optional[ArchiveServer] = None
+        self.sides: List[Any] = []
+        self.nginx: Optional[Nginx] = None
+        self.sets: Dict[str, List[ArchiveFile]] = {}
+        self.floor: Optional[Tuple[float, int]] = None
+        self.nginx_rate: Optional[Tuple[limits.Rate, limits.Rate]] = None
+        self.large_outcomes: Optional[Tuple[Outcome, Optional[Outcome]]] = None
+
+    # ---- set-up ----------------------------------------------------------------------
+
+    def check_disk(self, workloads: Sequence[str]) -> None:
+        """Refuse to start without room for the archive plus the largest cart (carts are removed after use)."""
+        scale = self.scale
+        archive = scale.small[0] * max(scale.small[1], 4096) + scale.many[0] * 4096 + \
+            scale.concurrent[0] * scale.concurrent[1] * scale.concurrent[2]
+        biggest = scale.small[0] * 4096
+        if 'large' in workloads or 'memory' in workloads:
+            archive += scale.large[0] * scale.large[1]
+            biggest = max(biggest, scale.large[0] * scale.large[1])
+        if 'memory' in workloads:
+            archive += (scale.big[0] - scale.large[0]) * scale.big[1]
+            biggest = max(biggest, scale.big[0] * scale.big[1])
+        need = archive + int(biggest * 1.1) + (1 << 30)
+        free = shutil.disk_usage(self.base).free
+        log(f'disk: {free / (1 << 30):.1f} GiB free under {self.base}, about {need / (1 << 30):.1f} GiB needed')
+        if free < need:
+            raise SystemExit(f'not enough disk space under {self.base}: {free / (1 << 30):.1f} GiB free, '
+                             f'{need / (1 << 30):.1f} GiB needed (use --scale small or --tmpdir)')
+
+    def start_archive(self) -> ArchiveServer:
+        """The real archive interface, gunicorn with 4 sync workers."""
+        archive = ArchiveServer(self.base / 'archive', workers=self.args.archive_workers)
+        self.cleanup.callback(archive.stop)
+        log(f'starting the archive interface ({self.args.archive_workers} gunicorn workers)')
+        archive.start()
+        self.archive = archive
+        return archive
+
+    def make_data(self, workloads: Sequence[str]) -> None:
+        """Write the files of the chosen workloads into the archive."""
+        assert self.archive is not None
+        writer = DataWriter(self.archive.root, self.args.hashtype)
+        scale = self.scale
+        started = time.monotonic()
+        if 'small' in workloads:
+            self.sets['small'] = writer.small_files('s', *scale.small)
+        if 'many' in workloads or not self.args.no_limits:
+            count = scale.many[0] if 'many' in workloads else scale.floor_files
+            self.sets['many'] = writer.small_files('m', count, scale.many[1])
+        if 'large' in workloads or 'memory' in workloads:
+            self.sets['large'] = writer.large_files('L', *scale.large)
+        if 'memory' in workloads:
+            more = writer.large_files('L', scale.big[0] - scale.large[0], scale.big[1], start=scale.large[0])
+            self.sets['big'] = self.sets['large'] + more
+        if 'concurrent' in workloads:
+            carts, per_cart, size = scale.concurrent
+            files = writer.small_files('c', carts * per_cart, size)
+            self.sets['concurrent'] = files
+        if 'polling' in workloads:
+            self.sets['polling'] = writer.small_files('p', 10, 4 * KiB)
+        total = sum(total_bytes(files) for name, files in self.sets.items() if name != 'big')
+        total += total_bytes(self.sets.get('big', [])[scale.large[0]:])
+        log(f'wrote {total / 1e6:,.0f} MB into the archive in {time.monotonic() - started:.1f} s')
+
+    def start_ours(self) -> OurStack:
+        """Our cart: CartStack with the chosen database and worker layout."""
+        assert self.archive is not None
+        args = self.args
+        base = self.base / 'ours'
+        base.mkdir()
+        url = fresh_database(args.database, base)
+        self.cleanup.callback(drop_database, args.database, url)
+        overrides: Dict[str, Dict[str, str]] = {}
+        for item in args.set:
+            key, _, value = item.partition('=')
+            section, _, name = key.partition('.')
+            overrides.setdefault(section, {})[name] = value
+        stack = OurStack(base, self.archive, url, args.workers, args.concurrency, args.server_threads, overrides)
+        self.cleanup.callback(stack.stop)
+        log(f'starting our cart ({args.database}, {args.workers} worker(s) x concurrency {args.concurrency})')
+        stack.start()
+        return stack
+
+    def start_reference(self) -> ReferenceStack:
+        """The published 0.7.0 from its own venv, on MariaDB and its own vhost."""
+        assert self.archive is not None
+        args = self.args
+        if not shutil.which('rabbitmqctl'):
+            raise SystemExit('--compare-0.7.0 needs rabbitmqctl to give 0.7.0 a vhost of its own '
+                             '(0.7.0 always uses the queue "celery")')
+        if not server_available('mysql'):
+            raise SystemExit('--compare-0.7.0 needs MariaDB on 127.0.0.1:3306 (0.7.0 stalls on SQLite)')
+        log('preparing the 0.7.0 virtual environment (cached)')
+        bin_dir = reference_cart_venv()
+        base = self.base / 'ref'
+        base.mkdir()
+        url = fresh_database('mysql', base)
+        self.cleanup.callback(drop_database, 'mysql', url)
+        stack = ReferenceStack(base, self.archive, bin_dir, url, args.workers, args.concurrency,
+                               args.server_threads)
+        self.cleanup.callback(stack.stop)
+        log(f'starting 0.7.0 (MariaDB, vhost {stack.vhost}, {args.workers} worker(s) x concurrency '
+            f'{args.concurrency})')
+        stack.start()
+        return stack
+
+    def start_nginx(self) -> Optional[Nginx]:
+        """nginx over the archive directory, for the download limit."""
+        assert self.archive is not None
+        binary = find_nginx(install=not self.args.no_install)
+        if binary is None:
+            log('nginx not found: the download limit is skipped')
+            return None
+        server = Nginx(binary, self.archive.root, self.base / 'nginx')
+        self.cleanup.callback(server.stop)
+        server.start()
+        self.nginx = server
+        return server
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def uid(self, workload: str, side: Any) -> str:
+        """A fresh cart uid."""
+        return f'bench-{workload}-{"ours" if side.label == "ours" else "ref"}-{uuid.uuid4().hex[:8]}'
+
+    def cpu_roots(self, side: Any) -> Dict[str, int]:
+        """The process trees whose CPU time is split out: archive, server, workers."""
+        assert self.archive is not None and self.archive.process is not None
+        return {'archive': self.archive.process.pid, **side.pids()}
+
+    def cpu_note(self, side: Any, workload: str, phase: str, used: Dict[str, float], files: int) -> None:
+        """Print where the CPU went in one phase (a '#' line under the figures)."""
+        order = ('worker', 'server', 'archive', 'client')
+        text = ', '.join(f'{label} {used.get(label, 0.0):.1f} s' for label in order)
+        per_file = ''
+        if files > 1:
+            per_file = ' = per file ' + ', '.join(f'{label} {used.get(label, 0.0) / files * 1000:.2f} ms'
+                                                   for label in order)
+        self.report.cpu.append(f'#   {side.label} {workload} {phase} CPU: {text}{per_file}')
+
+    def settle(self) -> None:
+        """Let memory freed by the previous cart go back to its resting state before a write-heavy cart.
+
+        Some virtual machines hand freed memory back to their host within seconds and pay
+        dearly to touch it again; without this pause whichever cart runs second would find
+        warm memory left by the first.
+        """
+        if self.args.settle:
+            time.sleep(self.args.settle)
+
+    def deadline(self, side: Any) -> float:
+        """How long a side's cart may take."""
+        return self.args.deadline if side.label == 'ours' else self.args.ref_deadline
+
+    def one_cart(self, workload: str, side: Any, files: Sequence[ArchiveFile],
+                 sampler_roots: Optional[Dict[str, int]] = None, settle: bool = False) -> Outcome:
+        """POST one cart, wait for ready, download it checking every byte, free the volume."""
+        outcome = Outcome()
+        if settle:
+            self.settle()
+        uid = self.uid(workload, side)
+        sampler = RssSampler(sampler_roots or {}) if sampler_roots else None
+        try:
+            with sampler or contextlib.nullcontext():
+                roots = self.cpu_roots(side)
+                cpu_start = cpu_snapshot(roots)
+                start = time.monotonic()
+                client.post_cart(side.url, uid, files, self.args.hashtype)
+                try:
+                    ready_at = client.wait_ready(side.url, [uid], self.deadline(side))
+                except client.Deadline:
+                    outcome.deadline = self.deadline(side)
+                    outcome.staged = side.staged_count(uid)
+                    log(f'{side.label} {workload}: not ready after {outcome.deadline:g} s '
+                        f'({outcome.staged} of {len(files)} files staged)')
+                    if isinstance(side, ReferenceStack):
+                        side.reset()
+                    return outcome
+                outcome.ready = ready_at[uid] - start
+                cpu_ready = cpu_snapshot(roots)
+                checked = client.download_and_check(side.url, uid, expected(files), self.args.hashtype,
+                                                    reader=self.args.tar_reader, timeout=600)
+                outcome.done = time.monotonic() - start
+                self.cpu_note(side, workload, 'staging', cpu_delta(cpu_start, cpu_ready), len(files))
+                self.cpu_note(side, workload, 'download', cpu_delta(cpu_ready, cpu_snapshot(roots)), 0)
+                outcome.mb_per_s = checked.mb_per_s
+                outcome.extra['download_s'] = checked.seconds
+                outcome.extra['tar_bytes'] = checked.tar_bytes
+                if not checked.ok:
+                    outcome.check = '; '.join(checked.problems[:3])
+        except client.BenchError as exc:
+            outcome.error = str(exc)
+        finally:
+            side.after_workload([uid])
+        if sampler is not None:
+            outcome.extra['rss'] = sampler
+        self.note(side, workload, outcome)
+        return outcome
+
+    def note(self, side: Any, workload: str, outcome: Outcome) -> None:
+        """Log a side's result and remember failures."""
+        if outcome.error or outcome.check:
+            self.report.failed = True
+            log(f'{side.label} {workload} FAILED: {outcome.error or "CHECK " + outcome.check}')
+            log(side.logs())
+        else:
+            log(f'{side.label} {workload}: ready {outcome.ready}, done {outcome.done}')
+
+    def each_side(self, run: Callable[[Any], Outcome]) -> Tuple[Outcome, Optional[Outcome]]:
+        """Run a workload on our cart, then on 0.7.0 if compared."""
+        ours = run(self.sides[0])
+        ref = run(self.sides[1]) if len(self.sides) > 1 else None
+        return ours, ref
+
+    @staticmethod
+    def describe(outcome: Optional[Outcome], text: Callable[[Outcome], str], total_files: int = 0) -> str:
+        """An outcome in words: the figures, or why there are none."""
+        if outcome is None:
+            return ''
+        if outcome.error:
+            return f'FAILED ({outcome.error[:120]})'
+        if outcome.check:
+            return f'CHECK FAILED ({outcome.check[:120]})'
+        if outcome.deadline is not None:
+            staged = '' if outcome.staged is None else f', {outcome.staged:,} of {total_files:,} files staged'
+            return f'not ready after {outcome.deadline:g} s{staged}'
+        return text(outcome)
+
+    def emit(self, name: str, ours: Outcome, ref: Optional[Outcome], ours_text: Callable[[Outcome], str],
+             times: str, limit: str, total_files: int = 0) -> None:
+        """Print the workload's line."""
+        parts = ['ours ' + self.describe(ours, ours_text, total_files)]
+        if ref is not None:
+            parts.append('0.7.0 ' + self.describe(ref, ours_text, total_files))
+            parts.append(f'ratio {times}')
+        if limit:
+            parts.append(limit)
+        self.report.line(name, ' | '.join(parts))
+
+    # ---- the workloads ---------------------------------------------------------------
+
+    def floor_fetch(self, files: Sequence[ArchiveFile], threads: int, head: bool = True) -> float:
+        """HEAD+GET+hash of these files straight from the archive."""
+        assert self.archive is not None
+        return limits.fetch_files(self.archive.url, files, threads, self.args.hashtype, head=head)
+
+    def w_small(self) -> None:
+        """1,000 files of 4 KiB: POST to ready, and to the last byte."""
+        files = self.sets['small']
+        floor = None if self.args.no_limits else self.floor_fetch(files, self.args.floor_threads)
+        ours, ref = self.each_side(lambda side: self.one_cart('small', side, files))
+        both = ref is not None and ours.usable and ref.usable
+        times = (f'{ratio(ref.ready, ours.ready)} / {ratio(ref.done, ours.done)}' if both and ref else '-')
+        limit = '' if floor is None else \
+            f'floor {secs(floor)} (HEAD+GET+{self.args.hashtype} of the files, {self.args.floor_threads} threads)'
+        self.emit('small', ours, ref, lambda o: f'{secs(o.ready or 0)} ready / {secs(o.done or 0)} download',
+                  times, limit, len(files))
+        label = f'{len(files):,} x {size_text(files[0].size)}'
+        self.row('small', f'{label}: POST to ready', ours, ref, lambda o: secs(o.ready or 0),
+                 'ready', '' if floor is None else f'{secs(floor)} (HEAD+GET+hash)')
+        self.row('small', f'{label}: POST to last byte', ours, ref, lambda o: secs(o.done or 0), 'done', '')
+
+    def per_file_floor(self) -> Optional[Tuple[float, int]]:
+        """The archive's per-file floor, HEAD+GET with sessions, best of 4 and 8 threads: (s per file, threads)."""
+        if self.floor is not None or 'many' not in self.sets:
+            return self.floor
+        files = self.sets['many'][:self.scale.floor_files]
+        best: Optional[Tuple[float, int]] = None
+        for threads in (4, 8):
+            seconds = self.floor_fetch(files, threads)
+            per_file = seconds / len(files)
+            log(f'archive per-file floor, {threads} threads: {per_file * 1000:.2f} ms/file')
+            if best is None or per_file < best[0]:
+                best = (per_file, threads)
+        self.floor = best
+        return best
+
+    def w_many(self) -> None:
+        """20,000 files of 1 KiB."""
+        files = self.sets['many']
+        floor = None if self.args.no_limits else self.per_file_floor()
+        ours, ref = self.each_side(lambda side: self.one_cart('many', side, files))
+        more = ref is not None and ref.deadline is not None
+        times = '-'
+        if ref is not None and ours.usable and ref.usable:
+            times = f'{ratio(ref.ready, ours.ready)} / {ratio(ref.done, ours.done)}'
+        elif ref is not None and more and ours.usable:
+            times = ratio(ref.deadline, ours.ready, more=True)
+        limit = '' if floor is None else \
+            f'floor {secs(floor[0] * len(files))} ({floor[0] * 1000:.2f} ms/file x {len(files):,}, HEAD+GET)'
+        self.emit('many', ours, ref, lambda o: f'{secs(o.ready or 0)} ready / {secs(o.done or 0)} download',
+                  times, limit, len(files))
+        label = f'{len(files):,} x {size_text(files[0].size)}'
+        self.row('many', f'{label}: POST to ready', ours, ref, lambda o: secs(o.ready or 0), 'ready',
+                 '' if floor is None else f'{secs(floor[0] * len(files))} (HEAD+GET per file)', len(files))
+        self.row('many', f'{label}: POST to last byte', ours, ref, lambda o: secs(o.done or 0), 'done', '',
+                 len(files))
+
+    def w_large(self) -> None:
+        """8 files of 256 MiB: POST to ready and the download rate; RSS sampled throughout."""
+        files = self.sets['large']
+        floor = None if self.args.no_limits else self.floor_fetch(files, len(files))
+        rate = rate_hashed = None
+        if self.nginx is not None and not self.args.no_limits:
+            rate = limits.sequential_download(self.nginx.url, files)
+            rate_hashed = limits.sequential_download(self.nginx.url, files, self.args.hashtype)
+            self.nginx_rate = (rate, rate_hashed)
+        write = None
+        if not self.args.no_limits:
+            self.settle()
+            write = limits.page_cache_write(self.base / 'scratch', len(files), files[0].size)
+        ours, ref = self.each_side(lambda side: self.one_cart('large', side, files, sampler_roots=side.pids(),
+                                                              settle=True))
+        self.large_outcomes = (ours, ref)
+        times = '-'
+        if ref is not None and ours.usable and ref.usable:
+            times = f'{ratio(ref.ready, ours.ready)} / {ratio(ours.mb_per_s, ref.mb_per_s)}'
+        limit_parts = []
+        if floor is not None:
+            limit_parts.append(f'floor {secs(floor)} stage ({len(files)} parallel GETs+{self.args.hashtype})')
+        if write is not None:
+            limit_parts.append(f'writing the bytes to the page cache {secs(write.seconds)} '
+                               f'({write.cpu_seconds:.1f} CPU-s)')
+        if rate is not None and rate_hashed is not None:
+            limit_parts.append(f'nginx sendfile {rate.mb_per_s:,.0f} MB/s ({rate_hashed.mb_per_s:,.0f} MB/s '
+                               f'with {self.args.hashtype} on the client)')
+        self.emit('large', ours, ref, lambda o: f'{secs(o.ready or 0)} ready, {o.mb_per_s or 0:,.0f} MB/s download',
+                  times, ', '.join(limit_parts), len(files))
+        label = f'{len(files)} x {size_text(files[0].size)}'
+        self.row('large', f'{label}: POST to ready', ours, ref, lambda o: secs(o.ready or 0), 'ready',
+                 '' if floor is None else f'{secs(floor)} (parallel GETs + hash)'
+                 + ('' if write is None else f'; writing the bytes {secs(write.seconds)}, '
+                                             f'{write.cpu_seconds:.1f} CPU-s'))
+        self.row('large', f'{label}: download', ours, ref, lambda o: f'{o.mb_per_s or 0:,.0f} MB/s', 'rate',
+                 '' if rate is None or rate_hashed is None else
+                 f'{rate.mb_per_s:,.0f} MB/s nginx sendfile, {rate_hashed.mb_per_s:,.0f} MB/s with client hash')
+
+    def w_concurrent(self) -> None:
+        """20 carts of 50 files of 64 KiB posted at once: time until all are ready."""
+        files = self.sets['concurrent']
+        carts, per_cart, _ = self.scale.concurrent
+        groups = [files[index * per_cart:(index + 1) * per_cart] for index in range(carts)]
+        floor = None if self.args.no_limits else self.floor_fetch(files, self.args.floor_threads)
+
+        def run(side: Any) -> Outcome:
+            outcome = Outcome()
+            uids = [self.uid('concurrent', side) for _ in groups]
+            barrier = threading.Barrier(carts + 1)
+
+            def post(index: int) -> int:
+                barrier.wait()
+                return client.post_cart(side.url, uids[index], groups[index], self.args.hashtype, resets=2)
+
+            try:
+                roots = self.cpu_roots(side)
+                cpu_start = cpu_snapshot(roots)
+                with concurrent.futures.ThreadPoolExecutor(max_workers=carts) as pool:
+                    futures = [pool.submit(post, index) for index in range(carts)]
+                    start = time.monotonic()
+                    barrier.wait()
+                    outcome.extra['resets'] = sum(future.result() for future in futures)
+                try:
+                    ready_at = client.wait_ready(side.url, uids, self.deadline(side))
+                except client.Deadline:
+                    outcome.deadline = self.deadline(side)
+                    outcome.staged = sum(side.staged_count(uid) or 0 for uid in uids) \
+                        if isinstance(side, ReferenceStack) else None
+                    if isinstance(side, ReferenceStack):
+                        side.reset()
+                    return outcome
+                outcome.ready = max(ready_at.values()) - start
+                outcome.extra['first'] = min(ready_at.values()) - start
+                self.cpu_note(side, 'concurrent', 'staging', cpu_delta(cpu_start, cpu_snapshot(roots)), len(files))
+                problems = []
+                for uid, group in zip(uids, groups, strict=True):
+                    checked = client.download_and_check(side.url, uid, expected(group), self.args.hashtype,
+                                                        reader=self.args.tar_reader)
+                    problems.extend(checked.problems)
+                outcome.check = '; '.join(problems[:3])
+            except client.BenchError as exc:
+                outcome.error = str(exc)
+            finally:
+                side.after_workload(uids)
+            self.note(side, 'concurrent', outcome)
+            return outcome
+
+        ours, ref = self.each_side(run)
+        times = ratio(ref.ready, ours.ready) if ref is not None and ours.usable and ref.usable else '-'
+        if ref is not None and ref.deadline is not None and ours.usable:
+            times = ratio(ref.deadline, ours.ready, more=True)
+        limit = '' if floor is None else \
+            f'floor {secs(floor)} (HEAD+GET+{self.args.hashtype} of all {len(files):,} files, ' \
+            f'{self.args.floor_threads} threads)'
+        self.emit('concurrent', ours, ref,
+                  lambda o: f'{secs(o.ready or 0)} all {carts} ready (first {secs(o.extra.get("first", 0))}'
+                            + (f'; {o.extra["resets"]} POSTs reset by the server and sent again'
+                               if o.extra.get('resets') else '') + ')',
+                  times, limit, len(files))
+        self.row('concurrent', f'{carts} carts x {per_cart} x {size_text(files[0].size)} at once: all ready',
+                 ours, ref, lambda o: secs(o.ready or 0), 'ready',
+                 '' if floor is None else f'{secs(floor)} (HEAD+GET+hash)', len(files))
+
+    def w_polling(self) -> None:
+        """HEAD on a ready cart from 16 threads."""
+        files = self.sets['polling']
+        threads, seconds = self.args.poll_threads, self.args.poll_seconds or self.scale.poll_seconds
+        ceiling = None
+        if self.nginx is not None and not self.args.no_limits:
+            ceiling = limits.head_rate(self.nginx.url + files[0].archive_id, threads, seconds)
+
+        def run(side: Any) -> Outcome:
+            outcome = Outcome()
+            uid = self.uid('polling', side)
+            try:
+                client.post_cart(side.url, uid, files, self.args.hashtype)
+                client.wait_ready(side.url, [uid], self.deadline(side))
+                roots = self.cpu_roots(side)
+                cpu_start = cpu_snapshot(roots)
+                measured = limits.head_rate(f'{side.url}/{uid}', threads, seconds, want_status='ready')
+                used = cpu_delta(cpu_start, cpu_snapshot(roots))
+                self.cpu_note(side, 'polling', 'HEADs', used, 0)
+                outcome.extra['server_cpu_per_head_ms'] = used.get('server', 0.0) / max(measured.requests, 1) * 1000
+                outcome.extra['rate'] = measured
+                if measured.errors:
+                    outcome.error = f'{measured.errors} HEAD answers were not 204 ready'
+            except client.BenchError as exc:
+                outcome.error = str(exc)
+            finally:
+                side.after_workload([uid])
+            self.note(side, 'polling', outcome)
+            return outcome
+
+        ours, ref = self.each_side(run)
+
+        def text(outcome: Outcome) -> str:
+            rate = outcome.extra['rate']
+            return f'{rate.per_s:,.0f} HEAD/s, p50 {rate.p50_ms:.1f} ms, p99 {rate.p99_ms:.1f} ms'
+
+        times = '-'
+        if ref is not None and ours.usable and ref.usable:
+            times = ratio(ours.extra['rate'].per_s, ref.extra['rate'].per_s)
+        limit = '' if ceiling is None else \
+            f'client limit {ceiling.per_s:,.0f} HEAD/s, p50 {ceiling.p50_ms:.1f} ms (the same client on nginx)'
+        self.emit('polling', ours, ref, text, times, limit)
+        self.row('polling', f'HEAD on a ready cart, {threads} threads', ours, ref,
+                 lambda o: f'{o.extra["rate"].per_s:,.0f}/s (p50 {o.extra["rate"].p50_ms:.1f} ms)', 'rate',
+                 '' if ceiling is None else f'{ceiling.per_s:,.0f}/s (same client, nginx)')
+
+    def w_memory(self) -> None:
+        """Peak RSS during `large`, and the server's RSS growth while a 4 GiB cart downloads."""
+        files = self.sets['big']
+        large = self.large_outcomes
+
+        def run(side: Any) -> Outcome:
+            outcome = Outcome()
+            uid = self.uid('memory', side)
+            self.settle()
+            try:
+                start = time.monotonic()
+                client.post_cart(side.url, uid, files, self.args.hashtype)
+                ready_at = client.wait_ready(side.url, [uid], max(self.deadline(side), 600))
+                outcome.ready = ready_at[uid] - start
+                assert side.server is not None
+                before = rss_bytes(side.server.pid) or 0
+                roots = self.cpu_roots(side)
+                cpu_ready = cpu_snapshot(roots)
+                with RssSampler({'server': side.server.pid}) as sampler:
+                    checked = client.download_and_check(side.url, uid, expected(files), self.args.hashtype,
+                                                        reader=self.args.tar_reader, timeout=600)
+                self.cpu_note(side, 'memory', 'download', cpu_delta(cpu_ready, cpu_snapshot(roots)), 0)
+                peaks = sampler.peaks['server']
+                outcome.mb_per_s = checked.mb_per_s
+                outcome.extra.update(before=before, peak=peaks.peak_sum, after=peaks.last_root,
+                                     bytes=checked.tar_bytes)
+                if not checked.ok:
+                    outcome.check = '; '.join(checked.problems[:3])
+            except client.BenchError as exc:
+                outcome.error = str(exc)
+            finally:
+                side.after_workload([uid])
+            self.note(side, 'memory', outcome)
+            return outcome
+
+        ours, ref = self.each_side(run)
+        during = {'ours': large[0] if large else None, '0.7.0': large[1] if large else None}
+
+        def text_for(label: str) -> Callable[[Outcome], str]:
+            def text(outcome: Outcome) -> str:
+                parts = []
+                large_outcome = during[label]
+                if large_outcome is not None and 'rss' in large_outcome.extra:
+                    sampler = large_outcome.extra['rss']
+                    workers = tuple(name for name in sampler.peaks if name.startswith('worker'))
+                    per_process, total = sampler.summary(workers)
+                    parts.append(f'during large: server {mb(sampler.peaks["server"].peak_sum)}, '
+                                 f'workers {mb(per_process)} per process / {mb(total)} all')
+                growth = outcome.extra['peak'] - outcome.extra['before']
+                parts.append(f'{size_text(outcome.extra["bytes"])} cart: ready {secs(outcome.ready or 0)}, '
+                             f'{outcome.mb_per_s or 0:,.0f} MB/s, server {mb(outcome.extra["before"])} -> peak '
+                             f'{mb(outcome.extra["peak"])} ({growth / 1e6:+,.0f} MB)')
+                return '; '.join(parts)
+            return text
+
+        line = ['ours ' + self.describe(ours, text_for('ours'))]
+        if ref is not None:
+            line.append('0.7.0 ' + self.describe(ref, text_for('0.7.0')))
+        self.report.line('memory', ' | '.join(line))
+
+        def rss_cell(label: str, which: str) -> Callable[[Outcome], str]:
+            def cell(outcome: Outcome) -> str:
+                large_outcome = during[label]
+                if large_outcome is None or 'rss' not in large_outcome.extra:
+                    return '-'
+                sampler = large_outcome.extra['rss']
+                workers = tuple(name for name in sampler.peaks if name.startswith('worker'))
+                per_process, total = sampler.summary(workers)
+                if which == 'server':
+                    return mb(sampler.peaks['server'].peak_sum)
+                return f'{mb(per_process)} per process, {mb(total)} all'
+            return cell
+
+        for which, figure in (('server', 'peak RSS of the server during large'),
+                              ('workers', 'peak RSS of the workers during large')):
+            self.rows_two('memory', figure, ours, ref, rss_cell('ours', which), rss_cell('0.7.0', which))
+        self.row('memory', f'{size_text(total_bytes(files))} cart: server RSS growth during the download', ours, ref,
+                 lambda o: f'{(o.extra["peak"] - o.extra["before"]) / 1e6:+,.0f} MB '
+                           f'({mb(o.extra["before"])} -> {mb(o.extra["peak"])})', '', '')
+        self.row('memory', f'{size_text(total_bytes(files))} cart: POST to ready / download', ours, ref,
+                 lambda o: f'{secs(o.ready or 0)} / {o.mb_per_s or 0:,.0f} MB/s', '', '')
+
+    # ---- the table -------------------------------------------------------------------
+
+    def row(self, workload: str, figure: str, ours: Outcome, ref: Optional[Outcome], cell: Callable[[Outcome], str],
+            kind: str, limit: str, total_files: int = 0) -> None:
+        """Add a table row; `kind` says how to compare (ready/done: times, rate: rates, '': no ratio)."""
+        ours_cell = self.describe(ours, cell, total_files)
+        ref_cell = self.describe(ref, cell, total_files) if ref is not None else ''
+        times = '-'
+        if ref is not None and ours.usable:
+            if ref.usable and kind in ('ready', 'done'):
+                times = ratio(getattr(ref, kind), getattr(ours, kind)) + ' faster'
+            elif ref.usable and kind == 'rate' and 'rate' in ours.extra:
+                times = ratio(ours.extra['rate'].per_s, ref.extra['rate'].per_s) + ' more'
+            elif ref.usable and kind == 'rate':
+                times = ratio(ours.mb_per_s, ref.mb_per_s) + ' faster'
+            elif ref.deadline is not None and kind in ('ready', 'done'):
+                times = ratio(ref.deadline, getattr(ours, kind), more=True) + ' faster'
+        self.report.row(workload, figure, ours_cell, ref_cell, times, limit)
+
+    def rows_two(self, workload: str, figure: str, ours: Outcome, ref: Optional[Outcome],
+                 ours_cell: Callable[[Outcome], str], ref_cell: Callable[[Outcome], str]) -> None:
+        """A row whose cells come from different functions per side."""
+        self.report.row(workload, figure, self.describe(ours, ours_cell),
+                        self.describe(ref, ref_cell) if ref is not None else '', '-', '')
+
+    def w_limits(self) -> None:
+        """The limits that belong to no single workload."""
+        parts = []
+        floor = self.per_file_floor()
+        if floor is not None:
+            parts.append(f'archive per-file floor {floor[0] * 1000:.2f} ms/file (HEAD+GET, sessions, '
+                         f'best of 4/8 threads: {floor[1]})')
+            self.report.row('limits', 'archive per-file floor (HEAD+GET, keep-alive, 4-8 threads)',
+                            f'{floor[0] * 1000:.2f} ms/file', '', '', '')
+        nginx = self.nginx_rate
+        if nginx is not None:
+            parts.append(f'nginx sendfile one stream {nginx[0].mb_per_s:,.0f} MB/s, '
+                         f'{nginx[1].mb_per_s:,.0f} MB/s with {self.args.hashtype} on the client')
+        if parts:
+            self.report.line('limits', ' | '.join(parts))
+
+    # ---- the run ---------------------------------------------------------------------
+
+    def run(self, workloads: Sequence[str]) -> int:
+        """Bring everything up, run the workloads one at a time, print the figures."""
+        self.check_disk(workloads)
+        if self.args.wait_idle:
+            wait_idle(self.args.wait_idle)
+        self.start_archive()
+        self.make_data(workloads)
+        self.sides.append(self.start_ours())
+        if self.args.compare:
+            self.sides.append(self.start_reference())
+        if not self.args.no_limits and ({'large', 'polling'} & set(workloads)):
+            self.start_nginx()
+        print(self.header(workloads), flush=True)
+        foreign: List[str] = []
+        for name in WORKLOADS:
+            if name in workloads:
+                log(f'workload {name}')
+                watch = CpuWatch()
+                getattr(self, f'w_{name}')()
+                wall, own, other = watch.since()
+                share = other / wall / (os.cpu_count() or 1) * 100 if wall else 0.0
+                foreign.append(f'{name} {share:.0f}%')
+                log(f'{name}: {wall:.1f} s; this run used {own:.1f} CPU-s, other processes {other:.1f} CPU-s '
+                    f'({share:.0f}% of the machine)')
+        print('# CPU used outside this run (other processes, the database and broker servers) per workload: '
+              + ', '.join(foreign), flush=True)
+        if not self.args.no_limits:
+            self.w_limits()
+        if self.args.markdown:
+            print()
+            print(self.report.markdown(self.args.compare))
+        return 1 if self.report.failed else 0
+
+    def header(self, workloads: Sequence[str]) -> str:
+        """What ran where."""
+        try:
+            ours_version = importlib.metadata.version('pacifica-cartd')
+        except importlib.metadata.PackageNotFoundError:
+            ours_version = '?'
+        load = ' '.join(f'{value:.2f}' for value in os.getloadavg())
+        return (f'# pacifica-cartd {ours_version} ({self.args.database}, {self.args.workers} worker(s) x '
+                f'concurrency {self.args.concurrency}{", " + ", ".join(self.args.set) if self.args.set else ""})'
+                f'{" vs 0.7.0 (MariaDB)" if self.args.compare else ""}; archive interface 0.4.2 under gunicorn '
+                f'x{self.args.archive_workers}; scale {self.args.scale}; hash {self.args.hashtype}; '
+                f'{os.cpu_count()} CPUs, load {load}; workloads {",".join(workloads)}')
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--compare-0.7.0', dest='compare', action='store_true',
+                        help='also run every workload on the published pacifica-cartd 0.7.0 and print the ratio')
+    parser.add_argument('--workloads', default=','.join(WORKLOADS),
+                        help=f'comma-separated subset of {",".join(WORKLOADS)} (memory also runs large)')
+    parser.add_argument('--scale', choices=sorted(SCALES), default='full', help='sizes: full or a quick small run')
+    parser.add_argument('--database', choices=('sqlite', 'postgres', 'mysql'), default='sqlite',
+                        help='database of our cart')
+    parser.add_argument('--workers', type=int, default=1, help='celery worker processes (each side)')
+    parser.add_argument('--concurrency', type=int, default=2, help='celery pool processes per worker (each side)')
+    parser.add_argument('--server-threads', type=int, default=16, help='CherryPy server.thread_pool (both)')
+    parser.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
+                        help='a setting of our cart, e.g. cartd.stage_concurrency=16 (repeatable)')
+    parser.add_argument('--hashtype', default='sha1', help='hash type in the carts (and to check downloads)')
+    parser.add_argument('--deadline', type=float, default=600, help='seconds our cart may take to be ready')
+    parser.add_argument('--ref-deadline', type=float, default=120, help='seconds 0.7.0 may take to be ready')
+    parser.add_argument('--poll-threads', type=int, default=16, help='client threads of the polling workload')
+    parser.add_argument('--poll-seconds', type=float, default=0, help='length of the polling workload')
+    parser.add_argument('--floor-threads', type=int, default=8, help='threads of the plain-GET floors')
+    parser.add_argument('--archive-workers', type=int, default=4, help='gunicorn workers of the archive')
+    parser.add_argument('--tar-reader', choices=('stream', 'tarfile'), default='stream',
+                        help="how downloads are checked: a block-by-block reader, or tarfile mode 'r|' (slower)")
+    parser.add_argument('--no-limits', action='store_true', help='skip the physical limits')
+    parser.add_argument('--no-install', action='store_true', help='do not apt-get install nginx when missing')
+    parser.add_argument('--markdown', action='store_true', help='also print a Markdown table')
+    parser.add_argument('--tmpdir', default=tempfile.gettempdir(), help='where the archive and volumes go')
+    parser.add_argument('--keep', action='store_true', help='keep the temp dir (logs, configs) afterwards')
+    parser.add_argument('--settle', type=float, default=10, metavar='SECONDS',
+                        help='pause before each write-heavy cart (large, memory) so freed memory settles')
+    parser.add_argument('--wait-idle', type=float, default=0, metavar='SECONDS',
+                        help='first wait up to this long for the 1-minute load average to drop below 0.5')
+    parser.add_argument('--max-minutes', type=float, default=60, help='stop everything after this long')
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.workloads.split(',') if name.strip()]
+    unknown = set(chosen) - set(WORKLOADS)
+    if unknown:
+        parser.error(f'unknown workloads: {", ".join(sorted(unknown))}')
+    if 'memory' in chosen and 'large' not in chosen:
+        chosen.append('large')  # its peaks are taken during large
+    args.chosen = [name for name in WORKLOADS if name in chosen]
+    for item in args.set:
+        if '=' not in item or '.' not in item.partition('=')[0]:
+            parser.error(f'--set wants SECTION.KEY=VALUE, got {item!r}')
+    return args
+
+
+def wait_idle(limit_s: float, threshold: float = 0.5) -> None:
+    """Wait (at most limit_s) until the machine's 1-minute load average is below threshold."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        log(f'waiting for the machine to be idle (load {os.getloadavg()[0]:.2f})')
+        time.sleep(15)
+
+
+class TimeUp(Exception):
+    """--max-minutes passed."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark; everything started is stopped and removed on the way out."""
+    args = parse_args(argv)
+    if not broker_available():
+        raise SystemExit('RabbitMQ is not answering on 127.0.0.1:5672')
+    if args.database != 'sqlite' and not server_available(args.database):
+        raise SystemExit(f'{args.database} is not answering on 127.0.0.1')
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f'signal {signum}')
+
+    def time_up(_signum: int, _frame: Any) -> None:
+        raise TimeUp(f'--max-minutes {args.max_minutes:g} passed')
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGALRM, time_up)
+    signal.alarm(int(args.max_minutes * 60))
+    pathlib.Path(args.tmpdir).mkdir(parents=True, exist_ok=True)
+    base = pathlib.Path(tempfile.mkdtemp(prefix='cartd-bench-', dir=args.tmpdir))
+    started = time.monotonic()
+    with contextlib.ExitStack() as cleanup:
+        if args.keep:
+            cleanup.callback(log, f'kept {base}')
+        else:
+            cleanup.callback(shutil.rmtree, base, True)
+        cleanup.callback(signal.alarm, 0)
+        bench = Bench(args, base, cleanup)
+        try:
+            code = bench.run(args.chosen)
+        except TimeUp as exc:
+            log(str(exc))
+            code = 2
+        log(f'run took {time.monotonic() - started:.0f} s; stopping everything')
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The same API served by a real uWSGI (`--module pacifica.cartd.wsgi`) instead of `pacifica-cartd`."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import time
+import uuid
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import pytest
+import requests
+
+from support.databases import drop_database, fresh_database
+from support.procs import ManagedProcess, free_port
+from support.stack import CartStack, binary, tar_contents, write_config
+
+pytestmark = [pytest.mark.integration]
+
+STOP_DEADLINE_S = 15.0
+MASTER_STARTED = 'cartd-test: uwsgi master loop started'
+
+
+def uwsgi_command(port: int, *extra: str) -> List[str]:
+    """The uWSGI command line the README gives, plus what a real deployment needs.
+
+    --need-app: exit when the module fails to import (bad config, schema needs dbsync) instead of
+    serving 500 "no python application found" for ever; --die-on-term: SIGTERM stops uWSGI 2.0
+    (without it SIGTERM reloads); --threads turns on Python threads in the workers.
+    --worker-reload-mercy/--reload-mercy: a worker that gets the master's SIGINT in the moments
+    after it was forked (before it installs its own handler) does not die, and the master then
+    waits this long (default 60 s) before SIGKILLing it; seen with a bare WSGI app too.
+    """
+    return [binary('uwsgi'), '--http-socket', f'127.0.0.1:{port}', '--master', '--module', 'pacifica.cartd.wsgi',
+            '--processes', '2', '--threads', '4', '--die-on-term', '--need-app',
+            '--worker-reload-mercy', '5', '--reload-mercy', '5', *extra]
+
+
+def start_uwsgi(base: pathlib.Path, env: Dict[str, str], port: int, name: str = 'uwsgi') -> ManagedProcess:
+    """Start uWSGI with the given environment; wait until GET / answers and the master loop runs.
+
+    The uWSGI 2.0 master ignores SIGTERM (and SIGHUP) until its master loop starts, which can be
+    after the workers already answer; a SIGTERM sent in that window is lost. The master-start
+    hook prints a line once the master's own signal handlers are in place.
+    """
+    command = uwsgi_command(port, '--hook-master-start', f'print:{MASTER_STARTED}')
+    proc = ManagedProcess(command, base / f'{name}.log', env=env, cwd=base, name=name).start()
+    try:
+        proc.wait_http(f'http://127.0.0.1:{port}/', 60)
+        deadline = time.monotonic() + 30
+        while MASTER_STARTED not in proc.log_path.read_text(encoding='utf-8', errors='replace').replace(
+                f'print:{MASTER_STARTED}', ''):
+            if not proc.running() or time.monotonic() > deadline:
+                raise RuntimeError(f'uwsgi master loop did not start:\n{proc.log_tail()}')
+            time.sleep(0.05)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+@pytest.fixture(scope='module')
+def cart(archive, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
+    """A CartStack on SQLite whose HTTP side is uWSGI: dbsync, one celery worker, uWSGI."""
+    base = tmp_path_factory.mktemp('uwsgi-stack')
+    url = fresh_database('sqlite', base)
+    stack = CartStack(base, archive, url, workers=1, concurrency=2)
+    try:
+        stack.dbsync()
+        stack.start_worker()
+        stack.port = free_port()
+        stack.server = start_uwsgi(base, stack.env, stack.port)  # stack.stop() and stack.logs() see it
+        stack.wait_workers_ready()
+        yield stack
+    finally:
+        stack.stop()
+        drop_database('sqlite', url)
+
+
+def _uid() -> str:
+    return f'uwsgi-{uuid.uuid4().hex[:12]}'
+
+
+def _fill(stack: CartStack, uid: str, sizes: Sequence[int]) -> Tuple[List[dict], Dict[str, bytes]]:
+    fileids, expected = [], {}
+    for index, size in enumerate(sizes):
+        archive_id = f'{uid}-{index}'
+        data = os.urandom(size)
+        sums = stack.archive.put(archive_id, data, mtime=1600000000 + index)
+        path = f'd{index % 2}/file{index}.bin'
+        fileids.append({'id': archive_id, 'path': path, 'hashtype': 'sha1', 'hashsum': sums['sha1']})
+        expected[path] = data
+    return fileids, expected
+
+
+@pytest.fixture(scope='module')
+def ready_cart(cart: CartStack) -> Tuple[str, Dict[str, bytes]]:
+    """A ready cart made through uWSGI: a few small files and one of several transfer_size chunks."""
+    uid = _uid()
+    fileids, expected = _fill(cart, uid, [10, 70000, 3 * 1024 * 1024 + 17, 0])
+    created = cart.post(uid, fileids)
+    assert created.status_code == 201, created.text
+    assert created.json() == {'message': 'Cart Processing has begun'}
+    final = cart.wait_final(uid, deadline_s=60)
+    assert (final.status_code, final.headers['X-Pacifica-Status']) == (204, 'ready'), cart.logs()
+    return uid, expected
+
+
+def test_root(cart: CartStack) -> None:
+    answer = requests.get(cart.url + '/', timeout=10)
+    assert answer.status_code == 200
+    assert answer.json() == {'message': 'Pacifica Cartd Interface Up and Running'}
+    assert answer.headers['Content-Type'] == 'application/json'
+    assert answer.headers['Allow'] == 'DELETE, GET, HEAD, POST'
+
+
+def test_head_while_staging_and_ready(cart: CartStack, ready_cart: Tuple[str, Dict[str, bytes]]) -> None:
+    uid, _ = ready_cart
+    answer = cart.head(uid)
+    assert answer.status_code == 204
+    assert answer.headers['X-Pacifica-Status'] == 'ready'
+    assert answer.headers['X-Pacifica-Message'] == ''
+    # a fresh cart is staging (or already ready) and always carries both headers
+    other = _uid()
+    fileids, _ = _fill(cart, other, [100])
+    assert cart.post(other, fileids).status_code == 201
+    first = cart.head(other)
+    assert first.status_code == 204 and first.headers['X-Pacifica-Status'] in ('staging', 'ready')
+    assert 'X-Pacifica-Message' in first.headers
+    assert cart.wait_final(other, deadline_s=60).headers['X-Pacifica-Status'] == 'ready'
+
+
+def test_download_whole_tar_every_byte(cart: CartStack, ready_cart: Tuple[str, Dict[str, bytes]]) -> None:
+    uid, expected = ready_cart
+    answer = cart.download(uid, 'bundle.tar')
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.headers['Content-Type'] == 'application/octet-stream'
+    assert answer.headers['Content-Disposition'] == 'attachment; filename=bundle.tar'
+    assert answer.headers['Accept-Ranges'] == 'bytes'
+    assert answer.headers['ETag']
+    # the app's exact Content-Length goes through uWSGI; no chunked encoding on top of it
+    assert int(answer.headers['Content-Length']) == len(answer.content)
+    assert 'Transfer-Encoding' not in answer.headers
+    assert tar_contents(answer.content) == {f'bundle/{path}': data for path, data in expected.items()}
+
+
+def test_streamed_download_in_pieces(cart: CartStack, ready_cart: Tuple[str, Dict[str, bytes]]) -> None:
+    uid, expected = ready_cart
+    with requests.get(f'{cart.url}/{uid}', params={'filename': 's.tar'}, stream=True, timeout=60) as answer:
+        assert answer.status_code == 200
+        length = int(answer.headers['Content-Length'])
+        pieces = list(answer.iter_content(65536))
+    body = b''.join(pieces)
+    assert len(body) == length and len(pieces) > 1
+    assert tar_contents(body) == {f's/{path}': data for path, data in expected.items()}
+
+
+def test_range_requests(cart: CartStack, ready_cart: Tuple[str, Dict[str, bytes]]) -> None:
+    uid, _ = ready_cart
+    full = cart.download(uid, 'r.tar')
+    size = len(full.content)
+    assert size > 3 * 1024 * 1024
+    middle = cart.download(uid, 'r.tar', Range='bytes=1000-2999')
+    assert middle.status_code == 206
+    assert middle.headers['Content-Range'] == f'bytes 1000-2999/{size}'
+    assert int(middle.headers['Content-Length']) == 2000
+    assert middle.content == full.content[1000:3000]
+    tail = cart.download(uid, 'r.tar', Range='bytes=1048000-', **{'If-Range': full.headers['ETag']})
+    assert tail.status_code == 206
+    assert tail.headers['Content-Range'] == f'bytes 1048000-{size - 1}/{size}'
+    assert full.content[:1048000] + tail.content == full.content
+    stale = cart.download(uid, 'r.tar', Range='bytes=10-', **{'If-Range': '"not-the-etag"'})
+    assert stale.status_code == 200 and stale.content == full.content
+    past = cart.download(uid, 'r.tar', Range=f'bytes={size}-')
+    assert past.status_code == 416
+
+
+def test_parallel_downloads_across_workers(cart: CartStack, ready_cart: Tuple[str, Dict[str, bytes]]) -> None:
+    uid, _ = ready_cart
+    reference = cart.download(uid, 'p.tar').content
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        bodies = list(pool.map(lambda _: cart.download(uid, 'p.tar').content, range(6)))
+    assert all(body == reference for body in bodies)
+
+
+def test_unknown_cart(cart: CartStack) -> None:
+    uid = _uid()
+    answer = cart.head(uid)
+    assert answer.status_code == 404
+    assert answer.headers['X-Pacifica-Status'] == 'error'
+    assert answer.headers['X-Pacifica-Message'] == f'No cart with uid {uid} found'
+    gone = cart.download(uid)
+    assert gone.status_code == 404
+    assert gone.json()['message'] == 'The cart does not exist or has already been deleted'
+
+
+def test_bad_json_is_a_json_400(cart: CartStack) -> None:
+    uid = _uid()
+    answer = requests.post(f'{cart.url}/{uid}', data=b'{"fileids": [', timeout=10,
+                           headers={'Content-Type': 'application/json'})
+    assert answer.status_code == 400
+    assert answer.headers['Content-Type'] == 'application/json'
+    page = answer.json()
+    assert set(page) == {'status', 'message', 'traceback', 'version'}
+    assert page['status'] == '400 Bad Request' and page['traceback'] == ''
+    assert 'Invalid JSON document' in page['message']
+    assert cart.head(uid).status_code == 404
+
+
+def test_body_over_max_request_size_is_413(cart: CartStack) -> None:
+    body = json.dumps({'fileids': [], 'padding': 'x' * (9 * 1024 * 1024)})
+    answer = requests.post(f'{cart.url}/{_uid()}', data=body, headers={'Content-Type': 'application/json'},
+                           timeout=60)
+    assert answer.status_code == 413
+
+
+def test_delete(cart: CartStack) -> None:
+    uid = _uid()
+    fileids, _ = _fill(cart, uid, [500, 600])
+    assert cart.post(uid, fileids).status_code == 201
+    assert cart.wait_final(uid, deadline_s=60).headers['X-Pacifica-Status'] == 'ready'
+    deleted = cart.delete(uid)
+    assert (deleted.status_code, deleted.json()) == (200, {'message': 'Cart Deleted Successfully'})
+    assert cart.head(uid).status_code == 404
+    assert cart.delete(uid).status_code == 404
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_uwsgi_stops_on_signal(cart: CartStack, signum: signal.Signals) -> None:
+    """A second uWSGI on the same config: the signal to its master ends master and workers."""
+    port = free_port()
+    proc = start_uwsgi(cart.base_dir, cart.env, port, name=f'uwsgi-{signum.name}')
+    try:
+        assert requests.get(f'http://127.0.0.1:{port}/', timeout=10).status_code == 200
+        os.kill(proc.pid, signum)
+        assert proc.proc is not None
+        try:
+            code = proc.proc.wait(timeout=STOP_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f'uwsgi still running {STOP_DEADLINE_S} s after {signum.name}:\n{proc.log_tail()}')
+        assert code == 0, proc.log_tail()
+        assert 'goodbye to uWSGI.' in proc.log_tail(20)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f'http://127.0.0.1:{port}/', timeout=5)
+    finally:
+        proc.stop()
+
+
+def test_uwsgi_with_a_bad_config_exits(tmp_path: pathlib.Path, cart: CartStack) -> None:
+    """With --need-app a config the cart refuses makes uWSGI exit instead of serving errors."""
+    config = write_config(tmp_path / 'bad.cfg', {
+        'cartd': {'volume_path': str(tmp_path / 'volume'), 'transfer_size': '4 parsecs'},
+        'database': {'peewee_url': f'sqliteext:///{tmp_path}/db.sqlite3'},
+    })
+    env = dict(cart.env, CARTD_CONFIG=str(config))
+    port = free_port()
+    proc = ManagedProcess(uwsgi_command(port), tmp_path / 'uwsgi-bad.log', env=env, cwd=tmp_path,
+                          name='uwsgi-bad').start()
+    try:
+        assert proc.proc is not None
+        try:
+            code = proc.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f'uwsgi kept running with a bad config:\n{proc.log_tail()}')
+        assert code != 0
+        log = proc.log_path.read_text(encoding='utf-8', errors='replace')
+        assert '[cartd] transfer_size' in log
+    finally:
+        proc.stop()
