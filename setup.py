@@ -23,7 +23,7 @@ setup(
     },
     install_requires=[
         'cherrypy>=18.8',
-        'peewee>=3.17',
+        'peewee>=4.5',
         'celery>=5.3',
         'requests>=2.31',
         'jsonschema>=4.17',

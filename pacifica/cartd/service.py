@@ -315,10 +315,14 @@ class CartService:
         created = cart.creation_date.timestamp() if cart.creation_date else time.time()
         return CartDownload(TarLayout(top, members, created), filename, cart.id)
 
+    def _staged_members(self, cart: Cart, files: Sequence[File]) -> List[TarMember]:
+        """Each file as a tar member read from where it was staged."""
+        return [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0,
+                          self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)) for file in files]
+
     def _members(self, cart: Cart, files: Sequence[File]) -> List[TarMember]:
         """Where each file's bytes are: its staged file, or its place in the bundle tar."""
-        plain = [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0,
-                           self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)) for file in files]
+        plain = self._staged_members(cart, files)
         if not cart.bundle:
             return plain
         tar_path = self.volume.tar_path(cart.id, cart.cart_uid)
@@ -570,8 +574,7 @@ class CartService:
         if cart.bundle:
             files = list(File.select(File.bundle_path, File.size, File.mtime, File.id)
                          .where(File.cart == cart.id).order_by(File.id))
-            plain = [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0,
-                               self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)) for file in files]
+            plain = self._staged_members(cart, files)
             target = self.volume.tar_path(cart.id, cart.cart_uid)
             partial = self.volume.partial_path(cart.id, 0)
             created = cart.creation_date.timestamp() if cart.creation_date else time.time()
