@@ -19,7 +19,6 @@ from .errors import ArchiveError, ArchiveFileMissing, ArchiveShortRead, HashMism
 LOGGER = logging.getLogger(__name__)
 
 MEDIA_DISK = 'disk'
-MEDIA_TAPE = 'tape'
 MEDIA_ERROR = 'error'
 MEDIA_UNKNOWN = ''
 

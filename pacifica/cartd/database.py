@@ -68,11 +68,6 @@ def make_database(peewee_url: str) -> Database:
                       f'(use sqliteext, sqlite, postgres or mysql)')
 
 
-def is_sqlite(database: Database) -> bool:
-    """Say whether the database is SQLite (some DDL differs)."""
-    return isinstance(database, SqliteDatabase)
-
-
 def bind(settings: Settings) -> Database:
     """Point the models' proxy at the configured database and return it."""
     database = make_database(settings.peewee_url)

@@ -11,13 +11,13 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, cast
 
 import jsonschema
 from peewee import chunked
 
 from . import database
-from .archive import ArchiveClient, ArchiveStatus, Download
+from .archive import MEDIA_ERROR, ArchiveClient, ArchiveStatus, Download
 from .config import Settings
 from .eviction import (
     DOWNLOAD_HEARTBEAT_S,
@@ -426,7 +426,7 @@ class CartService:
 
     def _stage_one(self, cart: Cart, file: File) -> StageOutcome:
         status: ArchiveStatus = self.archive.with_retries(lambda: self.archive.status(file.file_name))
-        if status.media == 'error':
+        if status.media == MEDIA_ERROR:
             raise ArchiveMediaError(f'the archive reports the media of the file as error: {status.message}')
         if not status.on_disk:
             self.archive.with_retries(lambda: self.archive.stage(file.file_name))
@@ -647,15 +647,6 @@ class CartService:
             else:
                 self._queue_batches(cart.id, unfinished)
         return redriven
-
-    def describe(self, cart_uid: str) -> Mapping[str, Any]:
-        """Progress of the newest live cart, for operators and tests."""
-        cart = self._live_cart(cart_uid)
-        if cart is None:
-            raise CartNotFound(f'No cart with uid {cart_uid} found')
-        return {'id': cart.id, 'status': cart.status, 'files_total': cart.files_total,
-                'files_staged': cart.files_staged, 'error': cart.error,
-                'updated': cart.updated_date.isoformat() if isinstance(cart.updated_date, datetime.datetime) else None}
 
     # ---- operators ------------------------------------------------------------------
 
