@@ -17,7 +17,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # third-party or stdlib module -> the only modules allowed to import it
 OWNERS: Dict[str, Set[str]] = {
-    'cherrypy': {'rest', 'wsgi', '__main__', 'app'},
+    'cherrypy': {'rest', 'wsgi', '__main__', 'app', 'httpserver'},
+    'cheroot': {'httpserver'},
     'celery': {'tasks'},
     'kombu': {'tasks'},
     'requests': {'archive'},
@@ -37,6 +38,7 @@ FORBIDDEN_INTERNAL: Dict[str, Set[str]] = {
     'service': {'rest', 'tasks', 'app', 'wsgi', '__main__'},
     'rest': {'tasks', 'wsgi', '__main__'},
     'tasks': {'rest', 'wsgi', '__main__', 'app'},
+    'httpserver': {'orm', 'database', 'schema', 'service', 'rest', 'tasks', 'archive', 'volume', 'app'},
 }
 
 

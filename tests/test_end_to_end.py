@@ -94,6 +94,9 @@ def test_default_filename_and_range_resume(stack: CartStack) -> None:
     assert full.content[:1000] + part.content == full.content
     past = stack.download(uid, 'r.tar', Range=f'bytes={len(full.content)}-')
     assert past.status_code == 416
+    assert past.headers['Content-Range'] == f'bytes */{len(full.content)}'
+    assert 'Content-Disposition' not in past.headers  # an error is not a file to save
+    assert past.json()['message']
 
 
 def test_not_ready_and_unknown_carts(stack: CartStack) -> None:

@@ -18,6 +18,7 @@ from . import database, schema
 from .app import mount, prepare
 from .config import Settings, default_config_path, default_cpconfig_path, load_settings
 from .errors import CartError
+from .httpserver import use_sendfile_gateway
 from .service import CartService
 
 LOGGER = logging.getLogger('pacifica.cartd')
@@ -73,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # then would leave the non-daemon HTTP server thread running and the process hung).
     cherrypy.engine.signal_handler.handlers['SIGINT'] = cherrypy.engine.exit
     cherrypy.engine.signals.subscribe()
+    use_sendfile_gateway(cherrypy.server)
     cherrypy.engine.start()
     cherrypy.engine.block()
     return 0

@@ -12,6 +12,7 @@ import cherrypy
 
 from . import database
 from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable
+from .httpserver import SENDFILE_ENVIRON_KEY
 from .service import CartDownload, CartService
 from .volume import parse_range, tar_top_name
 
@@ -109,10 +110,6 @@ def _send(download: CartDownload, chunk_size: int) -> Iterator[bytes]:
     """Set the download's headers (Range honoured) and return its body."""
     request, response = cherrypy.request, cherrypy.response
     layout = download.layout
-    response.headers['Content-Type'] = 'application/octet-stream'
-    response.headers['Content-Disposition'] = _disposition(download.filename)
-    response.headers['Accept-Ranges'] = 'bytes'
-    response.headers['ETag'] = layout.etag
     wanted = request.headers.get('Range')
     if_range = request.headers.get('If-Range')
     if if_range is not None and if_range != layout.etag:
@@ -122,14 +119,16 @@ def _send(download: CartDownload, chunk_size: int) -> Iterator[bytes]:
     except ValueError as exc:
         response.headers['Content-Range'] = f'bytes */{layout.size}'
         raise RangeNotSatisfiable(str(exc)) from exc
-    if byte_range is None:
-        response.headers['Content-Length'] = str(layout.size)
-        return download.body(0, layout.size, chunk_size)
-    start, end = byte_range
-    response.status = 206
-    response.headers['Content-Range'] = f'bytes {start}-{end - 1}/{layout.size}'
+    response.headers['Content-Type'] = 'application/octet-stream'
+    response.headers['Content-Disposition'] = _disposition(download.filename)
+    response.headers['Accept-Ranges'] = 'bytes'
+    response.headers['ETag'] = layout.etag
+    start, end = byte_range or (0, layout.size)
+    if byte_range is not None:
+        response.status = 206
+        response.headers['Content-Range'] = f'bytes {start}-{end - 1}/{layout.size}'
     response.headers['Content-Length'] = str(end - start)
-    return download.body(start, end, chunk_size)
+    return download.body(start, end, chunk_size, request.wsgi_environ.get(SENDFILE_ENVIRON_KEY))
 
 
 def _split(path: Tuple[str, ...]) -> Tuple[Optional[str], Tuple[str, ...]]:

@@ -10,7 +10,7 @@ import tarfile
 import unicodedata
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import BadRequest
 
@@ -207,6 +207,27 @@ def _header(name: str, size: int, mtime: float, is_dir: bool) -> bytes:
     return info.tobuf(format=tarfile.PAX_FORMAT, encoding='utf-8', errors='strict')
 
 
+@dataclasses.dataclass(frozen=True)
+class FileRange:
+    """`length` bytes of a staged file from `offset`: a piece of a tar that is not in memory."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def read(self, chunk_size: int) -> Iterator[bytes]:
+        """The bytes, in chunks of at most chunk_size."""
+        with open(self.path, 'rb') as handle:
+            handle.seek(self.offset)
+            remaining = self.length
+            while remaining > 0:
+                chunk = handle.read(min(chunk_size, remaining))
+                if not chunk:
+                    raise OSError(f'{self.path} is shorter than the cart recorded')
+                remaining -= len(chunk)
+                yield chunk
+
+
 def _padding(size: int) -> int:
     return (-size) % TAR_BLOCK
 
@@ -256,8 +277,8 @@ class TarLayout:
         self._starts.append(offset)
         return offset + len(data)
 
-    def iter_bytes(self, start: int = 0, end: Optional[int] = None, chunk_size: int = 4 << 20) -> Iterator[bytes]:
-        """Yield the tar's bytes from start up to (not including) end, reading files lazily."""
+    def pieces(self, start: int = 0, end: Optional[int] = None) -> Iterator[Union[bytes, FileRange]]:
+        """The tar's bytes from start up to (not including) end: header bytes, and file ranges to read."""
         stop = self.size if end is None else min(end, self.size)
         position = start
         index = max(bisect.bisect_right(self._starts, position) - 1, 0)
@@ -269,9 +290,17 @@ class TarLayout:
                 yield segment.data[begin:begin + length]
             else:
                 assert segment.source is not None
-                yield from _read_file(segment.source, segment.source_offset + begin, length, chunk_size)
+                yield FileRange(segment.source, segment.source_offset + begin, length)
             position += length
             index += 1
+
+    def iter_bytes(self, start: int = 0, end: Optional[int] = None, chunk_size: int = 4 << 20) -> Iterator[bytes]:
+        """Yield the tar's bytes from start up to (not including) end, reading files lazily."""
+        for piece in self.pieces(start, end):
+            if isinstance(piece, bytes):
+                yield piece
+            else:
+                yield from piece.read(chunk_size)
 
     def write_to(self, destination: Path) -> None:
         """Write the tar to a file: headers from here, file bytes copied in the kernel."""
@@ -286,18 +315,6 @@ class TarLayout:
                     _copy_range(source.fileno(), out.fileno(), segment.source_offset, segment.length)
             out.flush()
             os.fsync(out.fileno())
-
-
-def _read_file(path: Path, offset: int, length: int, chunk_size: int) -> Iterator[bytes]:
-    with open(path, 'rb') as handle:
-        handle.seek(offset)
-        remaining = length
-        while remaining > 0:
-            chunk = handle.read(min(chunk_size, remaining))
-            if not chunk:
-                raise OSError(f'{path} is shorter than the cart recorded')
-            remaining -= len(chunk)
-            yield chunk
 
 
 def _copy_range(source_fd: int, dest_fd: int, offset: int, length: int) -> None:
