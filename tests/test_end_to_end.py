@@ -16,11 +16,11 @@ pytestmark = [pytest.mark.integration]
 
 
 def _fill(archive, count: int, hashtype: str, prefix: str, size: int = 300,
-          path_of=lambda i: f'dir{i % 7}/sub{i % 3}/file{i}.dat') -> Tuple[List[dict], Dict[str, bytes]]:
+          path_of=lambda i: f'dir{i % 7}/sub{i % 3}/file{i}.dat', size_of=None) -> Tuple[List[dict], Dict[str, bytes]]:
     fileids, expected = [], {}
     for index in range(count):
         archive_id = f'{prefix}-{index}'
-        data = os.urandom(size + index % 50)
+        data = os.urandom(size_of(index) if size_of else size + index % 50)
         sums = archive.put(archive_id, data, mtime=1600000000 + index)
         path = path_of(index)
         fileids.append({'id': archive_id, 'path': path, 'hashtype': hashtype, 'hashsum': sums[hashtype]})
@@ -60,8 +60,9 @@ def test_cart_of_n_files(stack: CartStack, count: int, hashtype: str) -> None:
 def test_unicode_nested_paths_in_both_bundle_modes(stack: CartStack, bundle: bool) -> None:
     uid = _uid()
     paths = ['a/b/é/baré.txt', '/top.txt', 'x/y/z/deep/deeper/file', 'name with spaces.bin', 'n' * 120 + '/f']
-    fileids, expected = _fill(stack.archive, len(paths), 'sha256', uid, size=70000,
-                              path_of=lambda i: paths[i])
+    # files over 256 KiB are written into a bundle's tar in place, the others copied in at the end
+    fileids, expected = _fill(stack.archive, len(paths), 'sha256', uid, path_of=lambda i: paths[i],
+                              size_of=lambda i: 300000 + i if i % 2 else 70000 + i)
     expected = {path.lstrip('/'): data for path, data in expected.items()}
     assert stack.post(uid, fileids, bundle=bundle).status_code == 201
     assert stack.wait_final(uid).headers['X-Pacifica-Status'] == 'ready', stack.logs()
@@ -73,6 +74,10 @@ def test_unicode_nested_paths_in_both_bundle_modes(stack: CartStack, bundle: boo
     assert link.is_symlink()
     if bundle:
         assert link.resolve().suffix == '.tar' and link.resolve().is_file()
+        with tarfile.open(link.resolve(), mode='r:') as on_disk:
+            assert {member.name: on_disk.extractfile(member).read() for member in on_disk.getmembers()
+                    if member.isfile()} == {f'{uid}/{path}': data for path, data in expected.items()}
+        assert sorted(entry.name for entry in link.resolve().parent.iterdir()) == [f'{uid}.tar']
     else:
         assert (link / 'a/b/é/baré.txt').read_bytes() == expected['a/b/é/baré.txt']
 

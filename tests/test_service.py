@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import hashlib
 import pathlib
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
@@ -68,13 +69,19 @@ class FakeArchive:
         self.stage_calls.append(archive_id)
 
     def download(self, archive_id: str, partial: pathlib.Path, hash_type: str, hash_value: str,
-                 expected_size: Optional[int], progress=None) -> Download:  # noqa: ANN001
+                 expected_size: Optional[int], progress=None, offset: Optional[int] = None) -> Download:  # noqa: ANN001
         self.downloads.append(archive_id)
         if self.fail_downloads:
             self.fail_downloads -= 1
             raise ArchiveError('archive GET answered 503: busy')
         data = self.files[archive_id]
-        partial.write_bytes(data)
+        if offset is None:
+            partial.write_bytes(data)
+        else:
+            assert expected_size == len(data)
+            with open(partial, 'r+b') as target:
+                target.seek(offset)
+                target.write(data)
         digest = new_hash(hash_type)
         digest.update(data)
         if digest.hexdigest() != hash_value:
@@ -264,3 +271,57 @@ def test_temp_files_of_killed_downloads_are_removed_when_the_cart_finishes(make_
     _run_queue(service, queue)
     assert service.status('k').status == 'ready'
     assert not orphan.exists()
+
+
+BIG = 300 * 1024  # over SMALL_FILE: written into the bundle tar in place
+
+
+def _tar_members(tar: pathlib.Path) -> Dict[str, bytes]:
+    import tarfile  # pylint: disable=import-outside-toplevel
+    with tarfile.open(tar, mode='r:') as archive:
+        return {member.name: archive.extractfile(member).read() for member in archive.getmembers() if member.isfile()}
+
+
+def test_bundle_writes_large_files_in_place_and_small_ones_around_them(make_service) -> None:
+    files = {'big1': os.urandom(BIG), 'small': b'tiny', 'big2': os.urandom(BIG + 3)}
+    service, archive, queue = make_service(files)
+    cart_id = service.create_cart('b1', {'fileids': _entries(files), 'bundle': True})
+    _run_queue(service, queue)
+    assert service.status('b1').status == 'ready', service.status('b1').message
+    volume = service.volume
+    tar = volume.tar_path(cart_id, 'b1')
+    assert _tar_members(tar) == {f'b1/p/{name}': data for name, data in files.items()}
+    # the big files never existed as files of their own, and nothing temporary is left
+    assert sorted(path.name for path in volume.cart_dir(cart_id).iterdir()) == ['b1.tar']
+    placed = {file.file_name: file.tar_offset for file in File.select().where(File.cart == cart_id)}
+    assert placed['small'] is None and placed['big1'] is not None and placed['big2'] is not None
+    # the tar kept the places: each big file's bytes are where the database says
+    with open(tar, 'rb') as handle:
+        for name in ('big1', 'big2'):
+            handle.seek(placed[name])
+            assert handle.read(len(files[name])) == files[name]
+    # a download under another name has the same files
+    download = service.download('b1', 'other.tar', 'other')
+    body = b''.join(download.body(0, download.layout.size, 65536))
+    (tmp := volume.root / 'dl.tar').write_bytes(body)
+    assert _tar_members(tmp) == {f'other/p/{name}': data for name, data in files.items()}
+    # a duplicated task writes nothing
+    count = len(archive.downloads)
+    service.stage_files(cart_id, [file.id for file in File.select().where(File.cart == cart_id)])
+    assert len(archive.downloads) == count
+
+
+def test_bundle_file_that_changed_size_gets_a_new_place_and_the_tar_is_rewritten(make_service) -> None:
+    files = {'big1': os.urandom(BIG), 'big2': os.urandom(BIG)}
+    service, _archive, queue = make_service(files)
+    cart_id = service.create_cart('b2', {'fileids': _entries(files), 'bundle': True})
+    first = File.get((File.cart == cart_id) & (File.file_name == 'big1'))
+    # an earlier attempt placed big1 as a bigger file: its old region is left as a hole
+    assert service._place_in_tar(Cart.get_by_id(cart_id), first, BIG * 2) is not None  # pylint: disable=protected-access
+    _run_queue(service, queue)
+    assert service.status('b2').status == 'ready', service.status('b2').message
+    tar = service.volume.tar_path(cart_id, 'b2')
+    assert _tar_members(tar) == {f'b2/p/{name}': data for name, data in files.items()}
+    assert not service.volume.bundle_staging_path(cart_id).exists()
+    download = service.download('b2', 'b2.tar', 'b2')
+    assert b''.join(download.body(0, download.layout.size, 65536)) == tar.read_bytes()

@@ -155,30 +155,40 @@ class ArchiveClient:
         """Ask the archive to bring the file to disk (a tape recall); returns when it has accepted."""
         self._request('POST', archive_id).close()
 
-    def download(self, archive_id: str, partial: Path, hash_type: str, hash_value: str,
-                 expected_size: Optional[int], progress: Optional[Callable[[], None]] = None) -> Download:
-        """GET the file into `partial`, hashing while writing; raise unless whole and matching.
+    def download(self, archive_id: str, target: Path, hash_type: str, hash_value: str,
+                 expected_size: Optional[int], progress: Optional[Callable[[], None]] = None,
+                 offset: Optional[int] = None) -> Download:
+        """GET the file into `target`, hashing while writing; raise unless whole and matching.
 
-        `progress` is called after each chunk (the caller throttles it). The caller renames
-        `partial` into place only after this returns.
+        Without `offset`, `target` is a temp file, created or emptied, that the caller renames
+        into place only after this returns. With `offset`, the bytes go into the existing
+        file `target` from that offset (a file's place in a bundle tar): then `expected_size`
+        is the room there, and an archive that sends more is stopped before it writes past it.
+        `progress` is called after each chunk (the caller throttles it).
         """
         digest = new_hash(hash_type)
         written = 0
+        start = 0 if offset is None else offset
+        flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if offset is None else 0)
         response = self._request('GET', archive_id, stream=True)
         try:
-            with open(partial, 'wb') as out:
+            descriptor = os.open(target, flags, 0o644)
+            try:
                 try:
                     for chunk in response.iter_content(self.transfer_size):
+                        if expected_size is not None and written + len(chunk) > expected_size:
+                            raise ArchiveShortRead(f'archive GET sent more than the {expected_size} bytes announced')
                         digest.update(chunk)
-                        out.write(chunk)
+                        _write_all(descriptor, chunk, start + written)
                         written += len(chunk)
                         if progress is not None:
                             progress()
                 except requests.RequestException as exc:
                     raise ArchiveShortRead(
                         f'archive GET broke off before the end of the file: {type(exc).__name__}') from exc
-                out.flush()
-                os.fsync(out.fileno())
+                os.fdatasync(descriptor)
+            finally:
+                os.close(descriptor)
         finally:
             response.close()
         if expected_size is not None and written != expected_size:
@@ -187,3 +197,10 @@ class ArchiveClient:
             raise HashMismatch('File hash does not match provided hash')
         return Download(size=written, mtime=_float_header(response.headers.get('Last-Modified')))
 
+
+def _write_all(descriptor: int, data: bytes, position: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(descriptor, view, position)
+        view = view[done:]
+        position += done

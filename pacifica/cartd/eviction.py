@@ -50,10 +50,14 @@ def track_partial(file_id: int, partial: Path) -> None:
     SpaceReservation.update(partial=str(partial)).where(SpaceReservation.file == file_id).execute()
 
 
-def reserve(cart_id: int, file_id: int, size: int, partial: Path) -> None:
-    """Record that this file's download may write `size` disk bytes into `partial` (replacing an older record)."""
+def reserve(cart_id: int, file_id: int, size: int, partial: Optional[Path]) -> None:
+    """Record that this file's download may write `size` disk bytes into `partial` (replacing an older record).
+
+    Without `partial` (a file written into its cart's bundle tar) the whole size counts as
+    in flight until the file is recorded staged.
+    """
     SpaceReservation.delete().where(SpaceReservation.file == file_id).execute()
-    SpaceReservation.create(file=file_id, cart=cart_id, bytes=size, partial=str(partial))
+    SpaceReservation.create(file=file_id, cart=cart_id, bytes=size, partial=None if partial is None else str(partial))
 
 
 def release(file_id: int) -> None:

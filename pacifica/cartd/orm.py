@@ -90,6 +90,8 @@ class Cart(BaseModel):
     # Added in schema 2.1. Server-side defaults keep a 2.0 writer able to insert.
     files_total = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
     files_staged = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    # Added in schema 2.2: bytes of the bundle tar laid out so far (0: not written in place).
+    bundle_size = BigIntegerField(default=0, constraints=[SQL('DEFAULT 0')])
 
     class Meta:
         """Table name of the published schema."""
@@ -123,6 +125,8 @@ class File(BaseModel):
     # Added in schema 2.1: what the archive reported, used to lay out the tar.
     size = BigIntegerField(null=True)
     mtime = DoubleField(null=True)
+    # Added in schema 2.2: where the file's bytes start in its cart's bundle tar.
+    tar_offset = BigIntegerField(null=True)
 
     class Meta:
         """Table name of the published schema."""

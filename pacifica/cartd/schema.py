@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from peewee import fn
 from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
@@ -14,9 +14,10 @@ LOGGER = logging.getLogger(__name__)
 
 Version = Tuple[int, int]
 
-# 2.0 is the published 0.7.0 schema. 2.1 adds per-cart counters and per-file size/mtime,
-# all with server-side defaults, so a 0.7.0 process can still write to a 2.1 database.
-SCHEMA_VERSION: Version = (2, 1)
+# 2.0 is the published 0.7.0 schema. 2.1 adds per-cart counters and per-file size/mtime;
+# 2.2 adds where a bundle's files are written in its tar. All new columns have server-side
+# defaults or are nullable, so a 0.7.0 process can still write to the database.
+SCHEMA_VERSION: Version = (2, 2)
 
 
 def current_version() -> Optional[Version]:
@@ -40,19 +41,20 @@ def _store_version(version: Version) -> None:
             CartSystem.create(part=part, value=value)
 
 
-def _upgrade_2_0_to_2_1() -> None:
-    """Add the counters and file metadata, then fill the counters from the existing rows.
+def _add_missing_columns(migrator: SchemaMigrator, wanted: List[Tuple[str, str, Any]]) -> List[Any]:
+    """Operations adding the columns not there yet: MySQL commits each ALTER at once, so an
+    interrupted upgrade can leave some added with the version unchanged, and a rerun adds the rest."""
+    columns = {table: {column.name for column in DB.get_columns(table)} for table, _, _ in wanted}
+    return [migrator.add_column(table, name, field) for table, name, field in wanted if name not in columns[table]]
 
-    Resumable: MySQL commits each ALTER at once, so an interrupted run can leave some
-    columns added with the version still 2.0; a second run adds only what is missing.
-    """
+
+def _upgrade_2_0_to_2_1() -> None:
+    """Add the counters and file metadata, then fill the counters from the existing rows (resumable)."""
     migrator = SchemaMigrator.from_database(DB.obj)
-    columns = {table: {column.name for column in DB.get_columns(table)} for table in ('cart', 'file')}
     indexes = {index.name for index in DB.get_indexes('cart')}
-    wanted = [('cart', 'files_total', Cart.files_total), ('cart', 'files_staged', Cart.files_staged),
-              ('file', 'size', File.size), ('file', 'mtime', File.mtime)]
-    operations = [migrator.add_column(table, name, field)
-                  for table, name, field in wanted if name not in columns[table]]
+    operations = _add_missing_columns(migrator, [
+        ('cart', 'files_total', Cart.files_total), ('cart', 'files_staged', Cart.files_staged),
+        ('file', 'size', File.size), ('file', 'mtime', File.mtime)])
     if 'cart_cart_uid' not in indexes:
         operations.append(migrator.add_index('cart', ('cart_uid',), False))
     if isinstance(migrator, MySQLMigrator):
@@ -66,8 +68,20 @@ def _upgrade_2_0_to_2_1() -> None:
     Cart.update(files_total=total, files_staged=staged).execute()
 
 
+def _upgrade_2_1_to_2_2() -> None:
+    """Add the bundle tar's layout columns (resumable). Existing carts keep bundle_size 0: their
+    tars are laid out when they are bundled, as before."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    operations = _add_missing_columns(migrator, [
+        ('cart', 'bundle_size', Cart.bundle_size), ('file', 'tar_offset', File.tar_offset)])
+    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side default
+        operations.append(migrator.add_column_default('cart', 'bundle_size', 0))
+    migrate(*operations)
+
+
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
+    ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
 ]
 
 

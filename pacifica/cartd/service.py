@@ -43,7 +43,8 @@ from .errors import (
     QueueUnavailable,
 )
 from .orm import DB, Cart, CartStatus, CartTasks, File, FileStatus, now
-from .volume import CartVolume, TarLayout, TarMember, cart_relative_path, check_cart_uid, path_conflicts
+from .volume import (CartVolume, TarLayout, TarMember, cart_relative_path, check_cart_uid, directories_size,
+                     locked_region, member_region, path_conflicts)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -141,14 +142,14 @@ class CartDownload:
         With `send_file` (a server's zero-copy channel to the client) the files' bytes are
         handed to it and only the tar headers pass through this iterator.
         """
-        heartbeat = _DownloadHeartbeat(self.cart_id)
+        heartbeat = _Heartbeat(self.cart_id, DOWNLOAD_HEARTBEAT_S)
         for piece in self.layout.pieces(start, end):
             if isinstance(piece, bytes):
                 yield piece
             elif send_file is None:
                 for chunk in piece.read(chunk_size):
                     yield chunk
-                    heartbeat.beat()
+                    heartbeat()
             else:
                 with open(piece.path, 'rb') as handle:
                     position, remaining = piece.offset, piece.length
@@ -158,22 +159,7 @@ class CartDownload:
                             raise OSError(f'{piece.path} is shorter than the cart recorded')
                         position += sent
                         remaining -= sent
-                        heartbeat.beat()
-
-
-class _DownloadHeartbeat:
-    """Marks a cart used every DOWNLOAD_HEARTBEAT_S while its download runs."""
-
-    def __init__(self, cart_id: int) -> None:
-        self.cart_id = cart_id
-        self.last = time.monotonic()
-
-    def beat(self) -> None:
-        """Mark the cart used if the last mark is old enough."""
-        if time.monotonic() - self.last >= DOWNLOAD_HEARTBEAT_S:
-            self.last = time.monotonic()
-            with database.connection():
-                Cart.update(updated_date=now()).where(Cart.id == self.cart_id).execute()
+                        heartbeat()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,15 +213,21 @@ def _cart_message(file: File, cause: str) -> str:
     return f'Failed to pull file({file.bundle_path} (archive id {file.file_name}): {cause})'
 
 
-class _Heartbeat:
-    """Called as bytes arrive; now and then it marks the cart alive, so a long download is not 'stalled'.
+def _bundle_order(files: Iterable[File]) -> List[File]:
+    """The order of a cart's files in its tar: those placed in the bundle tar by place, then the rest by id."""
+    return sorted(files, key=lambda file: (file.tar_offset is None, file.tar_offset or 0, file.id))
 
-    The interval is HEARTBEAT_S, or a third of stall_timeout when that is shorter.
+
+class _Heartbeat:
+    """Called as bytes move; at most every `interval` seconds it marks the cart as touched now.
+
+    Staging marks a long download alive, so the reconciler does not take it for stalled;
+    a download to a client marks the cart used, so it is not evicted from under it.
     """
 
-    def __init__(self, cart_id: int, stall_timeout: float) -> None:
+    def __init__(self, cart_id: int, interval: float) -> None:
         self.cart_id = cart_id
-        self.interval = min(HEARTBEAT_S, stall_timeout / 3)
+        self.interval = interval
         self.last = time.monotonic()
 
     def __call__(self) -> None:
@@ -269,8 +261,10 @@ class CartService:
         request = parse_cart_request(body)
         bundle = self.settings.bundle_task if request.bundle is None else request.bundle
         with DB.atomic():
+            # A bundle's tar starts with its directories; files are then placed after them.
+            start = directories_size(cart_uid, [item.path for item in request.files]) if bundle else 0
             cart = Cart.create(cart_uid=cart_uid, status=CartStatus.STAGING.value, bundle=bundle,
-                               files_total=len(request.files))
+                               files_total=len(request.files), bundle_size=start)
             rows = [{'cart': cart.id, 'file_name': item.archive_id, 'bundle_path': item.path,
                      'hash_type': item.hash_type, 'hash_value': item.hash_value,
                      'status': FileStatus.WAITING.value} for item in request.files]
@@ -343,8 +337,8 @@ class CartService:
             raise CartNotFound('The cart does not exist or has already been deleted')
         if cart.status != CartStatus.READY.value:
             raise CartNotReady('The cart is not ready for download.')
-        files = list(File.select(File.bundle_path, File.size, File.mtime, File.id)
-                     .where(File.cart == cart.id).order_by(File.id))
+        files = _bundle_order(File.select(File.bundle_path, File.size, File.mtime, File.id, File.tar_offset)
+                              .where(File.cart == cart.id))
         members = self._members(cart, files)
         Cart.update(updated_date=now()).where(Cart.id == cart.id).execute()
         created = cart.creation_date.timestamp() if cart.creation_date else time.time()
@@ -467,6 +461,11 @@ class CartService:
             self.archive.with_retries(lambda: self.archive.stage(file.file_name))
             LOGGER.info('cart %s file %s is on %s: recall requested', cart.cart_uid, file.bundle_path, status.media)
             return StageOutcome(file.id, on_tape=True)
+        if cart.bundle and status.size is not None and status.size > SMALL_FILE:
+            with database.connection():
+                offset = self._place_in_tar(cart, file, status.size)
+            if offset is not None:
+                return self._stage_in_place(cart, file, status, offset)
         final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
         partial = self.volume.partial_path(cart.id, file.id)
         reserved = self._reserve_space(cart, file, status.size, partial)
@@ -480,7 +479,79 @@ class CartService:
             raise
         return StageOutcome(file.id, download=download)
 
-    def _reserve_space(self, cart: Cart, file: File, size: Optional[int], partial: Path) -> bool:
+    def _place_in_tar(self, cart: Cart, file: File, size: int) -> Optional[int]:
+        """Where the file's bytes go in its cart's bundle tar: kept from an earlier attempt, or
+        the next free place (the cart's bundle_size grows by the file's header, data and padding).
+
+        None when the cart's tar is not laid out this way (a cart from an older version).
+        """
+        with DB.atomic():
+            known = File.select(File.tar_offset, File.size).where(File.id == file.id).first()
+            if known is not None and known.tar_offset is not None and known.size == size:
+                return int(known.tar_offset)
+            header, region = member_region(cart.cart_uid, str(file.bundle_path), size)
+            grown = (Cart.update(bundle_size=Cart.bundle_size + region)
+                     .where((Cart.id == cart.id) & (Cart.bundle_size > 0)).execute())
+            if not grown:
+                return None
+            end = Cart.select(Cart.bundle_size).where(Cart.id == cart.id).scalar()
+            offset = int(end) - region + header
+            File.update(tar_offset=offset, size=size).where(File.id == file.id).execute()
+        return offset
+
+    def _stage_in_place(self, cart: Cart, file: File, status: ArchiveStatus, offset: int) -> StageOutcome:
+        """Download a large file of a bundle cart straight into its place in the bundle tar.
+
+        The region is locked while it is written, and the file is recorded staged before the
+        lock is let go, so a duplicated task waits, then finds it staged and writes nothing:
+        no bytes land on a region after it was verified. Returns an outcome already recorded.
+        """
+        size = status.size
+        assert size is not None
+        staging = self.volume.bundle_staging_path(cart.id)
+        reserved = self._reserve_space(cart, file, size, None)
+        try:
+            with locked_region(staging, offset, size):
+                with database.connection():
+                    current = File.get_or_none(File.id == file.id)
+                    state = Cart.select(Cart.status).where(Cart.id == cart.id).scalar()
+                if current is not None and current.status != FileStatus.STAGED.value and state in LIVE_STATUSES:
+                    download = self._second_chance(
+                        cart, file, lambda: self._download_into(cart, file, status, staging, offset))
+                    with database.connection():
+                        self._record_staged(cart, [StageOutcome(file.id, download=download)])
+            if state in (None, CartStatus.DELETED.value):  # a late task: what it opened goes
+                self.volume.remove_cart(cart.id)
+            elif state in (CartStatus.READY.value, CartStatus.ERROR.value):
+                staging.unlink(missing_ok=True)
+        except BaseException:
+            if reserved:
+                with database.connection():
+                    release(file.id)
+            raise
+        return StageOutcome(file.id)
+
+    def _download_into(self, cart: Cart, file: File, status: ArchiveStatus, target: Path,
+                       offset: Optional[int] = None) -> Download:
+        """One verified download (transient faults retried) into a temp file, or at offset into the tar."""
+        download = self.archive.with_retries(functools.partial(
+            self.archive.download, file.file_name, target, str(file.hash_type), str(file.hash_value),
+            status.size, self._staging_heartbeat(cart.id), offset=offset))
+        return Download(download.size, status.mtime if status.mtime is not None else download.mtime)
+
+    def _staging_heartbeat(self, cart_id: int) -> _Heartbeat:
+        return _Heartbeat(cart_id, min(HEARTBEAT_S, self.settings.stall_timeout / 3))
+
+    @staticmethod
+    def _second_chance(cart: Cart, file: File, attempt: Callable[[], Download]) -> Download:
+        """Run a download attempt; after a hash mismatch, run it once more."""
+        try:
+            return attempt()
+        except HashMismatch:
+            LOGGER.info('cart %s file %s: hash mismatch, downloading once more', cart.cart_uid, file.bundle_path)
+        return attempt()
+
+    def _reserve_space(self, cart: Cart, file: File, size: Optional[int], partial: Optional[Path]) -> bool:
         """Make sure the volume has room for the file and for every download already in flight.
 
         Reservations are serialised in the database (one at a time across all workers) and
@@ -520,32 +591,30 @@ class CartService:
 
     def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path, partial: Path,
                            reserved: bool) -> Download:
-        """Download until whole and matching: transient faults retried, a hash mismatch once."""
-        mismatches = 0
-        while True:
+        """Download into a temp file until whole and matching, then rename it into place."""
+        partials = [partial]
+
+        def attempt() -> Download:
+            current = partials[-1]
             try:
-                download = self.archive.with_retries(functools.partial(
-                    self.archive.download, file.file_name, partial, str(file.hash_type), str(file.hash_value),
-                    status.size, _Heartbeat(cart.id, self.settings.stall_timeout)))
-                mtime = status.mtime if status.mtime is not None else download.mtime
-                if mtime is not None:
-                    os.utime(partial, (mtime, mtime))
-                os.replace(partial, final)
+                download = self._download_into(cart, file, status, current)
+                if download.mtime is not None:
+                    os.utime(current, (download.mtime, download.mtime))
+                os.replace(current, final)
                 if reserved:  # its bytes are on disk now: count them once, as the final file
                     with database.connection():
                         track_partial(file.id, final)
-                return Download(download.size, mtime)
+                return download
             except HashMismatch:
-                mismatches += 1
-                if mismatches > 1:
-                    raise
-                LOGGER.info('cart %s file %s: hash mismatch, downloading once more', cart.cart_uid, file.bundle_path)
+                partials.append(self.volume.partial_path(cart.id, file.id))
+                if reserved:
+                    with database.connection():
+                        track_partial(file.id, partials[-1])
+                raise
             finally:
-                partial.unlink(missing_ok=True)
-            partial = self.volume.partial_path(cart.id, file.id)
-            if reserved:
-                with database.connection():
-                    track_partial(file.id, partial)
+                current.unlink(missing_ok=True)
+
+        return self._second_chance(cart, file, attempt)
 
     def _record_staged(self, cart: Cart, outcomes: Sequence[StageOutcome]) -> None:
         """Mark files staged and count them, in one transaction; finish the cart if they were the last.
@@ -607,14 +676,8 @@ class CartService:
         release_cart(cart.id)
         target = files_dir
         if cart.bundle:
-            files = list(File.select(File.bundle_path, File.size, File.mtime, File.id)
-                         .where(File.cart == cart.id).order_by(File.id))
-            plain = self._staged_members(cart, files)
             target = self.volume.tar_path(cart.id, cart.cart_uid)
-            partial = self.volume.partial_path(cart.id, 0)
-            created = cart.creation_date.timestamp() if cart.creation_date else time.time()
-            TarLayout(cart.cart_uid, plain, created).write_to(partial)
-            os.replace(partial, target)
+            self._write_bundle(cart, target)
             self.volume.remove_files(cart.id, cart.cart_uid)  # served from the tar from now on
         done = (Cart.update(status=CartStatus.READY.value, bundle_path=str(target), updated_date=now(), error='')
                 .where((Cart.id == cart.id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
@@ -623,6 +686,32 @@ class CartService:
             return
         self.volume.link_ready_cart(cart.cart_uid, target)
         LOGGER.info('cart %s (id %d) is ready', cart.cart_uid, cart.id)
+
+    def _write_bundle(self, cart: Cart, target: Path) -> None:
+        """Write the cart's tar to `target`.
+
+        Large files were written into the staging tar in place; what is left (headers, small
+        files, the trailer) is written around them and the tar renamed into place. Should
+        the placed files not tile the tar exactly (a file that changed size between
+        attempts, a cart from an older version), the tar is written anew from all sources.
+        """
+        files = _bundle_order(File.select(File.bundle_path, File.size, File.mtime, File.id, File.tar_offset)
+                              .where(File.cart == cart.id))
+        staging = self.volume.bundle_staging_path(cart.id)
+        members = [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0, staging, int(file.tar_offset))
+                   if file.tar_offset is not None else self._staged_members(cart, [file])[0] for file in files]
+        created = cart.creation_date.timestamp() if cart.creation_date else time.time()
+        layout = TarLayout(cart.cart_uid, members, created)
+        if staging.is_file() and layout.places_in(staging):
+            layout.complete_in(staging)
+            os.replace(staging, target)
+            return
+        partial = self.volume.partial_path(cart.id, 0)
+        layout.write_to(partial)
+        os.replace(partial, target)
+        staging.unlink(missing_ok=True)
+        LOGGER.info('cart %s (id %d): bundle tar written anew, its files were not all in place',
+                    cart.cart_uid, cart.id)
 
     def _fail_file(self, cart_id: int, file: File, cause: str) -> None:
         """Record a file's failure and fail its cart, unless a duplicate task already staged the file."""
@@ -726,11 +815,13 @@ class CartService:
             raise CartNotFound(f'No cart with uid {cart_uid} found')
         tar = self.volume.tar_path(cart.id, cart.cart_uid)
         tar_ok = bool(cart.bundle) and cart.status == CartStatus.READY.value and tar.is_file()
+        in_place_ok = self.volume.bundle_staging_path(cart.id).is_file()
         with DB.atomic():
             lost = [] if tar_ok else [
-                file.id for file in File.select(File.id, File.bundle_path).where(
+                file.id for file in File.select(File.id, File.bundle_path, File.tar_offset).where(
                     (File.cart == cart.id) & (File.status == FileStatus.STAGED.value))
-                if not self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path).is_file()]
+                if not (file.tar_offset is not None and in_place_ok)
+                and not self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path).is_file()]
             if lost:
                 File.update(status=FileStatus.WAITING.value).where(File.id.in_(lost)).execute()
             File.update(status=FileStatus.WAITING.value, error='').where(

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import shutil
+import struct
 import tarfile
 import unicodedata
 import uuid
@@ -126,6 +129,13 @@ class CartVolume:
         """
         return self.cart_dir(cart_id) / f'.{file_id}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}'
 
+    def bundle_staging_path(self, cart_id: int) -> Path:
+        """`<volume>/<cart id>/.bundle.tar`: the bundle tar while files are written into it.
+
+        Renamed to tar_path once whole; a uid never starts with '.', so it never clashes.
+        """
+        return self.cart_dir(cart_id) / '.bundle.tar'
+
     def tar_path(self, cart_id: int, cart_uid: str) -> Path:
         """`<volume>/<cart id>/<uid>.tar`: the bundle written when bundle_task is on."""
         return self.cart_dir(cart_id) / f'{cart_uid}.tar'
@@ -232,6 +242,28 @@ def _padding(size: int) -> int:
     return (-size) % TAR_BLOCK
 
 
+def _directory_headers(top: str, paths: Sequence[str], created: float) -> List[bytes]:
+    """Headers of `top/` and of every directory above the paths, parents first."""
+    directories = sorted({'/'.join(path.split('/')[:depth])
+                          for path in paths for depth in range(1, path.count('/') + 1)})
+    return [_header(f'{top}/{directory}' if directory else f'{top}/', 0, created, True)
+            for directory in [''] + directories]
+
+
+def directories_size(top: str, paths: Sequence[str]) -> int:
+    """Bytes a tar of these paths starts with (its directory headers), before the first file."""
+    return sum(len(header) for header in _directory_headers(top, paths, 0))
+
+
+def member_region(top: str, path: str, size: int) -> Tuple[int, int]:
+    """(header bytes, whole region) of one file in a tar: header, data and padding.
+
+    The header's length depends on the name and size only, for any mtime a ustar field holds.
+    """
+    header = len(_header(f'{top}/{path}', size, 0, False))
+    return header, header + size + _padding(size)
+
+
 class TarLayout:
     """A tar computed from file sizes alone: exact length, ETag, and any byte range.
 
@@ -247,13 +279,9 @@ class TarLayout:
         self._starts: List[int] = []
         self.file_offsets: List[int] = []
         offset = 0
-        directories = sorted({'/'.join(member.path.split('/')[:depth])
-                              for member in members
-                              for depth in range(1, member.path.count('/') + 1)})
         digest = hashlib.sha1(top.encode('utf-8'))
-        for directory in [''] + directories:
-            name = f'{top}/{directory}' if directory else f'{top}/'
-            offset = self._add(offset, _header(name, 0, created, True), digest)
+        for header in _directory_headers(top, [member.path for member in members], created):
+            offset = self._add(offset, header, digest)
         for member in self.members:
             offset = self._add(offset, _header(f'{top}/{member.path}', member.size, member.mtime, False), digest)
             self.file_offsets.append(offset)
@@ -316,8 +344,55 @@ class TarLayout:
             out.flush()
             os.fsync(out.fileno())
 
+    def places_in(self, path: Path) -> bool:
+        """Whether every file already written into `path` sits exactly where this layout puts it."""
+        return all(segment.source_offset == segment.offset for segment in self._segments
+                   if segment.data is None and segment.source == path)
+
+    def complete_in(self, path: Path) -> None:
+        """Finish a tar whose files were partly written into `path` in place (see places_in).
+
+        Headers, padding and the trailer are written at their offsets, files staged
+        elsewhere are copied in by the kernel, and the file is cut to the tar's size.
+        """
+        if not self.places_in(path):
+            raise ValueError(f'{path} holds files away from where this layout puts them')
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for segment in self._segments:
+                if segment.data is not None:
+                    os.pwrite(descriptor, segment.data, segment.offset)
+                elif segment.source != path:
+                    assert segment.source is not None
+                    with open(segment.source, 'rb') as source:
+                        os.lseek(descriptor, segment.offset, os.SEEK_SET)
+                        _copy_range(source.fileno(), descriptor, segment.source_offset, segment.length)
+            os.ftruncate(descriptor, self.size)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def locked_region(path: Path, offset: int, length: int) -> Iterator[None]:
+    """Hold an exclusive lock on bytes [offset, offset+length) of `path` (created if missing).
+
+    An open-file-description lock: it belongs to this open file, not the process, so
+    closing another descriptor of the same file (another thread's) does not drop it, and
+    the kernel drops it if the process dies. Two workers never write one region at once.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.fcntl(descriptor, fcntl.F_OFD_SETLKW,
+                    struct.pack('hhqqi', fcntl.F_WRLCK, os.SEEK_SET, offset, max(length, 1), 0))
+        yield
+    finally:
+        os.close(descriptor)
+
 
 def _copy_range(source_fd: int, dest_fd: int, offset: int, length: int) -> None:
+    """Copy length bytes from source_fd at offset to dest_fd at its current position, in the kernel."""
     remaining = length
     position = offset
     while remaining > 0:
