@@ -203,6 +203,24 @@ def test_delete_revokes_queued_tasks_and_late_tasks_do_nothing(make_service) -> 
         service.status('d1')
 
 
+def test_delete_between_ready_and_link_leaves_no_link(make_service, monkeypatch) -> None:
+    files = {'raced': b'deleted as it became ready'}
+    service, _archive, queue = make_service(files)
+    service.create_cart('r1', {'fileids': _entries(files)})
+    link_ready_cart = service.volume.link_ready_cart
+
+    def delete_then_link(cart_uid: str, target: pathlib.Path) -> None:
+        service.delete(cart_uid)  # the DELETE lands after the cart is marked ready, before it is linked
+        link_ready_cart(cart_uid, target)
+
+    monkeypatch.setattr(type(service.volume), 'link_ready_cart',
+                        lambda _volume, cart_uid, target: delete_then_link(cart_uid, target))
+    _run_queue(service, queue)
+    assert not os.path.lexists(service.volume.link_path('r1'))
+    with pytest.raises(CartNotFound):
+        service.status('r1')
+
+
 def test_bad_requests_create_nothing(make_service) -> None:
     service, _archive, queue = make_service({})
     for body in ({'fileids': [{'id': 1, 'path': 'a/../b', 'hashtype': 'md5', 'hashsum': '0' * 32}]},

@@ -685,7 +685,12 @@ class CartService:
             self._cleanup_if_deleted(cart.id)
             return
         self.volume.link_ready_cart(cart.cart_uid, target)
-        LOGGER.info('cart %s (id %d) is ready', cart.cart_uid, cart.id)
+        # A DELETE (or an eviction) between marking the cart ready and linking it has already
+        # run its unlink, which found no link yet: take the link back out for it.
+        if Cart.select().where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)).exists():
+            LOGGER.info('cart %s (id %d) is ready', cart.cart_uid, cart.id)
+        else:
+            self.volume.unlink_cart(cart.cart_uid, cart.id)
 
     def _write_bundle(self, cart: Cart, target: Path) -> None:
         """Write the cart's tar to `target`.
