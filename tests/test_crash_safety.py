@@ -239,6 +239,30 @@ def _worker_holding(stack: CartStack, path: pathlib.Path) -> Optional[ManagedPro
     return None
 
 
+def _big_files(archive: ArchiveServer, uid: str, size: int
+               ) -> Tuple[List[Dict[str, str]], Dict[str, str], Dict[str, str]]:
+    """Three files of `size` bytes in the archive: (fileids, path -> sha256, path -> archive id)."""
+    block = os.urandom(8 * MiB)
+    fileids: List[Dict[str, str]] = []
+    expected: Dict[str, str] = {}
+    archive_ids: Dict[str, str] = {}
+    for index in range(3):
+        archive_id = f'{uid}-big{index}'
+        digest = _write_big_file(archive.path_for(archive_id), index, size, block)
+        path = f'big/file{index}.bin'
+        fileids.append({'id': archive_id, 'path': path, 'hashtype': 'sha256', 'hashsum': digest})
+        expected[path] = digest
+        archive_ids[path] = archive_id
+    return fileids, expected, archive_ids
+
+
+def _two_worker_stack(archive: ArchiveServer, tmp_path: pathlib.Path, url: str) -> CartStack:
+    """Two workers staging one file at a time each, in small reads, with a quick reconciler."""
+    return CartStack(tmp_path / 'stack', archive, url, workers=2, concurrency=1,
+                     overrides={'cartd': {'stage_batch_size': '1', 'stage_concurrency': '1',
+                                          'transfer_size': '256 Kb', **RECONCILE}})
+
+
 def test_worker_killed_mid_download_is_redriven(logged_archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
     """SIGKILL the worker (its whole process group) that is writing a 200 MiB file: the cart still ends ready.
 
@@ -248,21 +272,9 @@ def test_worker_killed_mid_download_is_redriven(logged_archive: ArchiveServer, t
     """
     uid = f'kill9-{uuid.uuid4().hex[:8]}'
     size = 200 * MiB
-    block = os.urandom(8 * MiB)
-    fileids: List[Dict[str, str]] = []
-    expected: Dict[str, str] = {}
-    archive_ids: Dict[str, str] = {}
-    for index in range(3):
-        archive_id = f'{uid}-big{index}'
-        digest = _write_big_file(logged_archive.path_for(archive_id), index, size, block)
-        path = f'big/file{index}.bin'
-        fileids.append({'id': archive_id, 'path': path, 'hashtype': 'sha256', 'hashsum': digest})
-        expected[path] = digest
-        archive_ids[path] = archive_id
+    fileids, expected, archive_ids = _big_files(logged_archive, uid, size)
     url = fresh_database('sqlite', tmp_path)
-    stack = CartStack(tmp_path / 'stack', logged_archive, url, workers=2, concurrency=1,
-                      overrides={'cartd': {'stage_batch_size': '1', 'stage_concurrency': '1',
-                                           'transfer_size': '256 Kb', **RECONCILE}})
+    stack = _two_worker_stack(logged_archive, tmp_path, url)
     try:
         stack.start()
         assert stack.post(uid, fileids).status_code == 201
@@ -312,6 +324,59 @@ def test_worker_killed_mid_download_is_redriven(logged_archive: ArchiveServer, t
         stack.stop()
         drop_database('sqlite', url)
         for archive_id in archive_ids.values():  # 600 MiB in the archive and as much on the volume
+            logged_archive.path_for(archive_id).unlink(missing_ok=True)
+        shutil.rmtree(stack.volume, ignore_errors=True)
+
+
+def test_worker_killed_while_writing_into_the_bundle_tar(logged_archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
+    """Bundle mode: SIGKILL a worker writing a large file straight into the cart's tar.
+
+    The file's region of the tar is locked by the killed process (the kernel drops the lock
+    with it); the redelivered task writes the file again at the same offset. The cart ends
+    ready, the tar on disk holds every byte right, and nothing but the tar is left.
+    """
+    uid = f'kill9tar-{uuid.uuid4().hex[:8]}'
+    size = 96 * MiB
+    fileids, expected, archive_ids = _big_files(logged_archive, uid, size)
+    url = fresh_database('sqlite', tmp_path)
+    stack = _two_worker_stack(logged_archive, tmp_path, url)
+    try:
+        stack.start()
+        assert stack.post(uid, fileids, bundle=True).status_code == 201
+
+        def staging_tar_filling() -> bool:
+            tars = list(stack.volume.glob('*/.bundle.tar'))
+            if not tars:
+                return False
+            try:
+                written = tars[0].stat().st_blocks * 512  # sparse: what has been written so far
+            except FileNotFoundError:
+                return False
+            return 8 * MiB < written < 2 * size and _worker_holding(stack, tars[0]) is not None
+
+        wait_until(staging_tar_filling, 90, 'a worker writing into the staging tar', stack, interval=0.01, uid=uid)
+        staging = next(stack.volume.glob('*/.bundle.tar'))
+        victim = _worker_holding(stack, staging)
+        assert victim is not None
+        victim.kill9()
+        wait_ready(stack, uid, 150)
+        assert_cart_whole(stack, uid, expected)
+        cart_dir = staging.parent
+        assert sorted(entry.name for entry in cart_dir.iterdir()) == [f'{uid}.tar'], stack.logs()
+        with tarfile.open(cart_dir / f'{uid}.tar', mode='r:') as on_disk:
+            digests = {}
+            for member in on_disk.getmembers():
+                if member.isfile():
+                    reader = on_disk.extractfile(member)
+                    assert reader is not None
+                    digests[member.name.split('/', 1)[1]] = hashlib.file_digest(reader, 'sha256').hexdigest()
+        assert digests == expected
+        gets = archive_gets(logged_archive)
+        assert sum(gets[archive_id] for archive_id in archive_ids.values()) > 3, f'no file was fetched again: {gets}'
+    finally:
+        stack.stop()
+        drop_database('sqlite', url)
+        for archive_id in archive_ids.values():
             logged_archive.path_for(archive_id).unlink(missing_ok=True)
         shutil.rmtree(stack.volume, ignore_errors=True)
 

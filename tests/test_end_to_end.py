@@ -78,6 +78,8 @@ def test_unicode_nested_paths_in_both_bundle_modes(stack: CartStack, bundle: boo
             assert {member.name: on_disk.extractfile(member).read() for member in on_disk.getmembers()
                     if member.isfile()} == {f'{uid}/{path}': data for path, data in expected.items()}
         assert sorted(entry.name for entry in link.resolve().parent.iterdir()) == [f'{uid}.tar']
+        worker_logs = ''.join(worker.log_path.read_text(errors='replace') for worker in stack.workers)
+        assert f'cart {uid} (id ' in worker_logs and 'bundle tar written anew' not in worker_logs  # written in place
     else:
         assert (link / 'a/b/é/baré.txt').read_bytes() == expected['a/b/é/baré.txt']
 

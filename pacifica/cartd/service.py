@@ -715,8 +715,9 @@ class CartService:
         layout.write_to(partial)
         os.replace(partial, target)
         staging.unlink(missing_ok=True)
-        LOGGER.info('cart %s (id %d): bundle tar written anew, its files were not all in place',
-                    cart.cart_uid, cart.id)
+        if any(file.tar_offset is not None for file in files):
+            LOGGER.info('cart %s (id %d): bundle tar written anew, its files were not all in place',
+                        cart.cart_uid, cart.id)
 
     def _fail_file(self, cart_id: int, file: File, cause: str) -> None:
         """Record a file's failure and fail its cart, unless a duplicate task already staged the file."""
