@@ -466,10 +466,12 @@ class Bench:
             rate = limits.sequential_download(self.nginx.url, files)
             rate_hashed = limits.sequential_download(self.nginx.url, files, self.args.hashtype)
             self.nginx_rate = (rate, rate_hashed)
-        write = None
+        write = durable = None
         if not self.args.no_limits:
             self.settle()
             write = limits.page_cache_write(self.base / 'scratch', len(files), files[0].size)
+            self.settle()
+            durable = limits.page_cache_write(self.base / 'scratch', len(files), files[0].size, durable=True)
         ours, ref = self.each_side(lambda side: self.one_cart('large', side, files, sampler_roots=side.pids(),
                                                               settle=True))
         self.large_outcomes = (ours, ref)
@@ -479,9 +481,10 @@ class Bench:
         limit_parts = []
         if floor is not None:
             limit_parts.append(f'floor {secs(floor)} stage ({len(files)} parallel GETs+{self.args.hashtype})')
-        if write is not None:
+        if write is not None and durable is not None:
             limit_parts.append(f'writing the bytes to the page cache {secs(write.seconds)} '
-                               f'({write.cpu_seconds:.1f} CPU-s)')
+                               f'({write.cpu_seconds:.1f} CPU-s), and to the disk (fdatasync) '
+                               f'{secs(durable.seconds)}')
         if rate is not None and rate_hashed is not None:
             limit_parts.append(f'nginx sendfile {rate.mb_per_s:,.0f} MB/s ({rate_hashed.mb_per_s:,.0f} MB/s '
                                f'with {self.args.hashtype} on the client)')
@@ -490,8 +493,9 @@ class Bench:
         label = f'{len(files)} x {size_text(files[0].size)}'
         self.row('large', f'{label}: POST to ready', ours, ref, lambda o: secs(o.ready or 0), 'ready',
                  '' if floor is None else f'{secs(floor)} (parallel GETs + hash)'
-                 + ('' if write is None else f'; writing the bytes {secs(write.seconds)}, '
-                                             f'{write.cpu_seconds:.1f} CPU-s'))
+                 + ('' if write is None or durable is None else
+                    f'; writing the bytes {secs(write.seconds)}, {write.cpu_seconds:.1f} CPU-s; '
+                    f'with fdatasync {secs(durable.seconds)}'))
         self.row('large', f'{label}: download', ours, ref, lambda o: f'{o.mb_per_s or 0:,.0f} MB/s', 'rate',
                  '' if rate is None or rate_hashed is None else
                  f'{rate.mb_per_s:,.0f} MB/s nginx sendfile, {rate_hashed.mb_per_s:,.0f} MB/s with client hash')

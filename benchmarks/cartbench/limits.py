@@ -156,11 +156,13 @@ class WriteCost:
     nbytes: int
 
 
-def page_cache_write(directory: pathlib.Path, files: int, size: int) -> WriteCost:
+def page_cache_write(directory: pathlib.Path, files: int, size: int, durable: bool = False) -> WriteCost:
     """Write `files` files of `size` bytes (1 MiB writes, one thread each) under directory; delete them after.
 
     On a virtual machine that hands freed memory back to its host, the first touch of that
-    memory costs CPU time here just as it does in the cart's workers.
+    memory costs CPU time here just as it does in the cart's workers. With `durable` each
+    file is also flushed to the disk (fdatasync) before it counts as written, as the cart's
+    workers do before they record a file staged.
     """
     block = os.urandom(1 << 20)
     base = pathlib.Path(directory)
@@ -171,6 +173,9 @@ def page_cache_write(directory: pathlib.Path, files: int, size: int) -> WriteCos
         with open(base / f'scratch-{index}', 'wb') as out:
             while left > 0:
                 left -= out.write(block[:min(left, len(block))])
+            if durable:
+                out.flush()
+                os.fdatasync(out.fileno())
 
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.monotonic()
