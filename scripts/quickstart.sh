@@ -35,7 +35,7 @@ ARCHIVE_VENV=${QUICKSTART_ARCHIVE_VENV:-$REPO/.venv-archive}
 WAIT=${QUICKSTART_WAIT:-60}
 STOP_WAIT=20
 ARCHIVE_REQUIREMENTS=('pacifica-archiveinterface==0.4.2' 'peewee<4' 'setuptools<81')
-SERVICES=(server worker archive)  # stopped in this order
+SERVICES=(server worker archive)
 
 URL="http://127.0.0.1:$PORT"
 ARCHIVE_URL="http://127.0.0.1:$ARCHIVE_PORT/"
@@ -118,29 +118,28 @@ wait_log() {
   die "$name was not ready within $WAIT s"
 }
 
-# stop_one NAME: SIGTERM the process, wait for it (at most STOP_WAIT s), then SIGKILL what is left of its session.
-stop_one() {
-  local name=$1 pid
-  pid=$(pid_of "$name")
-  if [[ -z $pid ]]; then
-    return 0
-  fi
-  if alive "$name"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < STOP_WAIT * 10; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
+# stop_all: SIGTERM every process start launched, wait for them (at most STOP_WAIT s), then SIGKILL what is
+# left of their sessions (each leads its own process group: setsid).
+stop_all() {
+  local name pid pids=() names=()
+  for name in "${SERVICES[@]}"; do
+    if alive "$name"; then
+      pid=$(pid_of "$name")
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+      names+=("$name")
+    fi
+  done
+  for i in "${!pids[@]}"; do
+    for ((tick = 0; tick < STOP_WAIT * 10; tick++)); do
+      kill -0 "${pids[$i]}" 2>/dev/null || break
       sleep 0.1
     done
-    # the process leads its own group (setsid): end its children with it
-    kill -KILL -- "-$pid" 2>/dev/null || true
-    echo "stopped $name (pid $pid)"
-  fi
-  rm -f "$RUN/$name.pid"
-}
-
-stop_all() {
+    kill -KILL -- "-${pids[$i]}" 2>/dev/null || true
+    echo "stopped ${names[$i]} (pid ${pids[$i]})"
+  done
   for name in "${SERVICES[@]}"; do
-    stop_one "$name"
+    rm -f "$RUN/$name.pid"
   done
 }
 
@@ -157,12 +156,21 @@ status() {
   ((running))
 }
 
+# make_venv DIR: a new virtual environment (a half-made one is removed, so the next run starts clean).
+make_venv() {
+  [[ -x $1/bin/python ]] && return 0
+  if ! "$PYTHON" -m venv "$1"; then
+    rm -rf "$1"
+    die "$PYTHON cannot make a virtual environment (on Debian and Ubuntu: apt-get install python3-venv)"
+  fi
+}
+
 install() {
   "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
     die "$PYTHON is older than Python 3.10 (set QUICKSTART_PYTHON to a newer one)"
   if [[ ! -x $VENV/bin/pacifica-cartd || ${QUICKSTART_REINSTALL:-} == 1 ]]; then
     say "installing pacifica-cartd into $VENV"
-    [[ -x $VENV/bin/python ]] || "$PYTHON" -m venv "$VENV"
+    make_venv "$VENV"
     # build in a copy: an in-tree build/ would leave stale files in the checkout
     local src
     src=$(mktemp -d)
@@ -173,7 +181,7 @@ install() {
   fi
   if [[ ! -x $ARCHIVE_VENV/bin/pacifica-archiveinterface ]]; then
     say "installing the archive interface into $ARCHIVE_VENV"
-    [[ -x $ARCHIVE_VENV/bin/python ]] || "$PYTHON" -m venv "$ARCHIVE_VENV"
+    make_venv "$ARCHIVE_VENV"
     "$ARCHIVE_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${ARCHIVE_REQUIREMENTS[@]}"
   fi
 }
@@ -220,7 +228,7 @@ EOF
 start() {
   local name
   for name in "${SERVICES[@]}"; do
-    ! alive "$name" || die "already running ($(status | tr '\n' ' ')); stop it with: $0 stop"
+    ! alive "$name" || die "already running ($(status | tr '\n' ' ')); stop it with: bash $0 stop"
   done
   port_busy "$PORT" && die "port $PORT is in use: set QUICKSTART_PORT to a free port"
   port_busy "$ARCHIVE_PORT" && die "port $ARCHIVE_PORT is in use: set QUICKSTART_ARCHIVE_PORT to a free port"
@@ -259,7 +267,7 @@ curl -o demo.tar '$URL/demo?filename=demo.tar'
 tar -tvf demo.tar
 curl -X DELETE $URL/demo
 
-Stop it with: $0 stop
+Stop it with: bash $0 stop
 EOF
 }
 

@@ -175,6 +175,9 @@ def test_readme_quick_start(quickstart: QuickStart) -> None:
     status = quickstart.script('status')
     assert status.returncode == 0 and status.stdout.count(': running') == 3, status.stdout
     pids = quickstart.pids()
+    again = quickstart.script()
+    assert again.returncode == 1 and 'already running' in again.stdout, again.stdout
+    assert quickstart.pids() == pids
 
     assert '"Cart Processing has begun"' in run(post, quickstart.workdir, quickstart.env)
     deadline = time.monotonic() + 60
