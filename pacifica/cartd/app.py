@@ -12,7 +12,7 @@ from . import database, schema
 from .config import Settings, check_volume
 from .rest import CartRoot, app_config, error_page
 from .service import CartService
-from .tasks import CeleryTaskQueue, app as celery_app, use_settings
+from .tasks import CeleryTaskQueue, app as celery_app, check_broker, use_settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class ServiceHolder:
 def prepare(settings: Settings) -> None:
     """Check the volume, bind and reach the database, and refuse a schema this code cannot use."""
     check_volume(settings)
+    check_broker(settings)
     use_settings(settings)
     database.bind(settings)
     database.wait_for_database(settings)

@@ -122,6 +122,25 @@ def _url_with_slash(text: str) -> str:
     return url if url.endswith('/') else url + '/'
 
 
+FILESYSTEM_BROKER = 'filesystem://'
+
+
+def _broker_url(text: str) -> str:
+    """A broker URL; kombu's filesystem transport needs the absolute directory it shares (filesystem:///dir)."""
+    url = text.strip()
+    if url.split(':', 1)[0] == 'filesystem' and not url.startswith(FILESYSTEM_BROKER + '/'):
+        raise ValueError(f'a filesystem broker names an absolute directory, as in filesystem:///var/lib/cartd/broker, '
+                         f'not {text!r}')
+    return url
+
+
+def filesystem_broker_dir(broker_url: str) -> Optional[Path]:
+    """The directory of a filesystem:///dir broker URL, or None for a broker server."""
+    if not broker_url.startswith(FILESYSTEM_BROKER):
+        return None
+    return Path(broker_url[len(FILESYSTEM_BROKER):])
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything the service is configured with, parsed and checked."""
@@ -170,7 +189,7 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('archiveinterface', 'retry_wait'): ('archive_retry_wait', _non_negative(float)),
     ('archiveinterface', 'tape_wait'): ('archive_tape_wait', _non_negative(float)),
     ('archiveinterface', 'tape_wait_max'): ('archive_tape_wait_max', _non_negative(float)),
-    ('celery', 'broker_url'): ('broker_url', str.strip),
+    ('celery', 'broker_url'): ('broker_url', _broker_url),
     ('celery', 'backend_url'): ('backend_url', str.strip),
     ('celery', 'queue'): ('celery_queue', str.strip),
     ('database', 'peewee_url'): ('peewee_url', str.strip),

@@ -12,7 +12,8 @@ from typing import Any, List, Optional, Sequence
 from celery import Celery, signals
 
 from . import database
-from .config import Settings, check_volume, load_settings
+from .config import Settings, check_volume, filesystem_broker_dir, load_settings
+from .errors import ConfigError
 from .service import CartService
 
 LOGGER = logging.getLogger(__name__)
@@ -27,6 +28,41 @@ app = Celery('pacifica.cartd')
 # declaring a result queue, which would retry for ever.
 PUBLISH_RETRY = {'max_retries': 2, 'interval_start': 0.2, 'interval_step': 0.3, 'interval_max': 0.5}
 
+# How often a worker on the filesystem broker lists its folder for new messages (kombu's default is 1 s).
+FILESYSTEM_POLLING_INTERVAL = 0.1
+
+
+def broker_transport_options(settings: Settings) -> dict:
+    """Transport options for the broker: for filesystem:///dir, the folders every process shares under dir.
+
+    Every message is a file in dir/messages (the server writes there, the workers take from
+    there) and the exchanges' bindings, which revoke's broadcast needs, live in dir/control.
+    """
+    root = filesystem_broker_dir(settings.broker_url)
+    if root is None:
+        return {}
+    messages = str(root / 'messages')
+    return {'data_folder_in': messages, 'data_folder_out': messages, 'control_folder': str(root / 'control'),
+            'polling_interval': FILESYSTEM_POLLING_INTERVAL}
+
+
+def kombu_broker_url(broker_url: str) -> str:
+    """The broker URL as kombu takes it: a filesystem broker names localhost, which kombu warns about otherwise."""
+    root = filesystem_broker_dir(broker_url)
+    return broker_url if root is None else f'filesystem://localhost{root}'
+
+
+def check_broker(settings: Settings) -> None:
+    """Create a filesystem broker's folders (kombu does not), or fail with a ConfigError naming the key."""
+    options = broker_transport_options(settings)
+    for key in ('data_folder_in', 'control_folder'):
+        if key in options:
+            try:
+                os.makedirs(options[key], exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f'bad value for [celery] broker_url (env BROKER_URL): '
+                                  f'cannot create {options[key]}: {exc.strerror}') from exc
+
 
 def celery_settings(settings: Settings) -> dict:
     """The Celery configuration the service runs with.
@@ -35,7 +71,8 @@ def celery_settings(settings: Settings) -> dict:
     task is idempotent (staged files are skipped), so nothing is lost and nothing doubled.
     """
     return {
-        'broker_url': settings.broker_url,
+        'broker_url': kombu_broker_url(settings.broker_url),
+        'broker_transport_options': broker_transport_options(settings),
         'result_backend': settings.backend_url,
         'task_ignore_result': True,
         'task_default_queue': settings.celery_queue,
@@ -53,6 +90,7 @@ def celery_settings(settings: Settings) -> dict:
 def _configure(sender: Celery, **_kwargs: Any) -> None:
     """Read the settings the first time Celery needs its configuration, never at import."""
     settings = _settings()
+    check_broker(settings)
     sender.conf.update(celery_settings(settings))
 
 
