@@ -6,6 +6,10 @@ JSON error page whose message names the problem; the volume's tree and the cart 
 counts must be as they were before. Rows that declare a body larger than what they send
 also check that the server answers at once and closes the connection, without waiting for
 (or buffering) the rest of the body.
+
+All rows run in one test per database, against one stack: as separate test items,
+pytest-xdist would spread them over its workers and each worker would start its own stacks.
+A failure lists every row that failed, by name.
 """
 from __future__ import annotations
 
@@ -71,7 +75,7 @@ TOO_LARGE = f'the request body is larger than {LIMIT} bytes'
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One bad request and the answer it must get.
+    """One bad request (named for failure messages) and the answer it must get.
 
     `target` None means `/<a fresh uid>` (a uid no other row uses, checked with HEAD after).
     `body` is what is sent (None: no body); a Content-Length of its size is added unless
@@ -80,6 +84,7 @@ class Row:
     not ask it to), because part of the body was left unread.
     """
 
+    name: str
     status: int
     fragment: str
     body: Optional[bytes] = GOOD_BODY
@@ -89,27 +94,22 @@ class Row:
     closes: bool = False
 
 
-def row(name: str, *args: Any, **kwargs: Any) -> Any:
-    """A pytest.param of a Row with a readable id."""
-    return pytest.param(Row(*args, **kwargs), id=name)
-
-
-def body_row(name: str, body: bytes, fragment: str, status: int = 400) -> Any:
+def body_row(name: str, body: bytes, fragment: str, status: int = 400) -> Row:
     """A POST of `body` to a fresh uid."""
-    return row(name, status, fragment, body=body)
+    return Row(name, status, fragment, body=body)
 
 
-def uid_row(name: str, quoted_uid: str, fragment: str, status: int = 400, method: str = 'POST') -> Any:
+def uid_row(name: str, quoted_uid: str, fragment: str, status: int = 400, method: str = 'POST') -> Row:
     """A request to /<quoted_uid> (sent as given) with a valid body for POST."""
     body = GOOD_BODY if method == 'POST' else None
-    return row(name, status, fragment, body=body, target=f'/{quoted_uid}', method=method)
+    return Row(name, status, fragment, body=body, target=f'/{quoted_uid}', method=method)
 
 
 def huge_row(name: str, status: int, fragment: str, method: str = 'POST', target: Optional[str] = None,
-             content_type: str = 'application/json') -> Any:
+             content_type: str = 'application/json') -> Row:
     """Declare a 200 MB body, send 4 KB of it, and expect an answer and a closed connection at once."""
     headers = {'Content-Type': content_type, 'Content-Length': str(HUGE)}
-    return row(name, status, fragment, body=b' ' * SENT_OF_HUGE, headers=headers, method=method, target=target,
+    return Row(name, status, fragment, body=b' ' * SENT_OF_HUGE, headers=headers, method=method, target=target,
                closes=True)
 
 
@@ -228,37 +228,37 @@ UID_ROWS = [
 
 REQUEST_ROWS = [
     # Content-Type
-    row('content-type-text', 415, WRONG_TYPE, headers={'Content-Type': 'text/plain'}),
-    row('content-type-missing', 415, WRONG_TYPE, headers={}),
-    row('content-type-form', 415, WRONG_TYPE, headers={'Content-Type': 'application/x-www-form-urlencoded'}),
-    row('content-type-multipart', 415, WRONG_TYPE, headers={'Content-Type': 'multipart/form-data; boundary=x'}),
+    Row('content-type-text', 415, WRONG_TYPE, headers={'Content-Type': 'text/plain'}),
+    Row('content-type-missing', 415, WRONG_TYPE, headers={}),
+    Row('content-type-form', 415, WRONG_TYPE, headers={'Content-Type': 'application/x-www-form-urlencoded'}),
+    Row('content-type-multipart', 415, WRONG_TYPE, headers={'Content-Type': 'multipart/form-data; boundary=x'}),
     # size: the limit itself is allowed (then the body is judged), one byte more is not
-    row('body-at-limit', 400, "fileids: 5 is not of type 'array'", body=b'{"fileids": 5}'.ljust(LIMIT)),
-    row('body-over-limit', 413, TOO_LARGE, body=GOOD_BODY.ljust(LIMIT + 1)),
-    row('body-over-limit-chunked', 413, TOO_LARGE, body=chunked(GOOD_BODY.ljust(LIMIT + 4096)),
+    Row('body-at-limit', 400, "fileids: 5 is not of type 'array'", body=b'{"fileids": 5}'.ljust(LIMIT)),
+    Row('body-over-limit', 413, TOO_LARGE, body=GOOD_BODY.ljust(LIMIT + 1)),
+    Row('body-over-limit-chunked', 413, TOO_LARGE, body=chunked(GOOD_BODY.ljust(LIMIT + 4096)),
         headers={**JSON_TYPE, 'Transfer-Encoding': 'chunked'}, closes=True),
     huge_row('declared-200MB', 413, TOO_LARGE),
     huge_row('declared-200MB-wrong-type', 415, WRONG_TYPE, content_type='text/plain'),
     huge_row('declared-200MB-put', 405, NO_METHOD, method='PUT'),
     huge_row('declared-200MB-no-uid', 404, 'Missing parameters: uid', target='/'),
-    row('content-length-negative', 400, "the Content-Length header is not a number of bytes: '-1'",
+    Row('content-length-negative', 400, "the Content-Length header is not a number of bytes: '-1'",
         headers={**JSON_TYPE, 'Content-Length': '-1'}, closes=True),
-    row('content-length-signed', 400, f"the Content-Length header is not a number of bytes: '+{len(GOOD_BODY)}'",
+    Row('content-length-signed', 400, f"the Content-Length header is not a number of bytes: '+{len(GOOD_BODY)}'",
         headers={**JSON_TYPE, 'Content-Length': f'+{len(GOOD_BODY)}'}),
     # errors the HTTP server answers before the API sees the request
-    row('content-length-not-a-number', 400, 'Malformed Content-Length Header.',
+    Row('content-length-not-a-number', 400, 'Malformed Content-Length Header.',
         headers={**JSON_TYPE, 'Content-Length': 'many'}, closes=True),
-    row('transfer-coding-unknown', 501, 'Unimplemented', headers={**JSON_TYPE, 'Transfer-Encoding': 'gzip'},
+    Row('transfer-coding-unknown', 501, 'Unimplemented', headers={**JSON_TYPE, 'Transfer-Encoding': 'gzip'},
         closes=True),
-    row('request-line-malformed', 400, 'Malformed Request-Line', target='/a b', closes=True),
-    row('url-over-header-limit', 414, 'The Request-URI sent with the request exceeds the maximum allowed bytes.',
+    Row('request-line-malformed', 400, 'Malformed Request-Line', target='/a b', closes=True),
+    Row('url-over-header-limit', 414, 'The Request-URI sent with the request exceeds the maximum allowed bytes.',
         target='/' + 'u' * HEADER_LIMIT, closes=True),
-    row('headers-over-limit', 413, 'The headers sent with the request exceed the maximum allowed bytes.',
+    Row('headers-over-limit', 413, 'The headers sent with the request exceed the maximum allowed bytes.',
         headers={**JSON_TYPE, 'X-Padding': 'p' * HEADER_LIMIT}, closes=True),
     # methods the API does not have
-    *[row(f'method-{method.lower()}', 405, NO_METHOD, method=method)
+    *[Row(f'method-{method.lower()}', 405, NO_METHOD, method=method)
       for method in ('PUT', 'PATCH', 'OPTIONS', 'TRACE', 'PROPFIND', 'FOO')],
-    row('method-put-root', 405, NO_METHOD, method='PUT', target='/'),
+    Row('method-put-root', 405, NO_METHOD, method='PUT', target='/'),
 ]
 
 
@@ -298,8 +298,11 @@ def row_counts(peewee_url: str) -> Dict[str, int]:
         database.close()
 
 
-@pytest.mark.parametrize('request_row', [*BODY_ROWS, *UID_ROWS, *REQUEST_ROWS])
-def test_bad_request_is_refused_and_changes_nothing(stack: CartStack, request_row: Row) -> None:
+ROWS = [*BODY_ROWS, *UID_ROWS, *REQUEST_ROWS]
+
+
+def check(stack: CartStack, request_row: Row) -> None:
+    """Send one row's request and assert everything about its answer and its (absent) effects."""
     uid = f'bad-{uuid.uuid4().hex[:12]}'
     target = f'/{uid}' if request_row.target is None else request_row.target
     tree, counts = volume_tree(str(stack.volume)), row_counts(stack.peewee_url)
@@ -322,7 +325,23 @@ def test_bad_request_is_refused_and_changes_nothing(stack: CartStack, request_ro
     if request_row.closes:
         assert answer.closed and answer.headers.get('connection') == 'close', context
 
-    assert volume_tree(str(stack.volume)) == tree
-    assert row_counts(stack.peewee_url) == counts
+    assert volume_tree(str(stack.volume)) == tree, f'{context}: the volume changed'
+    assert row_counts(stack.peewee_url) == counts, f'{context}: the database changed'
     if request_row.target is None:
-        assert stack.head(uid).status_code == 404
+        assert stack.head(uid).status_code == 404, f'{context}: the cart exists'
+
+
+def test_rows_have_distinct_names() -> None:
+    names = [request_row.name for request_row in ROWS]
+    assert len(names) == len(set(names)) > 100
+
+
+def test_bad_requests_are_refused_and_change_nothing(stack: CartStack) -> None:
+    """Every row against one stack per database (rows in one test, so pytest-xdist cannot split them)."""
+    failures = []
+    for request_row in ROWS:
+        try:
+            check(stack, request_row)
+        except (AssertionError, ValueError) as exc:  # ValueError: an answer that is not JSON
+            failures.append(f'{request_row.name}: {type(exc).__name__}: {exc}')
+    assert not failures, f'{len(failures)} of {len(ROWS)} rows failed:\n' + '\n'.join(failures)
