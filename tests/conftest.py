@@ -59,11 +59,15 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArchiveServer]
 @pytest.fixture(scope='module', params=DATABASE_KINDS)
 def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
-    """A running cart (server + one celery worker) on each database in turn, for a test module."""
+    """A running cart (server + one celery worker) on each database in turn, for a test module.
+
+    A module may set STACK_OVERRIDES ({section: {key: value}}) to change the stack's config.
+    """
     kind = request.param
     base = tmp_path_factory.mktemp(f'stack-{kind}')
     url = fresh_database(kind, base)
-    cart = CartStack(base, archive, url, workers=1, concurrency=2)
+    cart = CartStack(base, archive, url, workers=1, concurrency=2,
+                     overrides=getattr(request.module, 'STACK_OVERRIDES', None))
     try:
         cart.start()
         yield cart

@@ -16,6 +16,7 @@ import requests
 
 from support.databases import drop_database, fresh_database
 from support.procs import ManagedProcess, free_port
+from support.rawhttp import exchange, parse_answer
 from support.stack import CartStack, binary, tar_contents, write_config
 
 pytestmark = [pytest.mark.integration]
@@ -215,6 +216,27 @@ def test_body_over_max_request_size_is_413(cart: CartStack) -> None:
     answer = requests.post(f'{cart.url}/{_uid()}', data=body, headers={'Content-Type': 'application/json'},
                            timeout=60)
     assert answer.status_code == 413
+
+
+def test_hostile_requests_get_json_errors(cart: CartStack) -> None:
+    """A few rows of test_bad_input.py under uWSGI, which parses the request itself."""
+    huge = (b'POST /%s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200000000\r\n\r\n'
+            % _uid().encode() + b' ' * 4096)
+    answer = parse_answer(*exchange(cart.port, huge))
+    assert (answer.status, answer.closed) == (413, True)
+    assert json.loads(answer.body)['message'] == 'the request body is larger than 8388608 bytes'
+    not_utf8 = (b'POST /%FFx HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 14\r\n\r\n'
+                b'{"fileids":[]}')
+    answer = parse_answer(*exchange(cart.port, not_utf8))
+    assert answer.status == 400
+    assert json.loads(answer.body)['message'] == 'the URL is not valid UTF-8 once %-decoded'
+
+
+def test_unparsable_request_line_sends_no_traceback(cart: CartStack) -> None:
+    """uWSGI hands CherryPy the protocol `b HTTP/1.1`; CherryPy's bare 500 must not carry its traceback."""
+    received, _ = exchange(cart.port, b'GET /a b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    assert b' 500 ' in received.split(b'\r\n', 1)[0], received[:300]
+    assert b'Traceback' not in received and b'File "' not in received, received
 
 
 def test_delete(cart: CartStack) -> None:

@@ -63,8 +63,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f'database error: {type(exc).__name__}: {exc}')
     # The listen backlog: CherryPy's default of 5 drops connections (SYN cookies, resets)
     # as soon as a few dozen clients connect at once (measured with benchmarks/load.py).
+    # No body limit in cheroot (100 MB by default, answered in plain text before the API
+    # sees the request): the API reads at most max_request_size + 1 bytes and answers a
+    # larger body with its own JSON 413; the gateway never reads what the API left.
     cherrypy.config.update({'server.socket_host': '127.0.0.1', 'server.socket_port': 8081,
-                            'server.socket_queue_size': LISTEN_BACKLOG, 'engine.autoreload.on': False})
+                            'server.socket_queue_size': LISTEN_BACKLOG, 'server.max_request_body_size': 0,
+                            'engine.autoreload.on': False})
     # CherryPy prints its own ENGINE and access lines; do not print them twice via the root logger.
     cherrypy.log.error_log.propagate = False
     cherrypy.log.access_log.propagate = False

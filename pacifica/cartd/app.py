@@ -10,7 +10,7 @@ import cherrypy
 
 from . import database, schema
 from .config import Settings, check_volume
-from .rest import CartRoot, app_config, error_page
+from .rest import CartRoot, QuietRequest, app_config, error_page
 from .service import CartService
 from .tasks import CeleryTaskQueue, app as celery_app, check_broker, use_settings
 
@@ -51,6 +51,7 @@ def mount(settings: Settings, cpconfig: Optional[str]) -> cherrypy._cptree.Appli
     if cpconfig and os.path.isfile(cpconfig):
         cherrypy.config.update(cpconfig)
     application = cherrypy.tree.mount(CartRoot(ServiceHolder(settings)), '/', app_config())
+    application.request_class = QuietRequest
     if cpconfig and os.path.isfile(cpconfig):
         application.merge(cpconfig)
     # The API's own settings win over a cpconfig that predates them.

@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import cherrypy
 
@@ -41,7 +41,35 @@ def error_page(status: str, message: str, traceback: str, version: str) -> str:
 
 
 def _raise_http(status: int, message: str) -> None:
+    """Answer with an error page; a HEAD answer also gets the two X-Pacifica headers."""
+    if cherrypy.request.method == 'HEAD':
+        cherrypy.response.headers[STATUS_HEADER] = 'error'
+        cherrypy.response.headers[MESSAGE_HEADER] = header_safe(message)
     raise cherrypy.HTTPError(status, message)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode('utf-8')
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def refuse_non_utf8_url() -> None:
+    """Answer 400 to a URL whose path or query string is not UTF-8 once %-decoded.
+
+    CherryPy would hand such a path on decoded as Latin-1 (`/%FFx` becoming the uid 'ÿx',
+    the same uid as `/%C3%BFx`) and answer such a query string with a 404.
+    """
+    environ = cherrypy.request.wsgi_environ
+    try:  # PEP 3333: the bytes the client sent, one Latin-1 character each
+        path = environ.get('PATH_INFO', '').encode('latin-1')
+        query = unquote_to_bytes(environ.get('QUERY_STRING', '').encode('latin-1'))
+    except UnicodeEncodeError:
+        return  # a server that decoded them already
+    if not _is_utf8(path) or not _is_utf8(query):
+        _raise_http(400, 'the URL is not valid UTF-8 once %-decoded')
 
 
 def translate_errors(handler: F) -> F:
@@ -69,9 +97,6 @@ def translate_errors(handler: F) -> F:
         except Exception:  # the one place unexpected errors become a 500
             LOGGER.exception('%s %s failed', cherrypy.request.method, cherrypy.request.path_info)
             status, message = 500, UNEXPECTED_MESSAGE
-        if cherrypy.request.method == 'HEAD':
-            cherrypy.response.headers[STATUS_HEADER] = 'error'
-            cherrypy.response.headers[MESSAGE_HEADER] = header_safe(message)
         _raise_http(status, message)
         return None
     return wrapper  # type: ignore[return-value]
@@ -83,7 +108,10 @@ def _read_json_body(limit: int) -> Any:
     if content_type not in JSON_TYPES:
         raise cherrypy.HTTPError(415, 'Expected an entity of content type application/json, text/javascript')
     declared = request.headers.get('Content-Length')
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and not declared.isdigit():
+        # cheroot takes '-1' for a length, and the body would then be read to the end
+        raise BadRequest(f'the Content-Length header is not a number of bytes: {declared!r}')
+    if declared is not None and int(declared) > limit:
         raise PayloadTooLarge(f'the request body is larger than {limit} bytes')
     raw = request.body.fp.read(limit + 1) if request.body.fp is not None else b''
     if len(raw) > limit:
@@ -213,6 +241,16 @@ class CartRoot:
         return json.dumps({'message': 'Cart Deleted Successfully'}).encode('utf-8')
 
 
+class QuietRequest(cherrypy._cprequest.Request):
+    """CherryPy's request, sending no traceback even when it fails before the config applies.
+
+    Under uWSGI a request line such as `POST /a b HTTP/1.1` reaches CherryPy with the
+    protocol `b HTTP/1.1`, which it cannot parse; its bare 500 answer would carry the traceback.
+    """
+
+    show_tracebacks = False
+
+
 def app_config() -> Dict[str, Dict[str, Any]]:
     """The per-application CherryPy config the API needs, whatever the cpconfig file says."""
     return {
@@ -220,6 +258,7 @@ def app_config() -> Dict[str, Dict[str, Any]]:
             'request.dispatch': cherrypy.dispatch.MethodDispatcher(),
             'request.show_tracebacks': False,
             'request.process_request_body': False,
+            'hooks.on_start_resource': refuse_non_utf8_url,
             'tools.response_headers.on': True,
             'tools.response_headers.headers': [('Content-Type', 'application/json')],
             'error_page.default': error_page,

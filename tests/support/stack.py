@@ -50,6 +50,7 @@ class CartStack:
         """Lay out the stack's directory and config; nothing runs until start()."""
         self.base_dir = base_dir
         self.archive = archive
+        self.peewee_url = peewee_url
         self.volume = base_dir / 'volume'
         self.queue = unique_queue_name()
         self.port = 0
