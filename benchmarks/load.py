@@ -393,15 +393,17 @@ def rss_text(label: str, peaks: TreePeaks, samples: int) -> str:
     def mb(value: int) -> str:
         return f'{value / 1e6:,.0f}'
     what = label if peaks.processes <= 1 else f'{label} ({peaks.processes} processes, summed)'
+    quarters = '/'.join(mb(peaks.sums[len(peaks.sums) * share // 4]) for share in (1, 2, 3)) if peaks.sums else '-'
     return (f'{what} {mb(peaks.first_sum)} / {mb(peaks.min_sum)} / {mb(peaks.peak_sum)} / {mb(peaks.last_sum)} MB'
-            + ('' if samples else ' (no samples)'))
+            f' (at 1/4, 1/2, 3/4 of the run {quarters})' + ('' if samples else ' (no samples)'))
 
 
 def figures(args: argparse.Namespace, tally: Tally, after: Aftermath, sampler: RssSampler, wall: float,
             cpu: Mapping[str, float], other_share: float, load_before: str) -> Tuple[List[str], bool]:
     """The block of figures, and whether the run passed."""
     roles = collections.Counter(role_of(index) for index in range(args.clients))
-    backlog = cpconfig_overrides(args.cpconfig_set).get('server.socket_queue_size', 'default')
+    from pacifica.cartd.__main__ import LISTEN_BACKLOG  # pylint: disable=import-outside-toplevel
+    backlog = cpconfig_overrides(args.cpconfig_set).get('server.socket_queue_size', f'{LISTEN_BACKLOG} (default)')
     sets = ''.join(f', {item}' for item in args.set + args.cpconfig_set)
     total = sum(tally.requests.values())
     failed = sum(tally.failed.values())

@@ -56,6 +56,7 @@ class TreePeaks:
     last_sum: int = 0            # ... at the last sample
     min_sum: int = 0             # the lowest sum over the tree at one moment
     processes: int = 0           # processes in the tree at the last sample
+    sums: List[int] = dataclasses.field(default_factory=list)  # the sum over the tree at every sample
     per_pid: Dict[int, int] = dataclasses.field(default_factory=dict)
 
 
@@ -96,6 +97,7 @@ class RssSampler:
                 peaks.first_sum = total
             peaks.last_sum = total
             peaks.processes = count
+            peaks.sums.append(total)
         self.samples += 1
 
     def _loop(self) -> None:
