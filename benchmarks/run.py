@@ -15,14 +15,10 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime
-import importlib.metadata
 import os
 import pathlib
 import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -33,11 +29,12 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / 'tests'))  # tests/support: the archive, stacks, venvs and databases
 
 from cartbench import client, limits  # noqa: E402
+from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options,  # noqa: E402
+                               load_average, log, start_archive, start_ours, wait_idle)
 from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, total_bytes  # noqa: E402
 from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes  # noqa: E402
 from cartbench.stacks import Nginx, OurStack, ReferenceStack, find_nginx  # noqa: E402
 from support.archive import ArchiveServer  # noqa: E402
-from support.broker import broker_available  # noqa: E402
 from support.databases import drop_database, fresh_database, server_available  # noqa: E402
 from support.venvs import reference_cart_venv  # noqa: E402
 
@@ -63,11 +60,6 @@ SCALES = {
     'small': Scale(small=(200, 4 * KiB), many=(2000, KiB), large=(8, 16 * MiB), big=(16, 16 * MiB),
                    concurrent=(20, 10, 64 * KiB), poll_seconds=2, floor_files=500),
 }
-
-
-def log(text: str) -> None:
-    """Progress on stderr; the figures go to stdout."""
-    print(f'# {datetime.datetime.now():%H:%M:%S} {text}', file=sys.stderr, flush=True)
 
 
 def secs(value: float) -> str:
@@ -190,12 +182,8 @@ class Bench:
 
     def start_archive(self) -> ArchiveServer:
         """The real archive interface, gunicorn with 4 sync workers."""
-        archive = ArchiveServer(self.base / 'archive', workers=self.args.archive_workers)
-        self.cleanup.callback(archive.stop)
-        log(f'starting the archive interface ({self.args.archive_workers} gunicorn workers)')
-        archive.start()
-        self.archive = archive
-        return archive
+        self.archive = start_archive(self.base, self.args.archive_workers, self.cleanup)
+        return self.archive
 
     def make_data(self, workloads: Sequence[str]) -> None:
         """Write the files of the chosen workloads into the archive."""
@@ -226,21 +214,7 @@ class Bench:
     def start_ours(self) -> OurStack:
         """Our cart: CartStack with the chosen database and worker layout."""
         assert self.archive is not None
-        args = self.args
-        base = self.base / 'ours'
-        base.mkdir()
-        url = fresh_database(args.database, base)
-        self.cleanup.callback(drop_database, args.database, url)
-        overrides: Dict[str, Dict[str, str]] = {}
-        for item in args.set:
-            key, _, value = item.partition('=')
-            section, _, name = key.partition('.')
-            overrides.setdefault(section, {})[name] = value
-        stack = OurStack(base, self.archive, url, args.workers, args.concurrency, args.server_threads, overrides)
-        self.cleanup.callback(stack.stop)
-        log(f'starting our cart ({args.database}, {args.workers} worker(s) x concurrency {args.concurrency})')
-        stack.start()
-        return stack
+        return start_ours(self.args, self.base / 'ours', self.archive, self.cleanup)
 
     def start_reference(self) -> ReferenceStack:
         """The published 0.7.0 from its own venv, on MariaDB and its own vhost."""
@@ -771,16 +745,12 @@ class Bench:
 
     def header(self, workloads: Sequence[str]) -> str:
         """What ran where."""
-        try:
-            ours_version = importlib.metadata.version('pacifica-cartd')
-        except importlib.metadata.PackageNotFoundError:
-            ours_version = '?'
-        load = ' '.join(f'{value:.2f}' for value in os.getloadavg())
-        return (f'# pacifica-cartd {ours_version} ({self.args.database}, {self.args.workers} worker(s) x '
-                f'concurrency {self.args.concurrency}{", " + ", ".join(self.args.set) if self.args.set else ""})'
+        settings = ''.join(', ' + item for item in self.args.set + self.args.cpconfig_set)
+        return (f'# pacifica-cartd {cart_version()} ({self.args.database}, {self.args.workers} worker(s) x '
+                f'concurrency {self.args.concurrency}{settings})'
                 f'{" vs 0.7.0 (MariaDB)" if self.args.compare else ""}; archive interface 0.4.2 under gunicorn '
                 f'x{self.args.archive_workers}; scale {self.args.scale}; hash {self.args.hashtype}; '
-                f'{os.cpu_count()} CPUs, load {load}; workloads {",".join(workloads)}')
+                f'{os.cpu_count()} CPUs, load {load_average()}; workloads {",".join(workloads)}')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -792,32 +762,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--workloads', default=','.join(WORKLOADS),
                         help=f'comma-separated subset of {",".join(WORKLOADS)} (memory also runs large)')
     parser.add_argument('--scale', choices=sorted(SCALES), default='full', help='sizes: full or a quick small run')
-    parser.add_argument('--database', choices=('sqlite', 'postgres', 'mysql'), default='sqlite',
-                        help='database of our cart')
-    parser.add_argument('--workers', type=int, default=1, help='celery worker processes (each side)')
-    parser.add_argument('--concurrency', type=int, default=2, help='celery pool processes per worker (each side)')
-    parser.add_argument('--server-threads', type=int, default=16, help='CherryPy server.thread_pool (both)')
-    parser.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
-                        help='a setting of our cart, e.g. cartd.stage_concurrency=16 (repeatable)')
+    add_stack_options(parser, max_minutes=60)
     parser.add_argument('--hashtype', default='sha1', help='hash type in the carts (and to check downloads)')
     parser.add_argument('--deadline', type=float, default=600, help='seconds our cart may take to be ready')
     parser.add_argument('--ref-deadline', type=float, default=120, help='seconds 0.7.0 may take to be ready')
     parser.add_argument('--poll-threads', type=int, default=16, help='client threads of the polling workload')
     parser.add_argument('--poll-seconds', type=float, default=0, help='length of the polling workload')
     parser.add_argument('--floor-threads', type=int, default=8, help='threads of the plain-GET floors')
-    parser.add_argument('--archive-workers', type=int, default=4, help='gunicorn workers of the archive')
     parser.add_argument('--tar-reader', choices=('stream', 'tarfile'), default='stream',
                         help="how downloads are checked: a block-by-block reader, or tarfile mode 'r|' (slower)")
     parser.add_argument('--no-limits', action='store_true', help='skip the physical limits')
     parser.add_argument('--no-install', action='store_true', help='do not apt-get install nginx when missing')
     parser.add_argument('--markdown', action='store_true', help='also print a Markdown table')
-    parser.add_argument('--tmpdir', default=tempfile.gettempdir(), help='where the archive and volumes go')
-    parser.add_argument('--keep', action='store_true', help='keep the temp dir (logs, configs) afterwards')
     parser.add_argument('--settle', type=float, default=10, metavar='SECONDS',
                         help='pause before each write-heavy cart (large, memory) so freed memory settles')
     parser.add_argument('--wait-idle', type=float, default=0, metavar='SECONDS',
                         help='first wait up to this long for the 1-minute load average to drop below 0.5')
-    parser.add_argument('--max-minutes', type=float, default=60, help='stop everything after this long')
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.workloads.split(',') if name.strip()]
     unknown = set(chosen) - set(WORKLOADS)
@@ -826,58 +786,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if 'memory' in chosen and 'large' not in chosen:
         chosen.append('large')  # its peaks are taken during large
     args.chosen = [name for name in WORKLOADS if name in chosen]
-    for item in args.set:
-        if '=' not in item or '.' not in item.partition('=')[0]:
-            parser.error(f'--set wants SECTION.KEY=VALUE, got {item!r}')
+    check_stack_options(parser, args)
     return args
-
-
-def wait_idle(limit_s: float, threshold: float = 0.5) -> None:
-    """Wait (at most limit_s) until the machine's 1-minute load average is below threshold."""
-    deadline = time.monotonic() + limit_s
-    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
-        log(f'waiting for the machine to be idle (load {os.getloadavg()[0]:.2f})')
-        time.sleep(15)
-
-
-class TimeUp(Exception):
-    """--max-minutes passed."""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark; everything started is stopped and removed on the way out."""
     args = parse_args(argv)
-    if not broker_available():
-        raise SystemExit('RabbitMQ is not answering on 127.0.0.1:5672')
-    if args.database != 'sqlite' and not server_available(args.database):
-        raise SystemExit(f'{args.database} is not answering on 127.0.0.1')
-
-    def interrupted(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f'signal {signum}')
-
-    def time_up(_signum: int, _frame: Any) -> None:
-        raise TimeUp(f'--max-minutes {args.max_minutes:g} passed')
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGALRM, time_up)
-    signal.alarm(int(args.max_minutes * 60))
-    pathlib.Path(args.tmpdir).mkdir(parents=True, exist_ok=True)
-    base = pathlib.Path(tempfile.mkdtemp(prefix='cartd-bench-', dir=args.tmpdir))
-    started = time.monotonic()
-    with contextlib.ExitStack() as cleanup:
-        if args.keep:
-            cleanup.callback(log, f'kept {base}')
-        else:
-            cleanup.callback(shutil.rmtree, base, True)
-        cleanup.callback(signal.alarm, 0)
-        bench = Bench(args, base, cleanup)
-        try:
-            code = bench.run(args.chosen)
-        except TimeUp as exc:
-            log(str(exc))
-            code = 2
-        log(f'run took {time.monotonic() - started:.0f} s; stopping everything')
-    return code
+    return bounded_run(args, 'cartd-bench-', lambda base, cleanup: Bench(args, base, cleanup).run(args.chosen))
 
 
 if __name__ == '__main__':

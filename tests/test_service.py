@@ -21,6 +21,7 @@ from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import ArchiveError, BadRequest, CartNotFound, CartNotReady
 from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
+from pacifica.cartd.volume import CartVolume
 
 
 class FakeQueue:
@@ -190,6 +191,13 @@ def test_hash_mismatch_downloads_once_more_then_fails(make_service) -> None:
     assert 'File hash does not match provided hash' in service.status('m1').message
 
 
+def _assert_gone(service: CartService, cart_id: int, cart_uid: str) -> None:
+    """The cart is deleted and nothing of it is left on the volume."""
+    assert not service.volume.cart_dir(cart_id).exists()
+    with pytest.raises(CartNotFound):
+        service.status(cart_uid)
+
+
 def test_delete_revokes_queued_tasks_and_late_tasks_do_nothing(make_service) -> None:
     files = {'late': b'too late'}
     service, archive, queue = make_service(files)
@@ -198,9 +206,7 @@ def test_delete_revokes_queued_tasks_and_late_tasks_do_nothing(make_service) -> 
     assert queue.revoked == ['task-1']
     _run_queue(service, queue)
     assert archive.downloads == []
-    assert not service.volume.cart_dir(cart_id).exists()
-    with pytest.raises(CartNotFound):
-        service.status('d1')
+    _assert_gone(service, cart_id, 'd1')
 
 
 def test_delete_between_ready_and_link_leaves_no_link(make_service, monkeypatch) -> None:
@@ -219,6 +225,45 @@ def test_delete_between_ready_and_link_leaves_no_link(make_service, monkeypatch)
     assert not os.path.lexists(service.volume.link_path('r1'))
     with pytest.raises(CartNotFound):
         service.status('r1')
+
+
+def test_delete_while_downloads_fail_leaves_nothing_on_the_volume(make_service) -> None:
+    # One pool thread, so the files stage one after another: the DELETE lands during the first
+    # download, whose write then finds no directory; the second file makes its directory again
+    # (as a sibling thread's mkdir does after the DELETE's rmtree) and then fails as well.
+    files = {'first': b'deleted under me', 'second': b'made the directory again'}
+    service, archive, queue = make_service(files)
+    service.settings = dataclasses.replace(service.settings, stage_concurrency=1)
+    cart_id = service.create_cart('w1', {'fileids': _entries(files)})
+    download = archive.download
+
+    def racing(archive_id: str, partial: pathlib.Path, *args, **kwargs) -> Download:  # noqa: ANN002, ANN003
+        if archive_id == 'first':
+            with database.connection():
+                service.delete('w1')
+            return download(archive_id, partial, *args, **kwargs)
+        raise ArchiveError('archive GET answered 503: busy')
+
+    archive.download = racing  # type: ignore[method-assign]
+    _run_queue(service, queue)
+    _assert_gone(service, cart_id, 'w1')
+
+
+def test_delete_while_the_bundle_is_written_leaves_nothing(make_service, monkeypatch) -> None:
+    files = {'small': b'a small file of a bundle cart'}
+    service, _archive, queue = make_service(files)
+    cart_id = service.create_cart('b2', {'fileids': _entries(files), 'bundle': True})
+    files_dir = CartVolume.files_dir
+
+    def delete_when_bundling(volume: CartVolume, cart_id_: int, cart_uid: str) -> pathlib.Path:
+        # The DELETE lands after the cart was claimed for bundling, before its tar is written.
+        if Cart.get_by_id(cart_id_).status == 'bundling':
+            service.delete(cart_uid)
+        return files_dir(volume, cart_id_, cart_uid)
+
+    monkeypatch.setattr(CartVolume, 'files_dir', delete_when_bundling)
+    _run_queue(service, queue)  # no error escapes the task
+    _assert_gone(service, cart_id, 'b2')
 
 
 def test_bad_requests_create_nothing(make_service) -> None:

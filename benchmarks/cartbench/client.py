@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import tarfile
 import time
@@ -246,8 +247,23 @@ def _check_with_tarfile(body: _Counting, checker: _Checker) -> None:
     body.drain()
 
 
+def check_tar(data: bytes, wanted: Mapping[str, ArchiveFile], hashtype: str) -> DownloadCheck:
+    """Check a whole tar held in memory (e.g. put together from Range requests) like a streamed download."""
+    result = DownloadCheck()
+    checker = _Checker(wanted, hashtype, result)
+    body = _Counting(io.BytesIO(data))
+    try:
+        _check_stream(body, checker)
+    except (ValueError, tarfile.TarError) as exc:
+        checker._problem(f'not a tar: {type(exc).__name__}: {exc}')
+    result.tar_bytes = body.count
+    checker.finish()
+    return result
+
+
 def download_and_check(base_url: str, uid: str, wanted: Mapping[str, ArchiveFile], hashtype: str,
-                       reader: str = 'stream', timeout: float = 120) -> DownloadCheck:
+                       reader: str = 'stream', timeout: float = 120,
+                       session: Optional[requests.Session] = None) -> DownloadCheck:
     """GET /<uid>?filename=bench.tar, stream it, hash every member and compare with the archive's files.
 
     Nothing is kept in memory but the current block. `seconds` runs from the GET to the last byte.
@@ -255,9 +271,10 @@ def download_and_check(base_url: str, uid: str, wanted: Mapping[str, ArchiveFile
     result = DownloadCheck()
     checker = _Checker(wanted, hashtype, result)
     start = time.monotonic()
+    getter = session or requests
     try:
-        with requests.get(f'{base_url}/{uid}', params={'filename': 'bench.tar'}, stream=True,
-                          timeout=timeout) as answer:
+        with getter.get(f'{base_url}/{uid}', params={'filename': 'bench.tar'}, stream=True,
+                        timeout=timeout) as answer:
             if answer.status_code != 200:
                 raise BenchError(f'GET {uid} answered {answer.status_code}: {answer.content[:200]!r}')
             body = _Counting(answer.raw)

@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
+import random
 import struct
 from typing import Dict, List, Sequence
 
@@ -58,6 +59,17 @@ class DataWriter:
             data = os.urandom(size)
             (self.root / archive_id).write_bytes(data)
             files.append(ArchiveFile(archive_id, f'{prefix}/d{index // per_dir:03d}/{archive_id}.dat', size,
+                                     hashlib.new(self.hashtype, data).hexdigest()))
+        return files
+
+    def random_files(self, prefix: str, count: int, max_size: int, rng: random.Random) -> List[ArchiveFile]:
+        """`count` files of 1 to `max_size` random bytes (sizes drawn from `rng`), ids `<prefix>-000000`."""
+        files = []
+        for index in range(count):
+            archive_id = f'{prefix}-{index:06d}'
+            data = rng.randbytes(rng.randint(1, max_size))
+            (self.root / archive_id).write_bytes(data)
+            files.append(ArchiveFile(archive_id, f'{archive_id}.dat', len(data),
                                      hashlib.new(self.hashtype, data).hexdigest()))
         return files
 

@@ -143,8 +143,13 @@ def head_rate(url: str, threads: int, seconds: float, want_status: str = '') -> 
     everything = sorted(value for mine in latencies for value in mine)
     if not everything:
         raise BenchError(f'no HEAD answered from {url}')
-    p99 = everything[min(len(everything) - 1, int(len(everything) * 0.99))]
-    return HeadRate(len(everything), elapsed, statistics.median(everything) * 1000, p99 * 1000, sum(errors))
+    return HeadRate(len(everything), elapsed, statistics.median(everything) * 1000,
+                    percentile(everything, 0.99) * 1000, sum(errors))
+
+
+def percentile(ordered: Sequence[float], share: float) -> float:
+    """The value below which `share` (0..1) of the sorted values lie (nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))] if ordered else 0.0
 
 
 @dataclasses.dataclass

@@ -49,8 +49,14 @@ class TreePeaks:
     first_root: int = 0          # the root process's RSS at the first sample
     last_root: int = 0           # ... at the last sample
     peak_root: int = 0           # the root process's peak
+    min_root: int = 0            # ... and its lowest
     peak_process: int = 0        # the largest peak of any single process in the tree
     peak_sum: int = 0            # the largest sum over the tree at one moment
+    first_sum: int = 0           # the sum over the tree at the first sample
+    last_sum: int = 0            # ... at the last sample
+    min_sum: int = 0             # the lowest sum over the tree at one moment
+    processes: int = 0           # processes in the tree at the last sample
+    sums: List[int] = dataclasses.field(default_factory=list)  # the sum over the tree at every sample
     per_pid: Dict[int, int] = dataclasses.field(default_factory=dict)
 
 
@@ -70,11 +76,13 @@ class RssSampler:
         for label, root in self.roots.items():
             peaks = self.peaks[label]
             total = 0
+            count = 0
             for pid in tree(root):
                 value = rss_bytes(pid)
                 if value is None:
                     continue
                 total += value
+                count += 1
                 peaks.per_pid[pid] = max(peaks.per_pid.get(pid, 0), value)
                 peaks.peak_process = max(peaks.peak_process, value)
                 if pid == root:
@@ -82,7 +90,14 @@ class RssSampler:
                         peaks.first_root = value
                     peaks.last_root = value
                     peaks.peak_root = max(peaks.peak_root, value)
+                    peaks.min_root = min(peaks.min_root, value) if self.samples else value
             peaks.peak_sum = max(peaks.peak_sum, total)
+            peaks.min_sum = min(peaks.min_sum, total) if self.samples else total
+            if not self.samples:
+                peaks.first_sum = total
+            peaks.last_sum = total
+            peaks.processes = count
+            peaks.sums.append(total)
         self.samples += 1
 
     def _loop(self) -> None:

@@ -34,9 +34,13 @@ PRODUCTION_SETTINGS: Dict[str, Dict[str, str]] = {
 }
 
 
-def write_cpconfig(path: pathlib.Path, threads: int) -> pathlib.Path:
-    """Write the CherryPy file both servers use."""
-    path.write_text(CPCONFIG.format(threads=threads), encoding='utf-8')
+def write_cpconfig(path: pathlib.Path, threads: int, extra: Optional[Mapping[str, str]] = None) -> pathlib.Path:
+    """Write the CherryPy file both servers use, with `extra` [global] settings (raw values) added."""
+    text = CPCONFIG.format(threads=threads)
+    if extra:
+        lines = ''.join(f'{key}: {value}\n' for key, value in extra.items())
+        text = text.replace('\n\n[/]', f'\n{lines}\n[/]', 1)
+    path.write_text(text, encoding='utf-8')
     return path
 
 
@@ -46,14 +50,15 @@ class OurStack(CartStack):
     label = 'ours'
 
     def __init__(self, base_dir: pathlib.Path, archive: ArchiveServer, peewee_url: str, workers: int,
-                 concurrency: int, server_threads: int, overrides: Mapping[str, Mapping[str, str]]) -> None:
+                 concurrency: int, server_threads: int, overrides: Mapping[str, Mapping[str, str]],
+                 cpconfig: Optional[Mapping[str, str]] = None) -> None:
         """Lay out the stack; nothing runs until start()."""
         sections: Dict[str, Dict[str, str]] = {name: dict(values) for name, values in PRODUCTION_SETTINGS.items()}
         for name, values in overrides.items():
             sections.setdefault(name, {}).update(values)
         super().__init__(base_dir, archive, peewee_url, workers=workers, concurrency=concurrency,
                          overrides=sections)
-        self.cpconfig = write_cpconfig(base_dir / 'cpconfig.ini', server_threads)
+        self.cpconfig = write_cpconfig(base_dir / 'cpconfig.ini', server_threads, cpconfig)
 
     @property
     def env(self) -> Dict[str, str]:

@@ -415,10 +415,12 @@ class CartService:
         futures = [pool.submit(self._stage_in_thread, cart, file) for file in files]
         on_tape: List[int] = []
         staged: List[StageOutcome] = []
+        failed = False
         last_flush = time.monotonic()
         try:
             for future in concurrent.futures.as_completed(futures):
                 outcome = future.result()
+                failed = failed or outcome.error is not None
                 if outcome.on_tape:
                     on_tape.append(outcome.file_id)
                 if outcome.download is not None:
@@ -435,6 +437,11 @@ class CartService:
                 future.cancel()
             concurrent.futures.wait(futures)
             self._cleanup_if_deleted(cart.id)  # what the running downloads wrote meanwhile
+            LOGGER.info('cart %s (id %d) went away while staging', cart.cart_uid, cart.id)
+            return []
+        # A DELETE while these downloads ran makes them fail (their directory vanished), and a
+        # sibling's mkdir may have made the directory again after the DELETE removed it.
+        if failed and self._cleanup_if_deleted(cart.id):
             LOGGER.info('cart %s (id %d) went away while staging', cart.cart_uid, cart.id)
             return []
         return sorted(on_tape)
@@ -649,10 +656,13 @@ class CartService:
             raise
         self._finish(cart.id)
 
-    def _cleanup_if_deleted(self, cart_id: int) -> None:
-        cart = Cart.get_or_none(Cart.id == cart_id)
+    def _cleanup_if_deleted(self, cart_id: int) -> bool:
+        """Remove what is on disk of a cart that was deleted (or purged); tell whether it was."""
+        cart = Cart.select(Cart.status).where(Cart.id == cart_id).first()
         if cart is None or cart.status == CartStatus.DELETED.value:
             self.volume.remove_cart(cart_id)
+            return True
+        return False
 
     def _finish(self, cart_id: int, bundle_now: bool = True) -> None:
         """Move a cart whose files are all staged on, exactly once (compare-and-set on its status)."""
@@ -670,15 +680,23 @@ class CartService:
         if cart is None or cart.status != CartStatus.BUNDLING.value:
             return
         files_dir = self.volume.files_dir(cart.id, cart.cart_uid)
-        files_dir.mkdir(parents=True, exist_ok=True)
-        # Downloads killed with their worker leave temp files; every file is staged now.
-        self.volume.remove_partials(cart.id)
-        release_cart(cart.id)
         target = files_dir
-        if cart.bundle:
-            target = self.volume.tar_path(cart.id, cart.cart_uid)
-            self._write_bundle(cart, target)
-            self.volume.remove_files(cart.id, cart.cart_uid)  # served from the tar from now on
+        try:
+            files_dir.mkdir(parents=True, exist_ok=True)
+            # Downloads killed with their worker leave temp files; every file is staged now.
+            self.volume.remove_partials(cart.id)
+            release_cart(cart.id)
+            if cart.bundle:
+                target = self.volume.tar_path(cart.id, cart.cart_uid)
+                self._write_bundle(cart, target)
+                self.volume.remove_files(cart.id, cart.cart_uid)  # served from the tar from now on
+        except OSError:
+            # A DELETE removed the cart's files under the bundle being written (and the mkdir
+            # above may have made its directory again): what is left goes, nothing failed.
+            if self._cleanup_if_deleted(cart.id):
+                LOGGER.info('cart %s (id %d) went away while bundling', cart.cart_uid, cart.id)
+                return
+            raise
         done = (Cart.update(status=CartStatus.READY.value, bundle_path=str(target), updated_date=now(), error='')
                 .where((Cart.id == cart.id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
         if not done:

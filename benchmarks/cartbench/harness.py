@@ -1,0 +1,166 @@
+"""What the benchmark scripts share: progress lines, the stack's command-line options, starting the archive
+and our cart, and a bounded run that stops and removes everything it started."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from support.archive import ArchiveServer
+from support.broker import broker_available
+from support.databases import drop_database, fresh_database, server_available
+
+from .stacks import OurStack
+
+REPO = pathlib.Path(__file__).resolve().parent.parent.parent
+
+
+def log(text: str) -> None:
+    """Progress on stderr; the figures go to stdout."""
+    print(f'# {datetime.datetime.now():%H:%M:%S} {text}', file=sys.stderr, flush=True)
+
+
+def add_stack_options(parser: argparse.ArgumentParser, max_minutes: float) -> None:
+    """The options of our cart's stack, the archive, the temp dir and the time bound."""
+    parser.add_argument('--database', choices=('sqlite', 'postgres', 'mysql'), default='sqlite',
+                        help='database of our cart (a fresh one, dropped afterwards)')
+    parser.add_argument('--workers', type=int, default=1, help='celery worker processes')
+    parser.add_argument('--concurrency', type=int, default=2, help='celery pool processes per worker')
+    parser.add_argument('--server-threads', type=int, default=16, help='CherryPy server.thread_pool')
+    parser.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
+                        help='a setting of our cart, e.g. cartd.stage_concurrency=16 (repeatable)')
+    parser.add_argument('--cpconfig-set', action='append', default=[], metavar='KEY=VALUE',
+                        help="a CherryPy [global] setting of our server, e.g. server.socket_queue_size=5 "
+                             "(repeatable; VALUE as CherryPy reads it)")
+    parser.add_argument('--archive-workers', type=int, default=4, help='gunicorn workers of the archive')
+    parser.add_argument('--tmpdir', default=tempfile.gettempdir(), help='where the archive and volumes go')
+    parser.add_argument('--keep', action='store_true', help='keep the temp dir (logs, configs) afterwards')
+    parser.add_argument('--max-minutes', type=float, default=max_minutes, help='stop everything after this long')
+
+
+def check_stack_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject --set and --cpconfig-set values that are not KEY=VALUE."""
+    for item in args.set:
+        if '=' not in item or '.' not in item.partition('=')[0]:
+            parser.error(f'--set wants SECTION.KEY=VALUE, got {item!r}')
+    for item in args.cpconfig_set:
+        if '=' not in item or not item.partition('=')[0].strip():
+            parser.error(f'--cpconfig-set wants KEY=VALUE, got {item!r}')
+
+
+def settings_overrides(items: List[str]) -> Dict[str, Dict[str, str]]:
+    """['cartd.stage_concurrency=16'] -> {'cartd': {'stage_concurrency': '16'}}."""
+    overrides: Dict[str, Dict[str, str]] = {}
+    for item in items:
+        key, _, value = item.partition('=')
+        section, _, name = key.partition('.')
+        overrides.setdefault(section, {})[name] = value
+    return overrides
+
+
+def cpconfig_overrides(items: List[str]) -> Dict[str, str]:
+    """['server.socket_queue_size=5'] -> {'server.socket_queue_size': '5'}."""
+    return {key.strip(): value.strip() for key, _, value in (item.partition('=') for item in items)}
+
+
+def start_archive(base: pathlib.Path, workers: int, cleanup: contextlib.ExitStack) -> ArchiveServer:
+    """The real archive interface (POSIX backend) under gunicorn with `workers` sync workers."""
+    archive = ArchiveServer(base / 'archive', workers=workers)
+    cleanup.callback(archive.stop)
+    log(f'starting the archive interface ({workers} gunicorn workers)')
+    archive.start()
+    return archive
+
+
+def start_ours(args: argparse.Namespace, base: pathlib.Path, archive: ArchiveServer,
+               cleanup: contextlib.ExitStack) -> OurStack:
+    """Our cart on a fresh database, with the stack options of `args`."""
+    base.mkdir()
+    url = fresh_database(args.database, base)
+    cleanup.callback(drop_database, args.database, url)
+    stack = OurStack(base, archive, url, args.workers, args.concurrency, args.server_threads,
+                     settings_overrides(args.set), cpconfig_overrides(args.cpconfig_set))
+    cleanup.callback(stack.stop)
+    log(f'starting our cart ({args.database}, {args.workers} worker(s) x concurrency {args.concurrency})')
+    stack.start()
+    return stack
+
+
+def cart_version() -> str:
+    """The installed pacifica-cartd's version and the checkout's commit, e.g. '0.8.0 (e62593c)'."""
+    try:
+        version = importlib.metadata.version('pacifica-cartd')
+    except importlib.metadata.PackageNotFoundError:
+        version = '?'
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                                timeout=10, check=False).stdout.strip()
+    except OSError:
+        commit = ''
+    return f'{version} ({commit})' if commit else version
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return ' '.join(f'{value:.2f}' for value in os.getloadavg())
+
+
+def wait_idle(limit_s: float, threshold: float = 0.5) -> None:
+    """Wait (at most limit_s) until the machine's 1-minute load average is below threshold."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= threshold and time.monotonic() < deadline:
+        log(f'waiting for the machine to be idle (load {os.getloadavg()[0]:.2f})')
+        time.sleep(15)
+
+
+class TimeUp(Exception):
+    """--max-minutes passed."""
+
+
+def bounded_run(args: argparse.Namespace, prefix: str,
+                body: Callable[[pathlib.Path, contextlib.ExitStack], int]) -> int:
+    """Check the servers, then run body(temp dir, cleanup) under --max-minutes; stop and remove all it started.
+
+    Exit status: body's, or 2 when the time ran out.
+    """
+    if not broker_available():
+        raise SystemExit('RabbitMQ is not answering on 127.0.0.1:5672')
+    if args.database != 'sqlite' and not server_available(args.database):
+        raise SystemExit(f'{args.database} is not answering on 127.0.0.1')
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f'signal {signum}')
+
+    def time_up(_signum: int, _frame: Any) -> None:
+        raise TimeUp(f'--max-minutes {args.max_minutes:g} passed')
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGALRM, time_up)
+    signal.alarm(max(1, int(args.max_minutes * 60)))
+    pathlib.Path(args.tmpdir).mkdir(parents=True, exist_ok=True)
+    base = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=args.tmpdir))
+    started = time.monotonic()
+    code: Optional[int] = None
+    with contextlib.ExitStack() as cleanup:
+        if args.keep:
+            cleanup.callback(log, f'kept {base}')
+        else:
+            cleanup.callback(shutil.rmtree, base, True)
+        cleanup.callback(signal.alarm, 0)
+        try:
+            code = body(base, cleanup)
+        except TimeUp as exc:
+            log(str(exc))
+            code = 2
+        log(f'run took {time.monotonic() - started:.0f} s; stopping everything')
+    return 2 if code is None else code
