@@ -247,6 +247,8 @@ def test_delete_while_downloads_fail_leaves_nothing_on_the_volume(make_service) 
     archive.download = racing  # type: ignore[method-assign]
     _run_queue(service, queue)
     _assert_gone(service, cart_id, 'w1')
+    # the file whose directory vanished is not recorded as a volume failure of a deleted cart
+    assert File.get((File.cart == cart_id) & (File.file_name == 'first')).status != 'error'
 
 
 def test_delete_while_the_bundle_is_written_leaves_nothing(make_service, monkeypatch) -> None:

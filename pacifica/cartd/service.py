@@ -455,6 +455,12 @@ class CartService:
             LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
         except OSError as exc:
             message = f'cannot write to the volume: {exc.strerror or exc}'
+            with database.connection():
+                live = Cart.select().where((Cart.id == cart.id) & Cart.status.in_(LIVE_STATUSES)).exists()
+            if not live:  # a DELETE removed the cart's directory under the download
+                LOGGER.info('cart %s file %s: the cart went away while it downloaded', cart.cart_uid,
+                            file.bundle_path)
+                return StageOutcome(file.id, error=message)
             LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
         with database.connection():
             self._fail_file(cart.id, file, message)
