@@ -46,7 +46,7 @@ def _written(partial: Optional[str]) -> int:
 
 
 def track_partial(file_id: int, partial: Path) -> None:
-    """Say which file a reserved download is writing now (or, once renamed, where its bytes are)."""
+    """Say which temp file a reserved download is writing now (a new one for each attempt)."""
     SpaceReservation.update(partial=str(partial)).where(SpaceReservation.file == file_id).execute()
 
 

@@ -600,10 +600,13 @@ class CartService:
                 download = self._download_into(cart, file, status, current)
                 if download.mtime is not None:
                     os.utime(current, (download.mtime, download.mtime))
-                os.replace(current, final)
-                if reserved:  # its bytes are on disk now: count them once, as the final file
+                if reserved:
+                    # Every byte is on disk (the free count has them): nothing more is in flight.
+                    # Released before the rename, as the reservation names the temp file: after
+                    # it, a reservation waiting for the lock would count these bytes twice.
                     with database.connection():
-                        track_partial(file.id, final)
+                        release(file.id)
+                os.replace(current, final)
                 return download
             except HashMismatch:
                 partials.append(self.volume.partial_path(cart.id, file.id))
