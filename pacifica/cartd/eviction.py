@@ -23,15 +23,17 @@ def disk_bytes(size: int) -> int:
 
 
 def bytes_in_flight(excluding_file_id: int) -> int:
-    """Disk bytes that downloads already started in live carts may still write.
+    """Disk bytes that downloads already started may still write.
 
+    A cart that failed still has its started downloads writing until each ends and releases
+    its row, so its rows count too; only a deleted cart's are left out (DELETE drops them).
     The reservation table holds only the files in flight (a few per worker thread), so
     this stays cheap however many files the database holds.
     """
     rows = (SpaceReservation.select(SpaceReservation.bytes, SpaceReservation.partial)
             .join(Cart, on=(SpaceReservation.cart == Cart.id))
             .where((SpaceReservation.file != excluding_file_id)
-                   & Cart.status.in_((CartStatus.WAITING.value, CartStatus.STAGING.value))))
+                   & (Cart.status != CartStatus.DELETED.value)))
     return sum(max(row.bytes - _written(row.partial), 0) for row in rows)
 
 

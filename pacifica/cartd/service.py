@@ -570,6 +570,11 @@ class CartService:
         for _ in range(MAX_EVICTIONS_PER_FILE):
             with database.connection(), DB.atomic():
                 database.serialize_writers()
+                # A cart that failed or went meanwhile needs no more bytes: start no download for it.
+                # (A duplicate task of a cart finishing or ready goes on: it finds its file staged.)
+                state = Cart.select(Cart.status).where(Cart.id == cart.id).scalar()
+                if state in (None, CartStatus.ERROR.value, CartStatus.DELETED.value):
+                    raise CartGone(f'cart id {cart.id} is {state or "gone"}: its files are not pulled')
                 needed = wanted + bytes_in_flight(file.id)
                 free = self.volume.free_bytes()
                 if needed <= free:
