@@ -43,8 +43,8 @@ def pytest_report_header() -> List[str]:
 # ---- shared peers ---------------------------------------------------------------------
 
 from support.archive import ArchiveServer  # noqa: E402  (after the sys.path fix above)
-from support.databases import drop_database, fresh_database  # noqa: E402
-from support.stack import CartStack  # noqa: E402
+from support.databases import fresh_database  # noqa: E402
+from support.stack import CartStack, running  # noqa: E402
 
 DATABASE_KINDS = ('sqlite', 'postgres', 'mysql')
 
@@ -66,11 +66,7 @@ def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
     kind = request.param
     base = tmp_path_factory.mktemp(f'stack-{kind}')
     url = fresh_database(kind, base)
-    cart = CartStack(base, archive, url, workers=1, concurrency=2,
-                     overrides=getattr(request.module, 'STACK_OVERRIDES', None))
-    try:
-        cart.start()
+    stack_under_test = CartStack(base, archive, url, workers=1, concurrency=2,
+                                 overrides=getattr(request.module, 'STACK_OVERRIDES', None))
+    with running(stack_under_test, kind, url) as cart:
         yield cart
-    finally:
-        cart.stop()
-        drop_database(kind, url)

@@ -19,7 +19,8 @@ import pytest
 from pacifica.cartd import database, schema
 from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import CartNotFound
-from pacifica.cartd.orm import Cart
+from pacifica.cartd.eviction import bytes_in_flight, reserve
+from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
 from test_service import FakeArchive, FakeQueue, _run_queue
 
@@ -129,3 +130,57 @@ def test_download_in_progress_survives_eviction(tmp_path: pathlib.Path, small_vo
         received.extend(body)
     with tarfile.open(fileobj=io.BytesIO(b''.join(received)), mode='r:') as tar:
         assert [tar.extractfile(f'old/f{index}').read() for index in range(2)] == old  # type: ignore[union-attr]
+
+
+def test_a_finished_file_is_not_counted_twice(tmp_path: pathlib.Path, small_volume: pathlib.Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a downloaded file is renamed into place, its bytes are on disk and no longer in flight.
+
+    Had the reservation still pointed at the temp name after the rename, another file's
+    reservation (waiting for the same lock) would count those bytes twice: once as used
+    disk, once as a download still to write. It then evicted one cart too many, or failed.
+    """
+    service, archive, queue = _service(tmp_path, small_volume, {}, STAGE_CONCURRENCY='1')  # one file at a time
+    real_replace = os.replace
+    in_flight_after_rename: List[int] = []
+
+    def replace_and_look(source: 'os.PathLike[str]', target: 'os.PathLike[str]') -> None:
+        real_replace(source, target)
+        if str(source).endswith('.part'):
+            with database.connection():
+                in_flight_after_rename.append(bytes_in_flight(excluding_file_id=0))
+
+    monkeypatch.setattr(os, 'replace', replace_and_look)
+    with database.connection():
+        _cart(service, queue, archive, 'one', 2)
+        assert service.status('one').status == 'ready'
+    assert in_flight_after_rename == [0, 0]
+
+
+def test_a_failed_carts_downloads_still_count_and_no_new_ones_start(tmp_path: pathlib.Path,
+                                                                     small_volume: pathlib.Path) -> None:
+    """Once a cart fails its remaining files are not pulled, and bytes its started downloads still write count.
+
+    Before, a cart failing with NoSpace for one file dropped out of the bytes in flight while
+    its other files went on downloading (and new ones started): the volume filled up under
+    the reservations of other carts (ENOSPC seen end to end).
+    """
+    service, archive, queue = _service(tmp_path, small_volume, {}, STAGE_CONCURRENCY='1')  # files in order
+    entries = []
+    for index in range(2):
+        data = os.urandom(FILE_SIZE)
+        archive.files[f'x-{index}'] = data
+        entries.append({'id': f'x-{index}', 'path': f'f{index}', 'hashtype': 'md5',
+                        'hashsum': hashlib.md5(data).hexdigest()})
+    archive.media['x-0'] = 'error'  # the first file fails the cart
+    with database.connection():
+        cart_id = service.create_cart('x', {'fileids': entries})
+        _run_queue(service, queue)
+        assert service.status('x').status == 'error'
+        assert archive.downloads == []  # the second file was not pulled for a failed cart
+
+        second = File.get((File.cart == cart_id) & (File.file_name == 'x-1'))
+        reserve(cart_id, second.id, FILE_SIZE, None)  # as if its download had started before the failure
+        assert bytes_in_flight(excluding_file_id=0) == FILE_SIZE
+        service.delete('x')
+        assert bytes_in_flight(excluding_file_id=0) == 0

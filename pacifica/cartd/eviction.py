@@ -23,15 +23,17 @@ def disk_bytes(size: int) -> int:
 
 
 def bytes_in_flight(excluding_file_id: int) -> int:
-    """Disk bytes that downloads already started in live carts may still write.
+    """Disk bytes that downloads already started may still write.
 
+    A cart that failed still has its started downloads writing until each ends and releases
+    its row, so its rows count too; only a deleted cart's are left out (DELETE drops them).
     The reservation table holds only the files in flight (a few per worker thread), so
     this stays cheap however many files the database holds.
     """
     rows = (SpaceReservation.select(SpaceReservation.bytes, SpaceReservation.partial)
             .join(Cart, on=(SpaceReservation.cart == Cart.id))
             .where((SpaceReservation.file != excluding_file_id)
-                   & Cart.status.in_((CartStatus.WAITING.value, CartStatus.STAGING.value))))
+                   & (Cart.status != CartStatus.DELETED.value)))
     return sum(max(row.bytes - _written(row.partial), 0) for row in rows)
 
 
@@ -46,7 +48,7 @@ def _written(partial: Optional[str]) -> int:
 
 
 def track_partial(file_id: int, partial: Path) -> None:
-    """Say which file a reserved download is writing now (or, once renamed, where its bytes are)."""
+    """Say which temp file a reserved download is writing now (a new one for each attempt)."""
     SpaceReservation.update(partial=str(partial)).where(SpaceReservation.file == file_id).execute()
 
 

@@ -583,6 +583,11 @@ class CartService:
         for _ in range(MAX_EVICTIONS_PER_FILE):
             with database.connection(), DB.atomic():
                 database.serialize_writers()
+                # A cart that failed or went meanwhile needs no more bytes: start no download for it.
+                # (A duplicate task of a cart finishing or ready goes on: it finds its file staged.)
+                state = Cart.select(Cart.status).where(Cart.id == cart.id).scalar()
+                if state in (None, CartStatus.ERROR.value, CartStatus.DELETED.value):
+                    raise CartGone(f'cart id {cart.id} is {state or "gone"}: its files are not pulled')
                 needed = wanted + bytes_in_flight(file.id)
                 free = self.volume.free_bytes()
                 if needed <= free:
@@ -613,10 +618,13 @@ class CartService:
                 download = self._download_into(cart, file, status, current)
                 if download.mtime is not None:
                     os.utime(current, (download.mtime, download.mtime))
-                os.replace(current, final)
-                if reserved:  # its bytes are on disk now: count them once, as the final file
+                if reserved:
+                    # Every byte is on disk (the free count has them): nothing more is in flight.
+                    # Released before the rename, as the reservation names the temp file: after
+                    # it, a reservation waiting for the lock would count these bytes twice.
                     with database.connection():
-                        track_partial(file.id, final)
+                        release(file.id)
+                os.replace(current, final)
                 return download
             except HashMismatch:
                 partials.append(self.volume.partial_path(cart.id, file.id))

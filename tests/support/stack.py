@@ -1,6 +1,7 @@
 """A running cart for end-to-end tests: config file, dbsync, celery workers and the server, as subprocesses."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -9,12 +10,13 @@ import subprocess
 import sys
 import tarfile
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import requests
 
 from support.archive import ArchiveServer
 from support.broker import BROKER_URL, delete_queue, unique_queue_name
+from support.databases import drop_database
 from support.procs import ManagedProcess, free_port
 
 BIN_DIR = pathlib.Path(sys.executable).parent
@@ -182,6 +184,17 @@ class CartStack:
     def delete(self, uid: str) -> requests.Response:
         """DELETE a cart."""
         return requests.delete(f'{self.url}/{uid}', timeout=30)
+
+
+@contextlib.contextmanager
+def running(stack: CartStack, kind: str, url: str) -> Iterator[CartStack]:
+    """Start the stack; afterwards stop it and drop its database (made by fresh_database)."""
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        drop_database(kind, url)
 
 
 def tar_contents(body: bytes) -> Dict[str, bytes]:

@@ -1,0 +1,385 @@
+"""LRU eviction through the real processes, on a real size-limited filesystem.
+
+test_eviction.py checks the policy at the service level with a fake archive. Here the same
+rules are checked end to end: the volume is a tmpfs mounted with a size limit, the files come
+from the real archive interface (through support.faultproxy, so one cart can be held on
+"tape"), real celery workers stage them over RabbitMQ, and clients talk to the real
+pacifica-cartd server. One stack per database.
+
+How old a cart looks is set in the database (its `updated_date`, the time of its last use):
+real hours cannot pass in a test. Uses that matter are made for real: a GET marks a cart
+used, and a cart that just became ready counts as used. lru_buffer_time is 0 (the default),
+so a recent use protects a cart only through the in-use window that covers downloads, except
+in the test that restarts the worker with a buffer of 30 minutes.
+
+Sizes: files of 512 KiB. Before the cart that needs room is posted, the rest of the volume
+is filled with a file of other data so that exactly 256 KiB stay free; a 512 KiB file then
+needs one evicted 512 KiB cart, two such files need two.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+import subprocess
+import time
+import uuid
+from typing import Callable, Dict, Iterator, List, Sequence, cast
+
+import pytest
+import requests
+
+from pacifica.cartd import database
+from pacifica.cartd.config import load_settings
+from pacifica.cartd.orm import Cart, CartTasks, now
+from support.archive import ArchiveServer
+from support.databases import KINDS, fresh_database, server_available
+from support.faultproxy import FaultProxy, ProxiedArchive
+from support.stack import CartStack, running, tar_contents
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+KIB = 1024
+FILE_SIZE = 512 * KIB
+LEFT_FREE = FILE_SIZE // 2  # free bytes when the cart that needs room arrives
+VOLUME_SIZE = '8m'  # the largest scenario holds about 5 MiB of carts; the rest is filled
+BUFFER_MINUTES = 30  # lru_buffer_time of the test that sets one: carts used in the last 30 minutes stay
+PAD_NAME = 'other-data.pad'  # not a cart: stands for whatever else fills a shared volume
+NO_SPACE = 'No space left on the volume'
+EVICTED = 'evicted to make room on the volume'
+
+
+def _mount_tmpfs(mount_point: pathlib.Path, size: str) -> None:
+    mount_point.mkdir(parents=True)
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(mount_point)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f'cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.strip()}')
+
+
+@pytest.fixture(scope='module')
+def proxy(archive: ArchiveServer) -> Iterator[FaultProxy]:
+    """A proxy in front of the real archive, so a test can keep a file on "tape"."""
+    with FaultProxy(archive.url) as server:
+        yield server
+
+
+@pytest.fixture(scope='module', params=KINDS)
+def stack(request: pytest.FixtureRequest, archive: ArchiveServer, proxy: FaultProxy,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
+    """Server and one worker on each database in turn, with volume_path on an 8 MiB tmpfs."""
+    kind = request.param
+    if not server_available(kind):
+        pytest.skip(f'the {kind} server is not answering on 127.0.0.1')
+    base = tmp_path_factory.mktemp(f'evict-{kind}')
+    _mount_tmpfs(base / 'volume', VOLUME_SIZE)
+    try:
+        url = fresh_database(kind, base)
+        # tape_wait 60: a cart held on tape is looked at again (and marked alive) only after the test
+        # is done with it; no reconciler, so nothing but the test and the carts' own work touches a cart.
+        proxied = cast(ArchiveServer, ProxiedArchive(archive, proxy))
+        cart = CartStack(base, proxied, url, workers=1, concurrency=2, overrides={
+            'cartd': {'lru_buffer_time': '0', 'lru_purge': 'on', 'reconcile_interval': '0'},
+            'archiveinterface': {'tape_wait': '60', 'tape_wait_max': '60'}})
+        with running(cart, kind, url):
+            yield cart
+    finally:
+        subprocess.run(['umount', '-l', str(base / 'volume')], check=False)
+
+
+def restart_worker(stack: CartStack, lru_buffer_seconds: int) -> None:
+    """Set lru_buffer_time in the config file and replace the worker (evictions happen in workers)."""
+    text = stack.config.read_text(encoding='utf-8')
+    line = next(line for line in text.splitlines() if line.startswith('lru_buffer_time = '))
+    stack.config.write_text(text.replace(line, f'lru_buffer_time = {lru_buffer_seconds}'), encoding='utf-8')
+    for worker in stack.workers:
+        worker.stop()
+    stack.workers.clear()
+    stack.start_worker()
+    stack.wait_workers_ready()
+
+
+class Carts:
+    """The carts one test makes: archive files, POST, waiting, ageing, and what each should hold."""
+
+    def __init__(self, stack: CartStack) -> None:
+        """Bind this process to the stack's database (to read cart rows and age them)."""
+        self.stack = stack
+        self.bundle = False  # POST carts with "bundle": this (their tar written on the volume)
+        self.tag = uuid.uuid4().hex[:8]
+        self.expected: Dict[str, Dict[str, bytes]] = {}
+        self.db = database.bind(load_settings(str(stack.config), environ={}))
+
+    def uid(self, name: str) -> str:
+        """The uid of this test's cart `name`."""
+        return f'{name}-{self.tag}'
+
+    def post(self, name: str, sizes: Sequence[int]) -> requests.Response:
+        """Put files of these sizes in the archive and POST a cart of them."""
+        uid = self.uid(name)
+        fileids, expected = [], {}
+        for index, size in enumerate(sizes):
+            data = os.urandom(size)
+            sums = self.stack.archive.put(f'{uid}-{index}', data)
+            fileids.append({'id': f'{uid}-{index}', 'path': f'part{index}.bin', 'hashtype': 'sha1',
+                            'hashsum': sums['sha1']})
+            expected[f'part{index}.bin'] = data
+        self.expected[name] = expected
+        answer = self.stack.post(uid, fileids, bundle=self.bundle)
+        assert answer.status_code == 201, answer.text
+        return answer
+
+    def wait_final(self, name: str, tick: Callable[[], None] = lambda: None,
+                   deadline_s: float = 60) -> requests.Response:
+        """Poll HEAD until the cart stops staging, calling tick() between polls."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            answer = self.stack.head(self.uid(name))
+            if answer.headers.get('X-Pacifica-Status') != 'staging':
+                return answer
+            assert time.monotonic() < deadline, f'{name} still staging after {deadline_s} s\n{self.stack.logs()}'
+            tick()
+            time.sleep(0.1)
+
+    def ready(self, name: str, sizes: Sequence[int], minutes_ago: float) -> None:
+        """Make a cart, wait until it is ready, then make its last use `minutes_ago` minutes old."""
+        self.post(name, sizes)
+        answer = self.wait_final(name)
+        assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (204, 'ready'), (
+            answer.headers.get('X-Pacifica-Message'), self.stack.logs())
+        self.age(name, minutes_ago)
+
+    def age(self, name: str, minutes_ago: float) -> None:
+        """Set the cart's last use to `minutes_ago` minutes ago."""
+        with database.connection():
+            aged = (Cart.update(updated_date=now() - datetime.timedelta(minutes=minutes_ago))
+                    .where((Cart.cart_uid == self.uid(name)) & (Cart.status != 'deleted')).execute())
+        assert aged == 1
+
+    def row(self, name: str) -> Cart:
+        """The cart's row (there is one per uid here)."""
+        with database.connection():
+            return Cart.get(Cart.cart_uid == self.uid(name))
+
+    def task_count(self, name: str) -> int:
+        """Tasks queued for the cart so far (a tape re-check adds one)."""
+        with database.connection():
+            return CartTasks.select().join(Cart).where(Cart.cart_uid == self.uid(name)).count()
+
+    def free_bytes(self) -> int:
+        """Free bytes on the volume, as the cart sees them."""
+        stats = os.statvfs(self.stack.volume)
+        return stats.f_bavail * stats.f_frsize
+
+    def part_files(self) -> List[pathlib.Path]:
+        """Downloads in progress (or left behind) on the volume."""
+        return [path for path in self.stack.volume.rglob('*') if path.name.endswith('.part')]
+
+    def wait_no_part_files(self, deadline_s: float = 30) -> None:
+        """Wait until no download is writing to the volume."""
+        deadline = time.monotonic() + deadline_s
+        while self.part_files():
+            assert time.monotonic() < deadline, f'downloads still writing: {self.part_files()}'
+            time.sleep(0.1)
+
+    def leave_free(self, free: int) -> None:
+        """Fill the volume with other data until `free` bytes (to a page) are left."""
+        self.wait_no_part_files()
+        fill = self.free_bytes() - free
+        assert fill >= 0, f'the carts took more of the volume than planned: {self.free_bytes()} free'
+        with open(self.stack.volume / PAD_NAME, 'wb') as pad:
+            for _ in range(fill // (64 * KIB)):
+                pad.write(bytes(64 * KIB))
+            pad.write(bytes(fill % (64 * KIB)))
+        assert abs(self.free_bytes() - free) <= 2 * 4096, self.free_bytes()
+
+    def cleanup(self) -> None:
+        """DELETE every cart of the test, remove the filler, give back the database connections."""
+        for name in self.expected:
+            self.stack.delete(self.uid(name))
+        (self.stack.volume / PAD_NAME).unlink(missing_ok=True)
+        if hasattr(self.db, 'close_all'):  # a pool (PostgreSQL, MySQL)
+            self.db.close_all()
+        else:
+            self.db.close()
+
+    # ---- what a client sees ----------------------------------------------------------
+
+    def assert_whole(self, name: str) -> None:
+        """The cart is ready and its tar holds exactly the bytes put in the archive."""
+        answer = self.stack.download(self.uid(name), f'{name}.tar')
+        assert answer.status_code == 200, (name, answer.status_code, answer.text[:300])
+        assert tar_contents(answer.content) == {f'{name}/{path}': data
+                                                for path, data in self.expected[name].items()}
+
+    def assert_evicted(self, name: str) -> None:
+        """The cart was evicted: gone for clients, its files and uid link gone from the volume."""
+        uid = self.uid(name)
+        head = self.stack.head(uid)
+        assert (head.status_code, head.headers['X-Pacifica-Status']) == (404, 'error'), (name, head.headers)
+        assert head.headers['X-Pacifica-Message'] == f'No cart with uid {uid} found'
+        assert self.stack.download(uid).status_code == 404
+        row = self.row(name)
+        assert (row.status, row.error) == ('deleted', EVICTED), name
+        assert not (self.stack.volume / str(row.id)).exists(), name
+        assert not os.path.lexists(self.stack.volume / 'cartuids' / uid), name
+
+    def assert_volume_never_ran_out(self) -> None:
+        """No download of this test's carts met a full volume (ENOSPC): reservations kept them apart."""
+        lines = [line for log in sorted(self.stack.base_dir.glob('worker*.log'))
+                 for line in log.read_text(encoding='utf-8', errors='replace').splitlines()
+                 if self.tag in line and 'No space left on device' in line]
+        assert lines == [], lines[:3]
+
+    def assert_state(self, name: str, status: int, wire: str) -> requests.Response:
+        """HEAD answers this status code and X-Pacifica-Status."""
+        head = self.stack.head(self.uid(name))
+        assert (head.status_code, head.headers['X-Pacifica-Status']) == (status, wire), (
+            name, head.headers.get('X-Pacifica-Message'), self.stack.logs())
+        return head
+
+
+@pytest.fixture
+def carts(stack: CartStack) -> Iterator[Carts]:
+    """This test's carts on the shared stack; all deleted afterwards, so the next test finds an empty volume."""
+    made = Carts(stack)
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+@pytest.mark.parametrize('bundle', [False, True], ids=['files', 'bundle'])
+def test_least_recently_used_carts_go_first(carts: Carts, proxy: FaultProxy, bundle: bool) -> None:
+    """Eviction follows last use, not creation; a recently downloaded cart and a staging cart stay."""
+    carts.bundle = bundle
+    # held: its file stays on "tape", so the cart stays staging; it looks the oldest of all.
+    held_id = f'{carts.uid("held")}-0'
+    proxy.rule(held_id, 'tape', times=None)
+    carts.post('held', [FILE_SIZE])
+    deadline = time.monotonic() + 30
+    while carts.task_count('held') < 2:  # the worker saw "tape", asked for a recall and re-queued
+        assert time.monotonic() < deadline, carts.stack.logs()
+        time.sleep(0.1)
+    carts.age('held', 360)
+
+    # created in the order 1..5; last used in the order 2, 4, 3, 5, 1 (just now)
+    carts.ready('c1', [FILE_SIZE], minutes_ago=300)
+    carts.ready('c2', [FILE_SIZE], minutes_ago=240)
+    carts.ready('c3', [FILE_SIZE], minutes_ago=120)
+    carts.ready('c4', [FILE_SIZE], minutes_ago=180)
+    carts.ready('c5', [FILE_SIZE], minutes_ago=10)
+    carts.assert_whole('c1')  # a download is a use: c1 is now the most recently used
+
+    carts.leave_free(LEFT_FREE)
+    carts.post('new', [FILE_SIZE, FILE_SIZE])  # needs two evicted carts' room
+    answer = carts.wait_final('new')
+    assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (204, 'ready'), (
+        answer.headers.get('X-Pacifica-Message'), carts.stack.logs())
+    carts.assert_whole('new')
+
+    carts.assert_evicted('c2')
+    carts.assert_evicted('c4')
+    kept = ['c1', 'c5', 'c3']
+    if bundle and carts.stack.head(carts.uid('c3')).status_code == 404:
+        # Known over-eviction in bundle mode: a file written in place into the cart's tar counts
+        # whole as in flight until it is recorded, though its bytes are on disk already, so a
+        # reservation made meanwhile may evict the next cart too. It must still go in LRU order.
+        carts.assert_evicted('c3')
+        kept.remove('c3')
+    for name in kept:
+        carts.assert_whole(name)
+    carts.assert_state('held', 204, 'staging')
+    assert carts.row('held').status == 'staging'
+    assert proxy.count('GET', held_id) == 0
+    assert carts.part_files() == []
+    carts.assert_volume_never_ran_out()
+
+
+class SlowClient:
+    """A GET of a cart's tar read a few KiB at a time, as a slow client would."""
+
+    def __init__(self, stack: CartStack, uid: str, filename: str) -> None:
+        """Send the GET; its headers are in (so the server has counted the use), the body not read."""
+        self.response = requests.get(f'{stack.url}/{uid}', params={'filename': filename}, stream=True, timeout=60)
+        assert self.response.status_code == 200, self.response.text
+        self.size = int(self.response.headers['Content-Length'])
+        self.received = bytearray()
+
+    def tick(self) -> None:
+        """Read a little more."""
+        self.received += self.response.raw.read(4 * KIB)
+
+    def finish(self) -> bytes:
+        """Read the rest and return the whole body."""
+        for _ in range(self.size // (64 * KIB) + 2):
+            piece = self.response.raw.read(64 * KIB)
+            if not piece:
+                break
+            self.received += piece
+        self.response.close()
+        return bytes(self.received)
+
+
+def test_cart_being_downloaded_is_not_evicted(carts: Carts) -> None:
+    """A slow download of the oldest cart goes on while other carts are evicted, and ends intact."""
+    carts.ready('reading', [FILE_SIZE] * 4, minutes_ago=300)
+    carts.ready('old1', [FILE_SIZE], minutes_ago=240)
+    carts.ready('old2', [FILE_SIZE], minutes_ago=180)
+    carts.leave_free(LEFT_FREE)
+
+    client = SlowClient(carts.stack, carts.uid('reading'), 'reading.tar')
+    client.tick()
+    carts.post('new', [FILE_SIZE, FILE_SIZE])  # room from old1 and old2
+    answer = carts.wait_final('new', tick=client.tick)
+    assert answer.headers['X-Pacifica-Status'] == 'ready', (answer.headers.get('X-Pacifica-Message'),
+                                                             carts.stack.logs())
+    # Only 'reading' could make room now ('new' has just been used by finishing): it must not.
+    carts.post('more', [FILE_SIZE])
+    answer = carts.wait_final('more', tick=client.tick)
+    assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (500, 'error'), carts.stack.logs()
+    assert NO_SPACE in answer.headers['X-Pacifica-Message']
+    assert len(client.received) < client.size, 'the download ended before the evictions: nothing was tested'
+
+    body = client.finish()
+    assert len(body) == client.size
+    assert tar_contents(body) == {f'reading/{path}': data for path, data in carts.expected['reading'].items()}
+    carts.assert_state('reading', 204, 'ready')
+    carts.assert_evicted('old1')
+    carts.assert_evicted('old2')
+    carts.assert_whole('new')
+    carts.assert_whole('reading')
+    carts.assert_volume_never_ran_out()
+
+
+@pytest.fixture
+def buffered_stack(stack: CartStack) -> Iterator[CartStack]:
+    """The stack with lru_buffer_time set to BUFFER_MINUTES for one test, then back to 0."""
+    restart_worker(stack, BUFFER_MINUTES * 60)
+    try:
+        yield stack
+    finally:
+        restart_worker(stack, 0)
+
+
+def test_cart_that_cannot_fit_fails_and_protected_carts_stay(buffered_stack: CartStack, carts: Carts) -> None:
+    """After the one evictable cart is gone the new cart still does not fit: it fails, saying so."""
+    carts.ready('buffered', [FILE_SIZE], minutes_ago=BUFFER_MINUTES / 3)  # inside lru_buffer_time
+    carts.ready('used', [FILE_SIZE], minutes_ago=300)
+    carts.assert_whole('used')  # used just now
+    carts.ready('old', [FILE_SIZE], minutes_ago=200)
+    carts.leave_free(LEFT_FREE)
+
+    carts.post('toobig', [FILE_SIZE] * 3)
+    answer = carts.wait_final('toobig')
+    assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (500, 'error'), buffered_stack.logs()
+    message = answer.headers['X-Pacifica-Message']
+    assert message.startswith('Failed to pull file(part') and f'{NO_SPACE} for {FILE_SIZE} bytes' in message, message
+    assert buffered_stack.download(carts.uid('toobig')).status_code == 202
+
+    carts.assert_evicted('old')  # it was tried, and was not enough
+    carts.wait_no_part_files()
+    carts.assert_whole('buffered')
+    carts.assert_whole('used')
+    assert not (buffered_stack.volume / 'cartuids' / carts.uid('toobig')).exists()
+    carts.assert_volume_never_ran_out()
