@@ -19,7 +19,7 @@ import pytest
 from pacifica.cartd import database, schema
 from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import CartNotFound
-from pacifica.cartd.eviction import bytes_in_flight, reserve
+from pacifica.cartd.eviction import allocated_in, bytes_in_flight, disk_bytes, reserve
 from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
 from test_service import FakeArchive, FakeQueue, _run_queue
@@ -184,3 +184,26 @@ def test_a_failed_carts_downloads_still_count_and_no_new_ones_start(tmp_path: pa
         assert bytes_in_flight(excluding_file_id=0) == FILE_SIZE
         service.delete('x')
         assert bytes_in_flight(excluding_file_id=0) == 0
+
+
+def test_bytes_written_in_place_into_a_sparse_tar_are_not_counted_again(tmp_path: pathlib.Path) -> None:
+    """A file written into its region of the bundle tar has, in flight, only what it has not written yet."""
+    tar = tmp_path / '.bundle.tar'
+    region_start, size = MIB, 2 * MIB
+    with open(tar, 'wb') as out:
+        out.truncate(8 * MIB)  # sparse: the regions of the other files are holes
+        out.seek(region_start)
+        out.write(b'x' * (MIB // 2))  # half a MiB of this file written so far
+        out.seek(6 * MIB)
+        out.write(b'y' * MIB)  # another file's bytes, outside this region
+    assert allocated_in(str(tar), region_start, size) == MIB // 2
+    assert allocated_in(str(tar), 0, MIB) == 0
+    settings = load_settings(str(tmp_path / 'none.ini'), environ={
+        'VOLUME_PATH': str(tmp_path / 'volume'), 'PEEWEE_URL': f'sqliteext:///{tmp_path}/db.sqlite3'})
+    database.bind(settings)
+    with database.connection():
+        schema.sync()
+        cart = Cart.create(cart_uid='sparse', status='staging')
+        file = File.create(cart=cart, file_name='f', bundle_path='f', hash_type='md5', hash_value='0' * 32)
+        reserve(cart.id, file.id, disk_bytes(size), tar, tar_offset=region_start)
+        assert bytes_in_flight(excluding_file_id=0) == disk_bytes(size) - MIB // 2

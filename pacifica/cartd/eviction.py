@@ -15,6 +15,7 @@ from .orm import Cart, CartStatus, File, SpaceReservation, now
 DOWNLOAD_HEARTBEAT_S = 30.0
 IN_USE_WINDOW_S = 2 * DOWNLOAD_HEARTBEAT_S + 30.0
 BLOCK = 4096
+MAX_EXTENTS = 100000  # data extents looked at in one file region at most
 
 
 def disk_bytes(size: int) -> int:
@@ -30,21 +31,51 @@ def bytes_in_flight(excluding_file_id: int) -> int:
     The reservation table holds only the files in flight (a few per worker thread), so
     this stays cheap however many files the database holds.
     """
-    rows = (SpaceReservation.select(SpaceReservation.bytes, SpaceReservation.partial)
+    rows = (SpaceReservation.select(SpaceReservation.bytes, SpaceReservation.partial, SpaceReservation.tar_offset)
             .join(Cart, on=(SpaceReservation.cart == Cart.id))
             .where((SpaceReservation.file != excluding_file_id)
                    & (Cart.status != CartStatus.DELETED.value)))
-    return sum(max(row.bytes - _written(row.partial), 0) for row in rows)
+    return sum(max(row.bytes - _written(row.partial, row.tar_offset, row.bytes), 0) for row in rows)
 
 
-def _written(partial: Optional[str]) -> int:
-    """Disk bytes a download has already written (they are already out of the free count)."""
+def _written(partial: Optional[str], offset: Optional[int], length: int) -> int:
+    """Disk bytes a download has already written (they are already out of the free count).
+
+    A temp file's are its allocated blocks. A file written in place into the bundle tar
+    (which is sparse until every file is in it) has written the data extents of its region.
+    """
     if not partial:
         return 0
     try:
-        return os.stat(partial).st_blocks * 512
+        if offset is None:
+            return os.stat(partial).st_blocks * 512
+        return allocated_in(partial, offset, length - BLOCK)  # disk_bytes added a block or more to the size
     except OSError:
         return 0
+
+
+def allocated_in(path: str, start: int, length: int) -> int:
+    """Bytes of [start, start + length) of a sparse file that hold data (SEEK_DATA / SEEK_HOLE)."""
+    end = start + length
+    total = 0
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        position = start
+        for _ in range(MAX_EXTENTS):
+            if position >= end:
+                break
+            try:
+                data = os.lseek(descriptor, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole (or the end of the file) after position
+                break
+            if data >= end:
+                break
+            hole = os.lseek(descriptor, data, os.SEEK_HOLE)
+            total += min(hole, end) - data
+            position = hole
+    finally:
+        os.close(descriptor)
+    return total
 
 
 def track_partial(file_id: int, partial: Path) -> None:
@@ -52,14 +83,15 @@ def track_partial(file_id: int, partial: Path) -> None:
     SpaceReservation.update(partial=str(partial)).where(SpaceReservation.file == file_id).execute()
 
 
-def reserve(cart_id: int, file_id: int, size: int, partial: Optional[Path]) -> None:
+def reserve(cart_id: int, file_id: int, size: int, partial: Optional[Path], tar_offset: Optional[int] = None) -> None:
     """Record that this file's download may write `size` disk bytes into `partial` (replacing an older record).
 
-    Without `partial` (a file written into its cart's bundle tar) the whole size counts as
-    in flight until the file is recorded staged.
+    With `tar_offset`, `partial` is the cart's bundle tar and the file's bytes go to its region
+    from that offset on. Without `partial` the whole size counts until the file is released.
     """
     SpaceReservation.delete().where(SpaceReservation.file == file_id).execute()
-    SpaceReservation.create(file=file_id, cart=cart_id, bytes=size, partial=None if partial is None else str(partial))
+    SpaceReservation.create(file=file_id, cart=cart_id, bytes=size, partial=None if partial is None else str(partial),
+                            tar_offset=tar_offset)
 
 
 def release(file_id: int) -> None:

@@ -141,6 +141,7 @@ class SpaceReservation(BaseModel):
     cart = ForeignKeyField(Cart, column_name='cart_id', index=True)
     bytes = BigIntegerField()
     partial = TextField(null=True)  # the temp file being written, so bytes already on disk are not counted twice
+    tar_offset = BigIntegerField(null=True)  # schema 2.2: written in place from here on into `partial`, the tar
     created = DateTimeField(default=now)
 
     class Meta:

@@ -73,7 +73,8 @@ def _upgrade_2_1_to_2_2() -> None:
     tars are laid out when they are bundled, as before."""
     migrator = SchemaMigrator.from_database(DB.obj)
     operations = _add_missing_columns(migrator, [
-        ('cart', 'bundle_size', Cart.bundle_size), ('file', 'tar_offset', File.tar_offset)])
+        ('cart', 'bundle_size', Cart.bundle_size), ('file', 'tar_offset', File.tar_offset),
+        ('spacereservation', 'tar_offset', SpaceReservation.tar_offset)])
     if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side default
         operations.append(migrator.add_column_default('cart', 'bundle_size', 0))
     migrate(*operations)

@@ -522,7 +522,7 @@ class CartService:
         size = status.size
         assert size is not None
         staging = self.volume.bundle_staging_path(cart.id)
-        reserved = self._reserve_space(cart, file, size, None)
+        reserved = self._reserve_space(cart, file, size, staging, offset)
         try:
             with locked_region(staging, offset, size):
                 with database.connection():
@@ -564,7 +564,8 @@ class CartService:
             LOGGER.info('cart %s file %s: hash mismatch, downloading once more', cart.cart_uid, file.bundle_path)
         return attempt()
 
-    def _reserve_space(self, cart: Cart, file: File, size: Optional[int], partial: Optional[Path]) -> bool:
+    def _reserve_space(self, cart: Cart, file: File, size: Optional[int], partial: Optional[Path],
+                       tar_offset: Optional[int] = None) -> bool:
         """Make sure the volume has room for the file and for every download already in flight.
 
         Reservations are serialised in the database (one at a time across all workers) and
@@ -591,7 +592,7 @@ class CartService:
                 needed = wanted + bytes_in_flight(file.id)
                 free = self.volume.free_bytes()
                 if needed <= free:
-                    reserve(cart.id, file.id, wanted, partial)
+                    reserve(cart.id, file.id, wanted, partial, tar_offset)
                     return True
                 victim = evict_one(self.settings.lru_buffer_time) if self.settings.lru_purge else None
                 if victim is not None:
