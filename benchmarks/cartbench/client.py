@@ -297,6 +297,26 @@ def download_and_check(base_url: str, uid: str, wanted: Mapping[str, ArchiveFile
     return result
 
 
+def download_unchecked(base_url: str, uid: str, timeout: float = 600) -> float:
+    """GET the cart's tar again and throw the bytes away: the server's rate without the client's hashing (MB/s)."""
+    start = time.monotonic()
+    total = 0
+    try:
+        with requests.get(f'{base_url}/{uid}', params={'filename': 'bench.tar'}, stream=True,
+                          timeout=timeout) as answer:
+            if answer.status_code != 200:
+                raise BenchError(f'GET {uid} answered {answer.status_code}')
+            while True:
+                chunk = answer.raw.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (requests.RequestException, OSError) as exc:
+        raise BenchError(f'GET {uid} failed: {type(exc).__name__}: {exc}') from exc
+    seconds = time.monotonic() - start
+    return total / seconds / 1e6 if seconds else 0.0
+
+
 def delete_cart(base_url: str, uid: str) -> None:
     """DELETE /<uid> (best effort: a failure is reported, not raised)."""
     try:
