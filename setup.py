@@ -23,6 +23,7 @@ setup(
     },
     install_requires=[
         'cherrypy>=18.8',
+        'cheroot>=11.1,<12',  # httpserver.py builds on cheroot's request and gateway classes (tested: 11.1)
         'peewee>=4.5',
         'celery>=5.3',
         'requests>=2.31',
