@@ -622,8 +622,6 @@ class Bench:
                                      bytes=checked.tar_bytes)
                 if not checked.ok:
                     outcome.check = '; '.join(checked.problems[:3])
-                if unchecked_rate:
-                    outcome.extra['raw_mb_per_s'] = client.download_unchecked(side.url, uid)
             except client.BenchError as exc:
                 outcome.error = str(exc)
             finally:
