@@ -213,9 +213,15 @@ def _cart_message(file: File, cause: str) -> str:
     return f'Failed to pull file({file.bundle_path} (archive id {file.file_name}): {cause})'
 
 
-def _bundle_order(files: Iterable[File]) -> List[File]:
-    """The order of a cart's files in its tar: those placed in the bundle tar by place, then the rest by id."""
+def _files_in_tar_order(cart_id: int) -> List[File]:
+    """A cart's files in their tar's order: those placed in the bundle tar by place, then the rest by id."""
+    files = File.select(File.bundle_path, File.size, File.mtime, File.id, File.tar_offset).where(File.cart == cart_id)
     return sorted(files, key=lambda file: (file.tar_offset is None, file.tar_offset or 0, file.id))
+
+
+def _tar_created(cart: Cart) -> float:
+    """The mtime of the tar's directories: when the cart was created."""
+    return cart.creation_date.timestamp() if cart.creation_date else time.time()
 
 
 class _Heartbeat:
@@ -337,21 +343,18 @@ class CartService:
             raise CartNotFound('The cart does not exist or has already been deleted')
         if cart.status != CartStatus.READY.value:
             raise CartNotReady('The cart is not ready for download.')
-        files = _bundle_order(File.select(File.bundle_path, File.size, File.mtime, File.id, File.tar_offset)
-                              .where(File.cart == cart.id))
-        members = self._members(cart, files)
+        members = self._members(cart, _files_in_tar_order(cart.id))
         Cart.update(updated_date=now()).where(Cart.id == cart.id).execute()
-        created = cart.creation_date.timestamp() if cart.creation_date else time.time()
-        return CartDownload(TarLayout(top, members, created), filename, cart.id)
+        return CartDownload(TarLayout(top, members, _tar_created(cart)), filename, cart.id)
 
-    def _staged_members(self, cart: Cart, files: Sequence[File]) -> List[TarMember]:
-        """Each file as a tar member read from where it was staged."""
-        return [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0,
-                          self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)) for file in files]
+    def _staged_member(self, cart: Cart, file: File) -> TarMember:
+        """The file as a tar member read from where it was staged."""
+        return TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0,
+                         self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path))
 
     def _members(self, cart: Cart, files: Sequence[File]) -> List[TarMember]:
         """Where each file's bytes are: its staged file, or its place in the bundle tar."""
-        plain = self._staged_members(cart, files)
+        plain = [self._staged_member(cart, file) for file in files]
         if not cart.bundle:
             return plain
         tar_path = self.volume.tar_path(cart.id, cart.cart_uid)
@@ -733,13 +736,11 @@ class CartService:
         the placed files not tile the tar exactly (a file that changed size between
         attempts, a cart from an older version), the tar is written anew from all sources.
         """
-        files = _bundle_order(File.select(File.bundle_path, File.size, File.mtime, File.id, File.tar_offset)
-                              .where(File.cart == cart.id))
+        files = _files_in_tar_order(cart.id)
         staging = self.volume.bundle_staging_path(cart.id)
         members = [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0, staging, int(file.tar_offset))
-                   if file.tar_offset is not None else self._staged_members(cart, [file])[0] for file in files]
-        created = cart.creation_date.timestamp() if cart.creation_date else time.time()
-        layout = TarLayout(cart.cart_uid, members, created)
+                   if file.tar_offset is not None else self._staged_member(cart, file) for file in files]
+        layout = TarLayout(cart.cart_uid, members, _tar_created(cart))
         if staging.is_file() and layout.places_in(staging):
             layout.complete_in(staging)
             os.replace(staging, target)
