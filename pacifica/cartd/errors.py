@@ -1,6 +1,13 @@
 """The service's exception tree: each error knows its HTTP status and whether a retry may help."""
 from __future__ import annotations
 
+import json
+
+
+def error_document(status: str, message: str, version: str) -> str:
+    """An error answer's JSON body, with the four keys 0.7.0 sends (the traceback stays in the log)."""
+    return json.dumps({'status': status, 'message': message, 'traceback': '', 'version': version})
+
 
 class CartError(Exception):
     """Base of every error the service raises on purpose."""

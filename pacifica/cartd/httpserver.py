@@ -19,13 +19,14 @@ unknown transfer coding), get the API's JSON error page instead of a line of pla
 """
 from __future__ import annotations
 
-import json
 import socket
 from typing import Any, BinaryIO, Callable, Dict, cast
 
 import cherrypy
 from cheroot import errors as cheroot_errors, server as cheroot_server, wsgi
 from cherrypy import _cpwsgi_server
+
+from .errors import error_document
 
 SENDFILE_ENVIRON_KEY = 'pacifica.cartd.sendfile'
 SendFile = Callable[[BinaryIO, int, int], int]
@@ -65,8 +66,7 @@ class JsonErrorRequest(_cpwsgi_server.CPWSGIHTTPRequest):
         """Write an error answer: status line, JSON headers and body; the connection closes after it."""
         status = str(status)
         message = (msg.decode('latin-1') if isinstance(msg, bytes) else str(msg)) or status[4:]
-        body = json.dumps({'status': status, 'message': message, 'traceback': '',
-                           'version': cherrypy.__version__}).encode('utf-8')
+        body = error_document(status, message, cherrypy.__version__).encode('utf-8')
         # cheroot closes the connection after each of these answers: say so
         self.close_connection = True
         head = [f'{self.server.protocol} {status}', 'Content-Type: application/json', f'Content-Length: {len(body)}',

@@ -11,7 +11,7 @@ from urllib.parse import quote, unquote_to_bytes
 import cherrypy
 
 from . import database
-from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable
+from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable, error_document
 from .httpserver import SENDFILE_ENVIRON_KEY
 from .service import CartDownload, CartService
 from .volume import parse_range, tar_top_name
@@ -37,7 +37,7 @@ def error_page(status: str, message: str, traceback: str, version: str) -> str:
     """CherryPy's error page, as JSON with the published four keys; tracebacks stay in the log."""
     del traceback
     cherrypy.response.headers['Content-Type'] = 'application/json'
-    return json.dumps({'status': status, 'message': message, 'traceback': '', 'version': version})
+    return error_document(status, message, version)
 
 
 def _raise_http(status: int, message: str) -> None:
