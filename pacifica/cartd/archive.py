@@ -15,6 +15,7 @@ from urllib.parse import quote
 import requests
 
 from .errors import ArchiveError, ArchiveFileMissing, ArchiveShortRead, HashMismatch
+from .volume import write_all_at
 
 LOGGER = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class ArchiveClient:
                         if expected_size is not None and written + len(chunk) > expected_size:
                             raise ArchiveShortRead(f'archive GET sent more than the {expected_size} bytes announced')
                         digest.update(chunk)
-                        _write_all(descriptor, chunk, start + written)
+                        write_all_at(descriptor, chunk, start + written)
                         written += len(chunk)
                         if progress is not None:
                             progress()
@@ -196,11 +197,3 @@ class ArchiveClient:
         if digest.hexdigest() != hash_value.lower():
             raise HashMismatch('File hash does not match provided hash')
         return Download(size=written, mtime=_float_header(response.headers.get('Last-Modified')))
-
-
-def _write_all(descriptor: int, data: bytes, position: int) -> None:
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(descriptor, view, position)
-        view = view[done:]
-        position += done

@@ -331,18 +331,11 @@ class TarLayout:
                 yield from piece.read(chunk_size)
 
     def write_to(self, destination: Path) -> None:
-        """Write the tar to a file: headers from here, file bytes copied in the kernel."""
-        with open(destination, 'wb') as out:
-            for segment in self._segments:
-                if segment.data is not None:
-                    out.write(segment.data)
-                    continue
-                out.flush()
-                assert segment.source is not None
-                with open(segment.source, 'rb') as source:
-                    _copy_range(source.fileno(), out.fileno(), segment.source_offset, segment.length)
-            out.flush()
-            os.fsync(out.fileno())
+        """Write the whole tar to a file: headers from here, file bytes copied in the kernel.
+
+        No file was written into `destination` in place, so completing it writes every byte.
+        """
+        self.complete_in(destination)
 
     def places_in(self, path: Path) -> bool:
         """Whether every file already written into `path` sits exactly where this layout puts it."""
@@ -361,7 +354,7 @@ class TarLayout:
         try:
             for segment in self._segments:
                 if segment.data is not None:
-                    os.pwrite(descriptor, segment.data, segment.offset)
+                    write_all_at(descriptor, segment.data, segment.offset)
                 elif segment.source != path:
                     assert segment.source is not None
                     with open(segment.source, 'rb') as source:
@@ -389,6 +382,15 @@ def locked_region(path: Path, offset: int, length: int) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
+
+
+def write_all_at(descriptor: int, data: bytes, position: int) -> None:
+    """Write all of `data` into the open file at `position` (pwrite may write less at once)."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(descriptor, view, position)
+        view = view[done:]
+        position += done
 
 
 def _copy_range(source_fd: int, dest_fd: int, offset: int, length: int) -> None:
