@@ -19,13 +19,13 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 OWNERS: Dict[str, Set[str]] = {
     'cherrypy': {'rest', 'wsgi', '__main__', 'app', 'httpserver'},
     'cheroot': {'httpserver'},
-    'celery': {'tasks'},
+    'celery': {'tasks', 'celeryapp'},
     'kombu': {'tasks'},
     'requests': {'archive'},
-    'tarfile': {'volume'},
+    'tarfile': {'volume', 'tarlayout'},
     'peewee': {'orm', 'database', 'schema', 'service', 'eviction'},
     'playhouse': {'database', 'schema'},
-    'jsonschema': {'service'},
+    'jsonschema': {'service', 'cartrequest'},
     'shutil': {'volume'},
 }
 # module -> package modules it must not import (imports point down only)
