@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import cherrypy
@@ -15,11 +14,12 @@ import tqdm
 import yaml
 
 from . import database, schema
-from .app import mount, prepare
+from .app import mount
 from .config import Settings, default_config_path, default_cpconfig_path, load_settings
 from .errors import CartError
 from .httpserver import use_sendfile_gateway
-from .service import CartService
+from .staging import StageOutcome
+from .wiring import command_service, open_database, prepare_server
 
 LOGGER = logging.getLogger('pacifica.cartd')
 LISTEN_BACKLOG = 1024  # server.socket_queue_size unless the cpconfig file sets it
@@ -30,11 +30,22 @@ def _fail(message: str) -> int:
     return 1
 
 
+def config_parent(default: Optional[str] = None) -> argparse.ArgumentParser:
+    """The one `-c/--config` option, as a parent parser for the server, the admin tool and each subcommand.
+
+    A subcommand's parent has the default SUPPRESS, so `-c` given before the subcommand
+    is not reset by the subcommand's own (absent) `-c`.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument('-c', '--config', metavar='CONFIG', type=str, default=default, dest='config',
+                        help='cart config file')
+    return parent
+
+
 def server_parser() -> argparse.ArgumentParser:
     """The `pacifica-cartd` arguments, as the published service has them."""
-    parser = argparse.ArgumentParser(prog='pacifica-cartd', description='Run the cart server.')
-    parser.add_argument('-c', '--config', metavar='CONFIG', type=str, default=None, dest='config',
-                        help='cart config file')
+    parser = argparse.ArgumentParser(prog='pacifica-cartd', description='Run the cart server.',
+                                     parents=[config_parent()])
     parser.add_argument('--cpconfig', metavar='CONFIG', type=str, default=None, dest='cpconfig',
                         help='cherrypy config file')
     parser.add_argument('-p', '--port', metavar='PORT', type=int, default=None, dest='port',
@@ -56,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cpconfig = args.cpconfig or default_cpconfig_path(os.environ)
     try:
         settings = load_settings(config_file)
-        prepare(settings)
+        prepare_server(settings)
     except CartError as exc:
         return _fail(exc.message)
     except database.DATABASE_ERRORS as exc:
@@ -81,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # then would leave the non-daemon HTTP server thread running and the process hung).
     cherrypy.engine.signal_handler.handlers['SIGINT'] = cherrypy.engine.exit
     cherrypy.engine.signals.subscribe()
-    use_sendfile_gateway(cherrypy.server)
+    use_sendfile_gateway(cherrypy.server)  # or, logged, CherryPy's own server
     cherrypy.engine.start()
     cherrypy.engine.block()
     return 0
@@ -89,37 +100,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cmd_parser() -> argparse.ArgumentParser:
     """The `pacifica-cartd-cmd` arguments and subcommands."""
-    parser = argparse.ArgumentParser(prog='pacifica-cartd-cmd', description='Cart admin tool.')
-    parser.add_argument('-c', '--config', metavar='CONFIG', type=str, default=None, dest='config',
-                        help='cart config file')
+    parser = argparse.ArgumentParser(prog='pacifica-cartd-cmd', description='Cart admin tool.',
+                                     parents=[config_parent()])
     subparsers = parser.add_subparsers(help='sub-command help', dest='command')
-    sync = subparsers.add_parser('dbsync', help='create or upgrade the database schema',
-                                 description='Update or Create the Database.')
-    sync.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
-                      help='cart config file')
+    each = [config_parent(argparse.SUPPRESS)]
+    subparsers.add_parser('dbsync', help='create or upgrade the database schema',
+                          description='Update or Create the Database.', parents=each)
     check = subparsers.add_parser('dbchk', help='check the database schema',
-                                  description='Check database against current version.')
+                                  description='Check database against current version.', parents=each)
     check.add_argument('--equal', action='store_true', default=False,
                        help='succeed only if the schema is exactly this version (default: usable)')
-    check.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
-                       help='cart config file')
     fix = subparsers.add_parser('fixit', help='re-stage and re-bundle carts in this process',
-                                description='Fix an existing cart')
+                                description='Fix an existing cart', parents=each)
     fix.add_argument('--cartid', metavar='CARTIDS', nargs='+', required=True, dest='cartids',
                      help='Cart IDs to try and fix')
-    fix.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
-                     help='cart config file')
     dump = subparsers.add_parser('dump', help='print every cart and its files',
-                                 description='Dump all the carts as yaml')
+                                 description='Dump all the carts as yaml', parents=each)
     dump.add_argument('--json', action='store_true', default=False, help='Dump as Json')
-    dump.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
-                      help='cart config file')
     purge = subparsers.add_parser('purge', help='delete carts not used for a while',
-                                  description='delete all carts before a time')
+                                  description='delete all carts before a time', parents=each)
     purge.add_argument('--time-ago', type=time_ago, default=time_ago('180 days ago'), dest='time_ago',
                        help='only cart older than X days ago (i.e. --time-ago="7 days ago"); default 180 days')
-    purge.add_argument('-c', '--config', metavar='CONFIG', type=str, default=argparse.SUPPRESS, dest='config',
-                       help='cart config file')
     return parser
 
 
@@ -142,7 +143,7 @@ def time_ago(text: str) -> datetime.timedelta:
 
 
 def _dump(settings: Settings, args: argparse.Namespace) -> int:
-    carts = CartService(settings).dump()
+    carts = command_service(settings).dump()
     if args.json:
         print(json.dumps(carts, indent=2))
     else:
@@ -152,37 +153,48 @@ def _dump(settings: Settings, args: argparse.Namespace) -> int:
 
 def _purge(settings: Settings, args: argparse.Namespace) -> int:
     cutoff = datetime.datetime.now() - args.time_ago
-    purged = CartService(settings).purge(cutoff)
+    purged = command_service(settings).purge(cutoff)
     for cart_id, cart_uid in purged:
         print(f'deleted cart {cart_uid} (id {cart_id})')
     print(f'{len(purged)} carts not used since {cutoff:%Y-%m-%d %H:%M:%S} deleted')
     return 0
 
 
-FIXIT_MAX_TAPE_ROUNDS = 50
+class _FilesBar:
+    """fixit's progress on one cart, as a tqdm bar of its files under the bar of carts."""
+
+    def __init__(self, cart_uid: str) -> None:
+        self.cart_uid = cart_uid
+        self.bar: Optional[tqdm.tqdm] = None
+
+    def files(self, total: int) -> None:
+        self.bar = tqdm.tqdm(total=total, desc=self.cart_uid, unit='file', position=1, leave=False)
+
+    def file_done(self, outcome: StageOutcome) -> None:
+        if self.bar is not None and not outcome.on_tape:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _fixit(settings: Settings, args: argparse.Namespace) -> int:
-    service = CartService(settings)
+    service = command_service(settings)
     failed = 0
     for cart_uid in tqdm.tqdm(args.cartids, desc='carts', unit='cart', position=0):
+        progress = _FilesBar(cart_uid)
         try:
-            cart_id, todo = service.fixit_prepare(cart_uid)
+            result = service.fixit(cart_uid, progress)
         except CartError as exc:
             tqdm.tqdm.write(f'{cart_uid}: {exc.message}')
             failed += 1
             continue
-        with tqdm.tqdm(total=len(todo), desc=cart_uid, unit='file', position=1, leave=False) as files_bar:
-            for tape_round in range(FIXIT_MAX_TAPE_ROUNDS):
-                todo = service.stage_files(cart_id, todo, tape_round,
-                                           on_done=lambda outcome: files_bar.update(0 if outcome.on_tape else 1))
-                if not todo:
-                    break
-                time.sleep(service.tape_wait(tape_round))
-        state = service.fixit_finish(cart_id)
-        if state.status != 'ready':
-            detail = state.message or f'{len(todo)} files still on tape'
-            tqdm.tqdm.write(f'{cart_uid}: {state.status}: {detail}')
+        finally:
+            progress.close()
+        if result.state.status != 'ready':
+            detail = result.state.message or f'{result.files_on_tape} files still on tape'
+            tqdm.tqdm.write(f'{cart_uid}: {result.state.status}: {detail}')
             failed += 1
         else:
             tqdm.tqdm.write(f'{cart_uid}: ready')
@@ -223,11 +235,8 @@ def cmd(argv: Optional[List[str]] = None) -> int:
     _logging(logging.WARNING)
     try:
         settings = load_settings(args.config or default_config_path(os.environ))
-        database.bind(settings)
-        database.wait_for_database(settings)
+        open_database(settings, need_schema=args.command not in ('dbsync', 'dbchk'))
         with database.connection():
-            if args.command not in ('dbsync', 'dbchk'):
-                schema.require_usable()
             return COMMANDS[args.command](settings, args)
     except CartError as exc:
         return _fail(exc.message)

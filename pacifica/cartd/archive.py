@@ -15,7 +15,7 @@ from urllib.parse import quote
 import requests
 
 from .errors import ArchiveError, ArchiveFileMissing, ArchiveShortRead, HashMismatch
-from .volume import write_all_at
+from .fileio import write_all_at
 
 LOGGER = logging.getLogger(__name__)
 

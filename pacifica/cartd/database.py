@@ -118,6 +118,11 @@ def serialize_writers() -> None:
         DB.execute_sql("SELECT value FROM cartsystem WHERE part = 'major' FOR UPDATE")
 
 
+def atomic() -> Any:
+    """A transaction on the bound database (a savepoint when one is already open)."""
+    return DB.atomic()
+
+
 @contextlib.contextmanager
 def connection() -> Iterator[None]:
     """Hold one connection for the length of a request, task or command, and give it back."""

@@ -1,21 +1,31 @@
-"""Room on the volume: bytes reserved by downloads in flight, and which ready carts may be evicted (LRU)."""
+"""Room on the volume: bytes reserved by downloads in flight, and making room by evicting ready carts (LRU)."""
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-from peewee import fn
+from . import database
+from .config import Settings
+from .errors import CartGone, NoSpace
+from .fileio import allocated_in
+from .orm import (Cart, CartStatus, File, add_reservation, cart_status, claim_eviction, drop_cart_reservations,
+                  drop_reservations, now, oldest_evictable, reservations_in_flight, set_reservation_partial)
+from .volume import CartVolume
 
-from .orm import Cart, CartStatus, File, SpaceReservation, now
+LOGGER = logging.getLogger(__name__)
 
-# A cart whose tar is being sent is marked used at least this often (see CartService.download),
+# A cart whose tar is being sent is marked used at least this often (see carts.CartDownload),
 # so a cart used more recently than twice that is never evicted from under a download.
 DOWNLOAD_HEARTBEAT_S = 30.0
 IN_USE_WINDOW_S = 2 * DOWNLOAD_HEARTBEAT_S + 30.0
 BLOCK = 4096
-MAX_EXTENTS = 100000  # data extents looked at in one file region at most
+SMALL_FILE = 256 * 1024  # files this small are not reserved one by one ...
+SMALL_FILE_MARGIN = 256 * 1024 * 1024  # ... while the volume has this much more free
+MAX_EVICTIONS_PER_FILE = 1000
+CLAIM_ATTEMPTS = 10  # candidates tried when others keep claiming them first
 
 
 def disk_bytes(size: int) -> int:
@@ -31,11 +41,8 @@ def bytes_in_flight(excluding_file_id: int) -> int:
     The reservation table holds only the files in flight (a few per worker thread), so
     this stays cheap however many files the database holds.
     """
-    rows = (SpaceReservation.select(SpaceReservation.bytes, SpaceReservation.partial, SpaceReservation.tar_offset)
-            .join(Cart, on=(SpaceReservation.cart == Cart.id))
-            .where((SpaceReservation.file != excluding_file_id)
-                   & (Cart.status != CartStatus.DELETED.value)))
-    return sum(max(row.bytes - _written(row.partial, row.tar_offset, row.bytes), 0) for row in rows)
+    return sum(max(row.bytes - _written(row.partial, row.tar_offset, row.bytes), 0)
+               for row in reservations_in_flight(excluding_file_id))
 
 
 def _written(partial: Optional[str], offset: Optional[int], length: int) -> int:
@@ -54,33 +61,9 @@ def _written(partial: Optional[str], offset: Optional[int], length: int) -> int:
         return 0
 
 
-def allocated_in(path: str, start: int, length: int) -> int:
-    """Bytes of [start, start + length) of a sparse file that hold data (SEEK_DATA / SEEK_HOLE)."""
-    end = start + length
-    total = 0
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        position = start
-        for _ in range(MAX_EXTENTS):
-            if position >= end:
-                break
-            try:
-                data = os.lseek(descriptor, position, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole (or the end of the file) after position
-                break
-            if data >= end:
-                break
-            hole = os.lseek(descriptor, data, os.SEEK_HOLE)
-            total += min(hole, end) - data
-            position = hole
-    finally:
-        os.close(descriptor)
-    return total
-
-
 def track_partial(file_id: int, partial: Path) -> None:
     """Say which temp file a reserved download is writing now (a new one for each attempt)."""
-    SpaceReservation.update(partial=str(partial)).where(SpaceReservation.file == file_id).execute()
+    set_reservation_partial(file_id, str(partial))
 
 
 def reserve(cart_id: int, file_id: int, size: int, partial: Optional[Path], tar_offset: Optional[int] = None) -> None:
@@ -89,24 +72,22 @@ def reserve(cart_id: int, file_id: int, size: int, partial: Optional[Path], tar_
     With `tar_offset`, `partial` is the cart's bundle tar and the file's bytes go to its region
     from that offset on. Without `partial` the whole size counts until the file is released.
     """
-    SpaceReservation.delete().where(SpaceReservation.file == file_id).execute()
-    SpaceReservation.create(file=file_id, cart=cart_id, bytes=size, partial=None if partial is None else str(partial),
-                            tar_offset=tar_offset)
+    add_reservation(cart_id, file_id, size, None if partial is None else str(partial), tar_offset)
 
 
 def release(file_id: int) -> None:
     """The file is on disk (or failed): its bytes are no longer in flight."""
-    SpaceReservation.delete().where(SpaceReservation.file == file_id).execute()
+    drop_reservations([file_id])
 
 
 def release_files(file_ids: Sequence[int]) -> None:
     """Several files are on disk: their bytes are no longer in flight."""
-    SpaceReservation.delete().where(SpaceReservation.file.in_(list(file_ids))).execute()
+    drop_reservations(file_ids)
 
 
 def release_cart(cart_id: int) -> None:
     """Forget every reservation of a cart that finished or went away."""
-    SpaceReservation.delete().where(SpaceReservation.cart == cart_id).execute()
+    drop_cart_reservations(cart_id)
 
 
 def evict_one(lru_buffer_time: float) -> Optional[Cart]:
@@ -118,22 +99,68 @@ def evict_one(lru_buffer_time: float) -> Optional[Cart]:
     """
     protect = max(lru_buffer_time, IN_USE_WINDOW_S)
     cutoff = now() - datetime.timedelta(seconds=protect)
-    for _ in range(10):
-        candidate = (Cart.select(Cart.id, Cart.cart_uid, Cart.updated_date)
-                     .where((Cart.status == CartStatus.READY.value) & (Cart.updated_date < cutoff))
-                     .order_by(Cart.updated_date, Cart.id).first())
+    for _ in range(CLAIM_ATTEMPTS):
+        candidate = oldest_evictable(cutoff)
         if candidate is None:
             return None
-        claimed = (Cart.update(status=CartStatus.DELETED.value, deleted_date=now(),
-                               error='evicted to make room on the volume')
-                   .where((Cart.id == candidate.id) & (Cart.status == CartStatus.READY.value)
-                          & (Cart.updated_date == candidate.updated_date)).execute())
-        if claimed:
+        if claim_eviction(candidate):
             return candidate
     return None
 
 
-def cart_bytes(cart_id: int) -> int:
-    """Bytes a cart's files take on disk (from the sizes the archive reported)."""
-    total = File.select(fn.SUM(File.size)).where(File.cart == cart_id).scalar()
-    return int(total or 0)
+class SpaceKeeper:
+    """Admits downloads onto the volume: reserves their bytes, evicting ready carts when room is short."""
+
+    def __init__(self, settings: Settings, volume: CartVolume) -> None:
+        """Keep room on `volume` as lru_purge and lru_buffer_time say."""
+        self.settings = settings
+        self.volume = volume
+
+    def reserve(self, cart: Cart, file: File, size: Optional[int], partial: Optional[Path],
+                tar_offset: Optional[int] = None) -> bool:
+        """Make sure the volume has room for the file and for every download already in flight.
+
+        Reservations are serialised in the database (one at a time across all workers) and
+        recorded in the reservation table until the file is staged. When room is short and
+        lru_purge is on, ready carts go in least-recently-used order until the file fits;
+        otherwise NoSpace fails this file (and so its cart) and no other cart is touched.
+
+        Small files skip the database while the volume has a wide margin: all the small
+        downloads that can be in flight at once fit in SMALL_FILE_MARGIN. Returns whether a
+        reservation was recorded (and must be released).
+        """
+        wanted = disk_bytes(size or 0)
+        if (size or 0) <= SMALL_FILE and self.volume.free_bytes() >= wanted + SMALL_FILE_MARGIN:
+            return False
+        evicted = 0
+        for _ in range(MAX_EVICTIONS_PER_FILE):
+            with database.connection(), database.atomic():
+                database.serialize_writers()
+                # A cart that failed or went meanwhile needs no more bytes: start no download for it.
+                # (A duplicate task of a cart finishing or ready goes on: it finds its file staged.)
+                state = cart_status(cart.id)
+                if state in (None, CartStatus.ERROR.value, CartStatus.DELETED.value):
+                    raise CartGone(f'cart id {cart.id} is {state or "gone"}: its files are not pulled')
+                needed = wanted + bytes_in_flight(file.id)
+                free = self.volume.free_bytes()
+                if needed <= free:
+                    reserve(cart.id, file.id, wanted, partial, tar_offset)
+                    return True
+                victim = evict_one(self.settings.lru_buffer_time) if self.settings.lru_purge else None
+                if victim is not None:
+                    # Still holding the lock: the next reservation must see the bytes freed.
+                    self.volume.remove_cart_and_link(victim.cart_uid, victim.id)
+            if victim is None:
+                after = f' after evicting {evicted} carts' if evicted else ''
+                raise NoSpace(f'No space left on the volume for {size} bytes: {needed} bytes needed with the '
+                              f'downloads in flight, {free} free{after}')
+            evicted += 1
+            LOGGER.warning('evicted cart %s (id %d, last used %s) to make room for cart %s',
+                           victim.cart_uid, victim.id, victim.updated_date, cart.cart_uid)
+        raise NoSpace(f'No space left on the volume for {size} bytes after evicting {evicted} carts')
+
+    @staticmethod
+    def release(file_id: int) -> None:
+        """Release a file's reservation in a connection of its own (a pool thread has none)."""
+        with database.connection():
+            release(file_id)

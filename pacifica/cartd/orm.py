@@ -1,8 +1,10 @@
-"""Peewee models of carts, their files and tasks, bound to a proxy so nothing connects at import."""
+"""Peewee models of carts, their files, tasks and space reservations (bound to a proxy, so nothing connects at
+import), and the named queries and compare-and-set helpers the use cases work through."""
 from __future__ import annotations
 
 import datetime
 import enum
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, cast
 
 from peewee import (
     SQL,
@@ -17,6 +19,7 @@ from peewee import (
     IntegerField,
     Model,
     TextField,
+    chunked,
 )
 
 DB = DatabaseProxy()
@@ -151,3 +154,299 @@ class SpaceReservation(BaseModel):
 
 
 MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation)
+
+
+LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
+ACTIVE_STATUSES = LIVE_STATUSES + (CartStatus.BUNDLING.value,)
+INSERT_CHUNK = 200  # rows per INSERT or bulk UPDATE statement
+STALE_AT_ONCE = datetime.datetime(2000, 1, 1)  # an updated_date the next reconcile treats as stalled
+
+# A requested file as the rows take it: (archive id, path in the cart, hash type, hash value).
+FileRow = Tuple[str, str, str, str]
+# A staged file as recorded: (file id, size, mtime).
+StagedRow = Tuple[int, int, Optional[float]]
+
+
+# ---- carts ---------------------------------------------------------------------------
+
+def insert_cart(cart_uid: str, bundle: bool, files: Sequence[FileRow], bundle_size: int) -> Tuple[int, List[int]]:
+    """Insert a staging cart and its waiting files; return the cart's id and its files' ids in order."""
+    cart = Cart.create(cart_uid=cart_uid, status=CartStatus.STAGING.value, bundle=bundle,
+                       files_total=len(files), bundle_size=bundle_size)
+    rows = [{'cart': cart.id, 'file_name': archive_id, 'bundle_path': path, 'hash_type': hash_type,
+             'hash_value': hash_value, 'status': FileStatus.WAITING.value}
+            for archive_id, path, hash_type, hash_value in files]
+    for batch in chunked(rows, INSERT_CHUNK):
+        File.insert_many(batch).execute()
+    return cart.id, [row.id for row in File.select(File.id).where(File.cart == cart.id).order_by(File.id)]
+
+
+def get_cart(cart_id: int) -> Optional[Cart]:
+    """The cart row, or None when it was purged."""
+    return Cart.get_or_none(Cart.id == cart_id)
+
+
+def cart_status(cart_id: int) -> Optional[str]:
+    """The cart's stored status, or None when its row is gone."""
+    status = Cart.select(Cart.status).where(Cart.id == cart_id).scalar()
+    return None if status is None else str(status)
+
+
+def live_carts(cart_uid: str, *fields: Any) -> List[Cart]:
+    """Carts with exactly this uid that are not deleted, newest first.
+
+    The indexed lookup may also match other spellings (MySQL's default collation
+    ignores case and trailing spaces), so the exact match is checked here too.
+    """
+    candidates = (Cart.select(*fields, Cart.cart_uid)
+                  .where((Cart.cart_uid == cart_uid) & (Cart.status != CartStatus.DELETED.value))
+                  .order_by(Cart.creation_date.desc(), Cart.id.desc()))
+    return [cart for cart in candidates if cart.cart_uid == cart_uid]
+
+
+def newest_live_cart(cart_uid: str) -> Optional[Cart]:
+    """The newest cart with this uid that is not deleted (one indexed query), or None."""
+    carts = live_carts(cart_uid, *Cart._meta.sorted_fields)
+    return carts[0] if carts else None
+
+
+def touch_cart(cart_id: int) -> None:
+    """Mark the cart used (or making progress) now."""
+    Cart.update(updated_date=now()).where(Cart.id == cart_id).execute()
+
+
+def mark_waiting_for_queue(cart_id: int, message: str) -> None:
+    """Say why a live cart's work is not queued, and date it so the next reconcile re-drives it."""
+    (Cart.update(error=message[:2000], updated_date=STALE_AT_ONCE)
+     .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))).execute())
+
+
+def mark_deleted(cart_ids: Sequence[int]) -> None:
+    """Mark these carts deleted now."""
+    Cart.update(status=CartStatus.DELETED.value, deleted_date=now(), updated_date=now()).where(
+        Cart.id.in_(list(cart_ids))).execute()
+
+
+def count_staged(cart_id: int, count: int) -> bool:
+    """Add newly staged files to a live cart's counter; False when the cart is no longer staging."""
+    return bool(Cart.update(files_staged=Cart.files_staged + count, updated_date=now())
+                .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))).execute())
+
+
+def claim_for_bundling(cart_id: int) -> bool:
+    """Move a live cart whose files are all staged to bundling; True for the one caller that did it."""
+    return bool(Cart.update(status=CartStatus.BUNDLING.value, updated_date=now())
+                .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))
+                       & (Cart.files_staged >= Cart.files_total))
+                .execute())
+
+
+def mark_ready(cart_id: int, bundle_path: str) -> bool:
+    """Move a bundling cart to ready, served from `bundle_path`; False when it is no longer bundling."""
+    return bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=now(), error='')
+                .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
+
+
+def fail_cart(cart_id: int, message: str) -> None:
+    """Move a cart that is still being worked on to error, with the message clients will see."""
+    (Cart.update(status=CartStatus.ERROR.value, error=message, updated_date=now())
+     .where((Cart.id == cart_id) & (Cart.status.in_(ACTIVE_STATUSES)))
+     .execute())
+
+
+def grow_bundle(cart_id: int, region: int) -> Optional[int]:
+    """Lay out `region` more bytes at the end of a cart's bundle tar; return the new end.
+
+    None when the cart's tar is not laid out in place (bundle_size 0: an older version's cart).
+    """
+    grown = (Cart.update(bundle_size=Cart.bundle_size + region)
+             .where((Cart.id == cart_id) & (Cart.bundle_size > 0)).execute())
+    if not grown:
+        return None
+    return int(Cart.select(Cart.bundle_size).where(Cart.id == cart_id).scalar())
+
+
+def restart_cart(cart_id: int, files_staged: int) -> None:
+    """Put a cart back to staging with its counter set to the files really staged."""
+    Cart.update(status=CartStatus.STAGING.value, error='', files_staged=files_staged,
+                updated_date=now()).where(Cart.id == cart_id).execute()
+
+
+def stalled_carts(before: datetime.datetime, limit: int) -> List[Cart]:
+    """Carts being worked on with no progress since `before`, longest stalled first."""
+    return list(Cart.select(Cart.id, Cart.status, Cart.updated_date, Cart.cart_uid)
+                .where(Cart.status.in_(ACTIVE_STATUSES) & (Cart.updated_date < before))
+                .order_by(Cart.updated_date).limit(limit))
+
+
+def claim_stalled(cart: Cart, note: str) -> bool:
+    """Claim a stalled cart for re-driving (compare-and-set on the updated_date it was found with)."""
+    return bool(Cart.update(updated_date=now(), error=note)
+                .where((Cart.id == cart.id) & (Cart.updated_date == cart.updated_date)
+                       & Cart.status.in_(ACTIVE_STATUSES)).execute())
+
+
+def carts_not_deleted() -> List[Cart]:
+    """Every cart that is not deleted, oldest first."""
+    return list(Cart.select().where(Cart.status != CartStatus.DELETED.value).order_by(Cart.id))
+
+
+def carts_unused_since(moment: datetime.datetime) -> List[Cart]:
+    """(id, uid) of the carts, in any state, not used since `moment`."""
+    return list(Cart.select(Cart.id, Cart.cart_uid).where(Cart.updated_date < moment).order_by(Cart.id))
+
+
+def delete_cart_rows(cart_id: int) -> None:
+    """Remove a cart's rows: reservations, tasks, files and the cart itself."""
+    SpaceReservation.delete().where(SpaceReservation.cart == cart_id).execute()
+    CartTasks.delete().where(CartTasks.cart == cart_id).execute()
+    File.delete().where(File.cart == cart_id).execute()
+    Cart.delete().where(Cart.id == cart_id).execute()
+
+
+def oldest_evictable(used_before: datetime.datetime) -> Optional[Cart]:
+    """The ready cart least recently used, if it was last used before `used_before` (one ordered query)."""
+    return (Cart.select(Cart.id, Cart.cart_uid, Cart.updated_date)
+            .where((Cart.status == CartStatus.READY.value) & (Cart.updated_date < used_before))
+            .order_by(Cart.updated_date, Cart.id).first())
+
+
+def claim_eviction(cart: Cart) -> bool:
+    """Mark a ready cart deleted by eviction, unless it was used or changed since it was found."""
+    return bool(Cart.update(status=CartStatus.DELETED.value, deleted_date=now(),
+                            error='evicted to make room on the volume')
+                .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
+                       & (Cart.updated_date == cart.updated_date)).execute())
+
+
+# ---- tasks ---------------------------------------------------------------------------
+
+def record_tasks(cart_id: int, task_ids: Sequence[str]) -> None:
+    """Remember the queue's ids of a cart's tasks, so a DELETE can revoke them."""
+    for task_batch in chunked(task_ids, INSERT_CHUNK):
+        CartTasks.insert_many([{'cart': cart_id, 'celery_task_id': task} for task in task_batch]).execute()
+
+
+def task_ids_of(cart_ids: Sequence[int]) -> List[str]:
+    """The queue's ids of every task queued for these carts."""
+    return [task.celery_task_id for task in
+            CartTasks.select(CartTasks.celery_task_id).where(CartTasks.cart.in_(list(cart_ids)))]
+
+
+# ---- files ---------------------------------------------------------------------------
+
+def files_to_stage(file_ids: Sequence[int]) -> List[File]:
+    """The listed files that are not staged yet, by id."""
+    return list(File.select().where(File.id.in_(list(file_ids))
+                                    & (File.status != FileStatus.STAGED.value)).order_by(File.id))
+
+
+def get_file(file_id: int) -> Optional[File]:
+    """The file row, or None when its cart was purged."""
+    return File.get_or_none(File.id == file_id)
+
+
+def not_staged(file_ids: Sequence[int]) -> List[int]:
+    """Those of the listed files that are not staged."""
+    return [row.id for row in File.select(File.id).where(
+        File.id.in_(list(file_ids)) & (File.status != FileStatus.STAGED.value))]
+
+
+def mark_staged(rows: Sequence[StagedRow]) -> None:
+    """Record files as staged, with the size and mtime they arrived with."""
+    if rows:
+        File.bulk_update([File(id=file_id, status=FileStatus.STAGED.value, size=size, mtime=mtime, error='')
+                          for file_id, size, mtime in rows],
+                         fields=[File.status, File.size, File.mtime, File.error], batch_size=INSERT_CHUNK)
+
+
+def fail_file(file_id: int, cause: str) -> bool:
+    """Record a file's failure; False when a duplicate task had already staged it."""
+    return bool(File.update(status=FileStatus.ERROR.value, error=cause)
+                .where((File.id == file_id) & (File.status != FileStatus.STAGED.value)).execute())
+
+
+def tar_place(file_id: int) -> Optional[Tuple[int, Optional[int]]]:
+    """(tar_offset, size) recorded for a file placed in its cart's bundle tar, or None if not placed."""
+    known = File.select(File.tar_offset, File.size).where(File.id == file_id).first()
+    if known is None or known.tar_offset is None:
+        return None
+    return int(known.tar_offset), known.size
+
+
+def place_file(file_id: int, tar_offset: int, size: int) -> None:
+    """Record where in the bundle tar a file's `size` bytes go."""
+    File.update(tar_offset=tar_offset, size=size).where(File.id == file_id).execute()
+
+
+def files_in_tar_order(cart_id: int) -> List[File]:
+    """A cart's files in their tar's order: those placed in the bundle tar by place, then the rest by id."""
+    files = File.select(File.bundle_path, File.size, File.mtime, File.id, File.tar_offset).where(File.cart == cart_id)
+    return sorted(files, key=lambda file: (file.tar_offset is None, file.tar_offset or 0, file.id))
+
+
+def unfinished_file_ids(cart_id: int) -> List[int]:
+    """A cart's files that are neither staged nor failed."""
+    return [row.id for row in File.select(File.id).where(
+        (File.cart == cart_id) & File.status.not_in((FileStatus.STAGED.value, FileStatus.ERROR.value)))]
+
+
+def staged_files(cart_id: int) -> List[File]:
+    """(id, path, tar_offset) of a cart's staged files."""
+    return list(File.select(File.id, File.bundle_path, File.tar_offset).where(
+        (File.cart == cart_id) & (File.status == FileStatus.STAGED.value)))
+
+
+def mark_waiting(cart_id: int, file_ids: Sequence[int]) -> None:
+    """Put staged files (whose bytes are lost) and every failed file of the cart back to waiting."""
+    if file_ids:
+        File.update(status=FileStatus.WAITING.value).where(File.id.in_(list(file_ids))).execute()
+    File.update(status=FileStatus.WAITING.value, error='').where(
+        (File.cart == cart_id) & (File.status == FileStatus.ERROR.value)).execute()
+
+
+def staged_count(cart_id: int) -> int:
+    """How many of the cart's files are staged."""
+    return int(File.select().where((File.cart == cart_id) & (File.status == FileStatus.STAGED.value)).count())
+
+
+def unstaged_file_ids(cart_id: int) -> List[int]:
+    """The cart's files not staged yet, by id."""
+    return [row.id for row in File.select(File.id).where(
+        (File.cart == cart_id) & (File.status != FileStatus.STAGED.value)).order_by(File.id)]
+
+
+def file_rows_of(cart_ids: Sequence[int]) -> Iterable[Dict[str, Any]]:
+    """Every file row of these carts, as dicts, by id."""
+    return cast(Iterable[Dict[str, Any]], File.select().where(File.cart.in_(list(cart_ids))).order_by(File.id).dicts())
+
+
+# ---- space reservations ---------------------------------------------------------------
+
+def add_reservation(cart_id: int, file_id: int, size: int, partial: Optional[str], tar_offset: Optional[int]) -> None:
+    """Record a file's download in flight (replacing an older record of the same file)."""
+    SpaceReservation.delete().where(SpaceReservation.file == file_id).execute()
+    SpaceReservation.create(file=file_id, cart=cart_id, bytes=size, partial=partial, tar_offset=tar_offset)
+
+
+def set_reservation_partial(file_id: int, partial: str) -> None:
+    """Say which temp file a reserved download writes now."""
+    SpaceReservation.update(partial=partial).where(SpaceReservation.file == file_id).execute()
+
+
+def drop_reservations(file_ids: Sequence[int]) -> None:
+    """Forget the reservations of these files."""
+    SpaceReservation.delete().where(SpaceReservation.file.in_(list(file_ids))).execute()
+
+
+def drop_cart_reservations(cart_id: int) -> None:
+    """Forget every reservation of a cart."""
+    SpaceReservation.delete().where(SpaceReservation.cart == cart_id).execute()
+
+
+def reservations_in_flight(excluding_file_id: int) -> List[SpaceReservation]:
+    """(bytes, partial, tar_offset) of every reservation but this file's, leaving out deleted carts' rows."""
+    return list(SpaceReservation.select(SpaceReservation.bytes, SpaceReservation.partial, SpaceReservation.tar_offset)
+                .join(Cart, on=(SpaceReservation.cart == Cart.id))
+                .where((SpaceReservation.file != excluding_file_id)
+                       & (Cart.status != CartStatus.DELETED.value)))

@@ -11,10 +11,12 @@ from urllib.parse import quote, unquote_to_bytes
 import cherrypy
 
 from . import database
+from .byteranges import parse_range
+from .carts import CartDownload
 from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable, error_document
-from .httpserver import SENDFILE_ENVIRON_KEY
-from .service import CartDownload, CartService
-from .volume import parse_range, tar_top_name
+from .paths import tar_top_name
+from .service import CartService
+from .transport import SENDFILE_ENVIRON_KEY, response_body
 
 LOGGER = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ def _send(download: CartDownload, chunk_size: int) -> Iterator[bytes]:
         response.status = 206
         response.headers['Content-Range'] = f'bytes {start}-{end - 1}/{layout.size}'
     response.headers['Content-Length'] = str(end - start)
-    return download.body(start, end, chunk_size, request.wsgi_environ.get(SENDFILE_ENVIRON_KEY))
+    return response_body(download.pieces(start, end), chunk_size, request.wsgi_environ.get(SENDFILE_ENVIRON_KEY))
 
 
 def _split(path: Tuple[str, ...]) -> Tuple[Optional[str], Tuple[str, ...]]:

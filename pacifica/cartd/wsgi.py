@@ -3,10 +3,11 @@ import os
 
 import cherrypy
 
-from .app import mount, prepare
+from .app import mount
 from .config import default_cpconfig_path, load_settings
+from .wiring import prepare_server
 
 SETTINGS = load_settings()
-prepare(SETTINGS)
+prepare_server(SETTINGS)
 mount(SETTINGS, default_cpconfig_path(os.environ))
 application = cherrypy.tree

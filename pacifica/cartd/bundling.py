@@ -1,0 +1,85 @@
+"""Finishing a cart whose files are all staged, exactly once: its bundle tar written, its link made, marked ready."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .cartlayout import staged_member, tar_created
+from .cleanup import cart_went_away
+from .eviction import release_cart
+from .orm import Cart, CartStatus, claim_for_bundling, files_in_tar_order, get_cart, mark_ready
+from .tarlayout import TarLayout, TarMember
+from .volume import CartVolume
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Bundler:
+    """Moves carts from their last staged file to ready."""
+
+    def __init__(self, volume: CartVolume) -> None:
+        """Write tars and links on `volume`."""
+        self.volume = volume
+
+    def finish(self, cart_id: int, bundle_now: bool = True) -> None:
+        """Move a cart whose files are all staged on, exactly once (compare-and-set on its status)."""
+        if claim_for_bundling(cart_id) and bundle_now:
+            self.bundle(cart_id)
+
+    def bundle(self, cart_id: int) -> None:
+        """Make a cart in `bundling` ready: write its tar when it asked for one, link it, mark it ready."""
+        self.finish(cart_id, bundle_now=False)
+        cart = get_cart(cart_id)
+        if cart is None or cart.status != CartStatus.BUNDLING.value:
+            return
+        files_dir = self.volume.files_dir(cart.id, cart.cart_uid)
+        target = files_dir
+        try:
+            files_dir.mkdir(parents=True, exist_ok=True)
+            # Downloads killed with their worker leave temp files; every file is staged now.
+            self.volume.remove_partials(cart.id)
+            release_cart(cart.id)
+            if cart.bundle:
+                target = self.volume.tar_path(cart.id, cart.cart_uid)
+                self._write_bundle(cart, target)
+                self.volume.remove_files(cart.id, cart.cart_uid)  # served from the tar from now on
+        except OSError:
+            # A DELETE removed the cart's files under the bundle being written (and the mkdir
+            # above may have made its directory again): what is left goes, nothing failed.
+            if cart_went_away(self.volume, cart.id, cart.cart_uid, 'bundling'):
+                return
+            raise
+        if not mark_ready(cart.id, str(target)):
+            cart_went_away(self.volume, cart.id, cart.cart_uid, 'bundling')
+            return
+        self.volume.link_ready_cart(cart.cart_uid, target)
+        # A DELETE (or an eviction) between marking the cart ready and linking it has already
+        # run its unlink, which found no link yet: the link goes again.
+        if not cart_went_away(self.volume, cart.id, cart.cart_uid, 'becoming ready'):
+            LOGGER.info('cart %s (id %d) is ready', cart.cart_uid, cart.id)
+
+    def _write_bundle(self, cart: Cart, target: Path) -> None:
+        """Write the cart's tar to `target`.
+
+        Large files were written into the staging tar in place; what is left (headers, small
+        files, the trailer) is written around them and the tar renamed into place. Should
+        the placed files not tile the tar exactly (a file that changed size between
+        attempts, a cart from an older version), the tar is written anew from all sources.
+        """
+        files = files_in_tar_order(cart.id)
+        staging = self.volume.bundle_staging_path(cart.id)
+        members = [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0, staging, int(file.tar_offset))
+                   if file.tar_offset is not None else staged_member(self.volume, cart, file) for file in files]
+        layout = TarLayout(cart.cart_uid, members, tar_created(cart))
+        if staging.is_file() and layout.places_in(staging):
+            layout.complete_in(staging)
+            os.replace(staging, target)
+            return
+        partial = self.volume.partial_path(cart.id, 0)
+        layout.write_to(partial)
+        os.replace(partial, target)
+        staging.unlink(missing_ok=True)
+        if any(file.tar_offset is not None for file in files):
+            LOGGER.info('cart %s (id %d): bundle tar written anew, its files were not all in place',
+                        cart.cart_uid, cart.id)

@@ -1,0 +1,91 @@
+"""The body of `POST /<uid>`: its JSON schema, and parsing it into a checked, typed cart request."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Dict, List, Optional, Tuple
+
+import jsonschema
+
+from .errors import BadRequest
+from .paths import cart_relative_path, path_conflicts
+
+HASH_TYPES = frozenset(name.lower() for name in hashlib.algorithms_available if not name.lower().startswith('shake'))
+MAX_ARCHIVE_ID_CHARS = 255  # the published schema stores archive ids in VARCHAR(255)
+
+CART_REQUEST_SCHEMA: Dict[str, Any] = {
+    'type': 'object',
+    'required': ['fileids'],
+    'properties': {
+        'fileids': {
+            'type': 'array',
+            'items': {
+                'type': 'object',
+                'required': ['id', 'path', 'hashtype', 'hashsum'],
+                'properties': {
+                    'id': {'type': ['integer', 'string']},
+                    'path': {'type': 'string'},
+                    'hashtype': {'type': 'string'},
+                    'hashsum': {'type': 'string'},
+                },
+            },
+        },
+        'bundle': {'type': 'boolean'},
+    },
+}
+_VALIDATOR = jsonschema.Draft7Validator(CART_REQUEST_SCHEMA)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRequest:
+    """One checked entry of a cart request."""
+
+    archive_id: str
+    path: str
+    hash_type: str
+    hash_value: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CartRequest:
+    """A checked cart request."""
+
+    files: Tuple[FileRequest, ...]
+    bundle: Optional[bool]
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    path = ''.join(f'[{part}]' if isinstance(part, int) else f'.{part}' for part in error.absolute_path)
+    return path.lstrip('.') or 'the body'
+
+
+def parse_cart_request(body: Any) -> CartRequest:
+    """Check a POST body against the schema and the cart's rules; raise BadRequest saying what is wrong."""
+    error = next(iter(sorted(_VALIDATOR.iter_errors(body), key=lambda err: list(err.absolute_path))), None)
+    if error is not None:
+        raise BadRequest(f'invalid cart request: {_where(error)}: {error.message}')
+    files: List[FileRequest] = []
+    for index, entry in enumerate(body['fileids']):
+        archive_id = str(entry['id'])
+        if not archive_id or any(ord(char) < 0x20 or 0xD800 <= ord(char) <= 0xDFFF for char in archive_id):
+            raise BadRequest(f'invalid cart request: fileids[{index}].id is empty or has control characters')
+        if len(archive_id) > MAX_ARCHIVE_ID_CHARS:
+            raise BadRequest(f'invalid cart request: fileids[{index}].id is longer than {MAX_ARCHIVE_ID_CHARS} '
+                             'characters')
+        hash_type = entry['hashtype'].lower()
+        if hash_type not in HASH_TYPES:
+            raise BadRequest(f'invalid cart request: fileids[{index}].hashtype: '
+                             f'unsupported hash type {entry["hashtype"]!r}')
+        hash_value = entry['hashsum'].strip().lower()
+        expected_length = hashlib.new(hash_type).digest_size * 2
+        if len(hash_value) != expected_length or any(char not in '0123456789abcdef' for char in hash_value):
+            raise BadRequest(f'invalid cart request: fileids[{index}].hashsum is not a {hash_type} hex digest')
+        try:
+            path = cart_relative_path(entry['path'])
+        except BadRequest as exc:
+            raise BadRequest(f'invalid cart request: fileids[{index}].path: {exc.message}') from exc
+        files.append(FileRequest(archive_id, path, hash_type, hash_value))
+    conflict = path_conflicts(file.path for file in files)
+    if conflict is not None:
+        raise BadRequest(f'invalid cart request: path {conflict!r} is given twice (or as a file and a directory)')
+    return CartRequest(files=tuple(files), bundle=body.get('bundle'))

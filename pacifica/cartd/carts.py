@@ -1,0 +1,129 @@
+"""The client's use cases: create a cart, report its state, lay out its tar for download, delete it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator
+
+from . import database
+from .bundling import Bundler
+from .cartlayout import download_layout
+from .cartrequest import parse_cart_request
+from .config import Settings
+from .errors import CartNotFound, CartNotReady
+from .eviction import DOWNLOAD_HEARTBEAT_S, release_cart
+from .heartbeat import Heartbeat
+from .orm import Cart, CartStatus, insert_cart, live_carts, mark_deleted, newest_live_cart, task_ids_of, touch_cart
+from .paths import check_cart_uid
+from .tarlayout import Piece, TarLayout, directories_size
+from .taskqueue import CartQueue
+from .volume import CartVolume
+
+LOGGER = logging.getLogger(__name__)
+
+PIECE_BYTES = 4 << 20  # a download's file ranges are handed out this long at most, the cart marked used between
+
+
+@dataclasses.dataclass(frozen=True)
+class CartState:
+    """What HEAD reports: the wire status and message."""
+
+    status: str
+    message: str
+
+    @classmethod
+    def of(cls, cart: Cart) -> 'CartState':
+        """The state a cart row shows on the wire (a ready cart has no message)."""
+        status = CartStatus(cart.status)
+        return cls(status.wire, '' if status == CartStatus.READY else cart.error)
+
+
+@dataclasses.dataclass(frozen=True)
+class CartDownload:
+    """A ready cart's tar, laid out for the requested name."""
+
+    layout: TarLayout
+    filename: str
+    cart_id: int
+
+    def pieces(self, start: int, end: int) -> Iterator[Piece]:
+        """The tar's bytes [start, end) as header bytes and file ranges of at most PIECE_BYTES.
+
+        Each time the reader comes back for more the cart may be marked used (every
+        DOWNLOAD_HEARTBEAT_S), so a cart is not evicted while its tar is being read.
+        """
+        heartbeat = Heartbeat(self.cart_id, DOWNLOAD_HEARTBEAT_S)
+        for piece in self.layout.pieces(start, end):
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            for part in piece.parts(PIECE_BYTES):
+                yield part
+                heartbeat()
+
+
+class Carts:
+    """Create, poll, download and delete carts: what clients ask for."""
+
+    def __init__(self, settings: Settings, volume: CartVolume, queue: CartQueue, bundler: Bundler) -> None:
+        """Record carts in the database, queue their work on `queue`, finish empty ones with `bundler`."""
+        self.settings = settings
+        self.volume = volume
+        self.queue = queue
+        self.bundler = bundler
+
+    def create(self, cart_uid: str, body: Any) -> int:
+        """Record a cart and its files, then queue their staging; return the cart's row id."""
+        check_cart_uid(cart_uid)
+        request = parse_cart_request(body)
+        bundle = self.settings.bundle_task if request.bundle is None else request.bundle
+        paths = [item.path for item in request.files]
+        # A bundle's tar starts with its directories; files are then placed after them.
+        start = directories_size(cart_uid, paths) if bundle else 0
+        with database.atomic():
+            cart_id, file_ids = insert_cart(
+                cart_uid, bundle, [(item.archive_id, item.path, item.hash_type, item.hash_value)
+                                   for item in request.files], start)
+        LOGGER.info('cart %s (id %d): %d files, bundle %s', cart_uid, cart_id, len(file_ids), bundle)
+        if not file_ids:
+            self.bundler.finish(cart_id)
+            return cart_id
+        self.queue.stage(cart_id, file_ids)
+        return cart_id
+
+    @staticmethod
+    def status(cart_uid: str) -> CartState:
+        """The newest live cart's wire status and message (one indexed query)."""
+        cart = newest_live_cart(cart_uid)
+        if cart is None:
+            raise CartNotFound(f'No cart with uid {cart_uid} found')
+        return CartState.of(cart)
+
+    def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
+        """Lay out the ready cart's tar under the top directory `top`; count it as a use."""
+        cart = newest_live_cart(cart_uid)
+        if cart is None:
+            raise CartNotFound('The cart does not exist or has already been deleted')
+        if cart.status != CartStatus.READY.value:
+            raise CartNotReady('The cart is not ready for download.')
+        layout = download_layout(self.volume, cart, top)
+        touch_cart(cart.id)
+        return CartDownload(layout, filename, cart.id)
+
+    def delete(self, cart_uid: str) -> int:
+        """Delete every live cart with this uid: mark, revoke its tasks, remove its files."""
+        with database.atomic():
+            carts = live_carts(cart_uid, Cart.id)
+            if not carts:
+                raise CartNotFound('Not Found')
+            cart_ids = [cart.id for cart in carts]
+            mark_deleted(cart_ids)
+            for cart_id in cart_ids:
+                release_cart(cart_id)
+            task_ids = task_ids_of(cart_ids)
+        self.queue.revoke(cart_uid, task_ids)
+        for cart_id in cart_ids:
+            self.volume.remove_cart_and_link(cart_uid, cart_id)
+        LOGGER.info('cart %s deleted (ids %s)', cart_uid, cart_ids)
+        return len(cart_ids)
+

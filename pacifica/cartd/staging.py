@@ -1,0 +1,289 @@
+"""Staging a cart's files: a pool of threads pulling from the archive, each file verified and put in its place."""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from . import database
+from .archive import MEDIA_ERROR, ArchiveClient, ArchiveStatus, Download
+from .bundling import Bundler
+from .cleanup import cart_went_away
+from .config import Settings
+from .errors import ArchiveMediaError, CartGone, FileStageError, HashMismatch
+from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
+from .fileio import locked_region
+from .heartbeat import Heartbeat
+from .orm import (LIVE_STATUSES, Cart, CartStatus, File, FileStatus, cart_status, count_staged, fail_cart, fail_file,
+                  files_to_stage, get_cart, get_file, grow_bundle, mark_staged, not_staged, place_file, tar_place)
+from .tarlayout import member_region
+from .volume import CartVolume
+
+LOGGER = logging.getLogger(__name__)
+
+HEARTBEAT_S = 30.0  # how often a long download tells the reconciler it is alive
+FLUSH_FILES = 64  # staged files recorded per transaction at most
+FLUSH_SECONDS = 0.25  # and at least this often while files arrive
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutcome:
+    """How one file's staging attempt ended: staged, still on tape, or failed."""
+
+    file_id: int
+    on_tape: bool = False
+    error: Optional[str] = None
+    download: Optional[Download] = None
+
+
+def _cart_message(file: File, cause: str) -> str:
+    return f'Failed to pull file({file.bundle_path} (archive id {file.file_name}): {cause})'
+
+
+class Stager:
+    """Stages files of carts with stage_concurrency threads; whoever records a cart's last file finishes it."""
+
+    def __init__(self, settings: Settings, volume: CartVolume, archive: ArchiveClient, space: SpaceKeeper,
+                 bundler: Bundler) -> None:
+        """Pull from `archive` onto `volume`, admitting each download through `space`."""
+        self.settings = settings
+        self.volume = volume
+        self.archive = archive
+        self.space = space
+        self.bundler = bundler
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pool_lock = threading.Lock()
+
+    def _thread_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self.settings.stage_concurrency, thread_name_prefix='cartd-stage')
+            return self._pool
+
+    def stage_files(self, cart_id: int, file_ids: Sequence[int],
+                    on_done: Optional[Callable[[StageOutcome], None]] = None) -> List[int]:
+        """Stage the listed files of a cart in parallel; return those still on tape.
+
+        Threads download and verify; this thread records what they staged in one
+        transaction per FLUSH_FILES files or FLUSH_SECONDS, so the database work per file is a
+        fraction of a statement. Safe to run twice: files already staged are skipped, and a
+        cart that is no longer staging (deleted, failed) is left alone. Whoever records the
+        last file finishes the cart. `on_done` hears about each file as it ends.
+        """
+        cart = get_cart(cart_id)
+        if cart is None or cart.status not in LIVE_STATUSES:
+            LOGGER.info('cart id %d is %s: nothing to stage', cart_id, cart.status if cart else 'gone')
+            return []
+        files = files_to_stage(file_ids)
+        if not files:
+            self.bundler.finish(cart_id)
+            return []
+        pool = self._thread_pool()
+        futures = [pool.submit(self._stage_in_thread, cart, file) for file in files]
+        on_tape: List[int] = []
+        staged: List[StageOutcome] = []
+        failed = False
+        last_flush = time.monotonic()
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                outcome = future.result()
+                failed = failed or outcome.error is not None
+                if outcome.on_tape:
+                    on_tape.append(outcome.file_id)
+                if outcome.download is not None:
+                    staged.append(outcome)
+                if staged and (len(staged) >= FLUSH_FILES or time.monotonic() - last_flush >= FLUSH_SECONDS):
+                    self._record_staged(cart, staged)
+                    staged, last_flush = [], time.monotonic()
+                if on_done is not None:
+                    on_done(outcome)
+            if staged:
+                self._record_staged(cart, staged)
+        except CartGone:
+            for future in futures:
+                future.cancel()
+            concurrent.futures.wait(futures)
+            cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')  # what the running downloads wrote
+            return []
+        # A DELETE while these downloads ran makes them fail (their directory vanished), and a
+        # sibling's mkdir may have made the directory again after the DELETE removed it.
+        if failed and cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging'):
+            return []
+        return sorted(on_tape)
+
+    def _stage_in_thread(self, cart: Cart, file: File) -> StageOutcome:
+        """Stage one file in a pool thread; failures are recorded here, successes by the caller."""
+        try:
+            return self._stage_one(cart, file)
+        except FileStageError as exc:
+            message = exc.message
+            LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
+        except OSError as exc:
+            message = f'cannot write to the volume: {exc.strerror or exc}'
+            with database.connection():
+                live = cart_status(cart.id) in LIVE_STATUSES
+            if not live:  # a DELETE removed the cart's directory under the download: the caller cleans up
+                LOGGER.info('cart %s file %s: the cart went away while it downloaded', cart.cart_uid,
+                            file.bundle_path)
+                return StageOutcome(file.id, error=message)
+            LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
+        with database.connection(), database.atomic():
+            if fail_file(file.id, message):
+                fail_cart(cart.id, _cart_message(file, message))
+        return StageOutcome(file.id, error=message)
+
+    def _stage_one(self, cart: Cart, file: File) -> StageOutcome:
+        status: ArchiveStatus = self.archive.with_retries(lambda: self.archive.status(file.file_name))
+        if status.media == MEDIA_ERROR:
+            raise ArchiveMediaError(f'the archive reports the media of the file as error: {status.message}')
+        if not status.on_disk:
+            self.archive.with_retries(lambda: self.archive.stage(file.file_name))
+            LOGGER.info('cart %s file %s is on %s: recall requested', cart.cart_uid, file.bundle_path, status.media)
+            return StageOutcome(file.id, on_tape=True)
+        if cart.bundle and status.size is not None and status.size > SMALL_FILE:
+            with database.connection():
+                offset = self.place_in_tar(cart, file, status.size)
+            if offset is not None:
+                return self._stage_in_place(cart, file, status, offset)
+        final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
+        partial = self.volume.partial_path(cart.id, file.id)
+        reserved = self.space.reserve(cart, file, status.size, partial)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            download = self._download_verified(cart, file, status, final, partial, reserved)
+        except BaseException:
+            if reserved:
+                self.space.release(file.id)
+            raise
+        return StageOutcome(file.id, download=download)
+
+    def place_in_tar(self, cart: Cart, file: File, size: int) -> Optional[int]:
+        """Where the file's bytes go in its cart's bundle tar: kept from an earlier attempt, or
+        the next free place (the cart's bundle_size grows by the file's header, data and padding).
+
+        None when the cart's tar is not laid out this way (a cart from an older version).
+        """
+        with database.atomic():
+            known = tar_place(file.id)
+            if known is not None and known[1] == size:
+                return known[0]
+            header, region = member_region(cart.cart_uid, str(file.bundle_path), size)
+            end = grow_bundle(cart.id, region)
+            if end is None:
+                return None
+            offset = end - region + header
+            place_file(file.id, offset, size)
+        return offset
+
+    def _stage_in_place(self, cart: Cart, file: File, status: ArchiveStatus, offset: int) -> StageOutcome:
+        """Download a large file of a bundle cart straight into its place in the bundle tar.
+
+        The region is locked while it is written, and the file is recorded staged before the
+        lock is let go, so a duplicated task waits, then finds it staged and writes nothing:
+        no bytes land on a region after it was verified. Returns an outcome already recorded.
+        """
+        size = status.size
+        assert size is not None
+        staging = self.volume.bundle_staging_path(cart.id)
+        reserved = self.space.reserve(cart, file, size, staging, offset)
+        try:
+            with locked_region(staging, offset, size):
+                with database.connection():
+                    current = get_file(file.id)
+                    state = cart_status(cart.id)
+                if current is not None and current.status != FileStatus.STAGED.value and state in LIVE_STATUSES:
+                    download = self._second_chance(
+                        cart, file, lambda: self._download_into(cart, file, status, staging, offset))
+                    with database.connection():
+                        self._record_staged(cart, [StageOutcome(file.id, download=download)])
+            # A late task opened (and so made) the staging tar of a cart that moved on meanwhile.
+            if state in (None, CartStatus.DELETED.value):
+                with database.connection():
+                    cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')
+            elif state in (CartStatus.READY.value, CartStatus.ERROR.value):
+                staging.unlink(missing_ok=True)
+        except BaseException:
+            if reserved:
+                self.space.release(file.id)
+            raise
+        return StageOutcome(file.id)
+
+    def _download_into(self, cart: Cart, file: File, status: ArchiveStatus, target: Path,
+                       offset: Optional[int] = None) -> Download:
+        """One verified download (transient faults retried) into a temp file, or at offset into the tar."""
+        heartbeat = Heartbeat(cart.id, min(HEARTBEAT_S, self.settings.stall_timeout / 3))
+        download = self.archive.with_retries(functools.partial(
+            self.archive.download, file.file_name, target, str(file.hash_type), str(file.hash_value),
+            status.size, heartbeat, offset=offset))
+        return Download(download.size, status.mtime if status.mtime is not None else download.mtime)
+
+    @staticmethod
+    def _second_chance(cart: Cart, file: File, attempt: Callable[[], Download]) -> Download:
+        """Run a download attempt; after a hash mismatch, run it once more."""
+        try:
+            return attempt()
+        except HashMismatch:
+            LOGGER.info('cart %s file %s: hash mismatch, downloading once more', cart.cart_uid, file.bundle_path)
+        return attempt()
+
+    def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path, partial: Path,
+                           reserved: bool) -> Download:
+        """Download into a temp file until whole and matching, then rename it into place."""
+        partials = [partial]
+
+        def attempt() -> Download:
+            current = partials[-1]
+            try:
+                download = self._download_into(cart, file, status, current)
+                if download.mtime is not None:
+                    os.utime(current, (download.mtime, download.mtime))
+                if reserved:
+                    # Every byte is on disk (the free count has them): nothing more is in flight.
+                    # Released before the rename, as the reservation names the temp file: after
+                    # it, a reservation waiting for the lock would count these bytes twice.
+                    self.space.release(file.id)
+                os.replace(current, final)
+                return download
+            except HashMismatch:
+                partials.append(self.volume.partial_path(cart.id, file.id))
+                if reserved:
+                    with database.connection():
+                        track_partial(file.id, partials[-1])
+                raise
+            finally:
+                current.unlink(missing_ok=True)
+
+        return self._second_chance(cart, file, attempt)
+
+    def _record_staged(self, cart: Cart, outcomes: Sequence[StageOutcome]) -> None:
+        """Mark files staged and count them, in one transaction; finish the cart if they were the last.
+
+        Only files not already staged are counted, so a duplicated task never counts twice.
+        Raises CartGone (after cleaning up) when the cart stopped staging meanwhile.
+        """
+        by_id = {outcome.file_id: outcome for outcome in outcomes}
+        try:
+            with database.atomic():
+                fresh = not_staged(list(by_id))
+                rows = []
+                for file_id in fresh:
+                    download = by_id[file_id].download
+                    assert download is not None
+                    rows.append((file_id, download.size, download.mtime))
+                mark_staged(rows)
+                release_files(list(by_id))
+                if not fresh:
+                    return  # duplicates of work already recorded
+                if not count_staged(cart.id, len(fresh)):
+                    raise CartGone(f'cart id {cart.id} is no longer staging')
+        except CartGone:
+            cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')
+            raise
+        self.bundler.finish(cart.id)
