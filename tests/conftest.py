@@ -42,9 +42,9 @@ def pytest_report_header() -> List[str]:
 
 # ---- shared peers ---------------------------------------------------------------------
 
-from support.archive import ArchiveServer  # noqa: E402  (after the sys.path fix above)
-from support.databases import fresh_database  # noqa: E402
-from support.stack import CartStack, running  # noqa: E402
+from cartd_testkit.archive import ArchiveServer  # noqa: E402  (after the sys.path fix above; pip install -e ./testkit)
+from cartd_testkit.databases import fresh_database  # noqa: E402
+from cartd_testkit.stack import CartStack, running  # noqa: E402
 
 DATABASE_KINDS = ('sqlite', 'postgres', 'mysql')
 

@@ -10,9 +10,9 @@ from typing import Iterator
 import pytest
 import yaml
 
-from support.archive import ArchiveServer
-from support.databases import fresh_database
-from support.stack import CartStack, tar_contents
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import fresh_database
+from cartd_testkit.stack import CartStack, tar_contents
 
 pytestmark = [pytest.mark.integration]
 

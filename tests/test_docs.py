@@ -34,10 +34,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 import requests
 
-from support.archive import ArchiveServer
-from support.databases import fresh_database
-from support.procs import ManagedProcess, free_port
-from support.stack import BIN_DIR, CartStack, binary
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import fresh_database
+from cartd_testkit.procs import ManagedProcess, free_port
+from cartd_testkit.stack import BIN_DIR, CartStack, binary
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / 'docs'

@@ -30,9 +30,9 @@ import yaml
 from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from support.archive import ArchiveServer
-from support.databases import fresh_database
-from support.stack import CartStack
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import fresh_database
+from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
 
