@@ -70,3 +70,12 @@ def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
                                  overrides=getattr(request.module, 'STACK_OVERRIDES', None))
     with running(stack_under_test, kind, url) as cart:
         yield cart
+
+
+@pytest.fixture(scope='module')
+def sqlite_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
+    """A running cart on SQLite with one worker, for a test module that needs one database only."""
+    base = tmp_path_factory.mktemp('sqlite-stack')
+    url = fresh_database('sqlite', base)
+    with running(CartStack(base, archive, url, workers=1), 'sqlite', url) as cart:
+        yield cart
