@@ -1,1 +1,1 @@
-"""Reusable helpers that start and clean up the real peers used by the cartd tests and benchmarks."""
+"""Reusable helpers of the cartd tests and benchmarks: the real peers, started and cleaned up, and fakes."""
