@@ -29,18 +29,15 @@ import threading
 import time
 from typing import Any, Counter, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / 'tests'))  # tests/support: the archive, stack and databases
+import requests
 
-import requests  # noqa: E402
-
-from cartbench.client import check_tar  # noqa: E402
-from cartbench.data import KiB, ArchiveFile, DataWriter, expected, fileids  # noqa: E402
-from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options,  # noqa: E402
+from cartbench.client import check_tar
+from cartbench.data import KiB, ArchiveFile, DataWriter, expected, fileids
+from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options,
                                cpconfig_overrides, load_average, log, start_archive, start_ours)
-from cartbench.limits import percentile  # noqa: E402
-from cartbench.rss import CpuWatch, RssSampler, TreePeaks, cpu_delta, cpu_snapshot  # noqa: E402
-from cartbench.stacks import OurStack  # noqa: E402
+from cartbench.limits import percentile
+from cartbench.rss import CpuWatch, RssSampler, TreePeaks, cpu_delta, cpu_snapshot
+from cartbench.stacks import OurStack
 
 KINDS = ('POST', 'HEAD', 'GET', 'GET range', 'DELETE', 'HEAD deleted')
 ROLES = ('whole', 'range', 'delete-staging')

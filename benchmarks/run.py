@@ -24,19 +24,15 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-HERE = pathlib.Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO / 'tests'))  # tests/support: the archive, stacks, venvs and databases
-
-from cartbench import client, limits  # noqa: E402
-from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options,  # noqa: E402
+from cartbench import client, limits
+from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options,
                                load_average, log, start_archive, start_ours, wait_idle)
-from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, total_bytes  # noqa: E402
-from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes  # noqa: E402
-from cartbench.stacks import Nginx, OurStack, ReferenceStack, find_nginx  # noqa: E402
-from support.archive import ArchiveServer  # noqa: E402
-from support.databases import drop_database, fresh_database, server_available  # noqa: E402
-from support.venvs import reference_cart_venv  # noqa: E402
+from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, total_bytes
+from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes
+from cartbench.stacks import Nginx, OurStack, ReferenceStack, find_nginx
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import drop_database, fresh_database, server_available
+from cartd_testkit.venvs import reference_cart_venv
 
 WORKLOADS = ('small', 'many', 'large', 'concurrent', 'polling', 'memory')
 

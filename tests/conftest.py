@@ -42,9 +42,9 @@ def pytest_report_header() -> List[str]:
 
 # ---- shared peers ---------------------------------------------------------------------
 
-from support.archive import ArchiveServer  # noqa: E402  (after the sys.path fix above)
-from support.databases import fresh_database  # noqa: E402
-from support.stack import CartStack, running  # noqa: E402
+from cartd_testkit.archive import ArchiveServer  # noqa: E402  (after the sys.path fix above; pip install -e ./testkit)
+from cartd_testkit.databases import fresh_database  # noqa: E402
+from cartd_testkit.stack import CartStack, running  # noqa: E402
 
 DATABASE_KINDS = ('sqlite', 'postgres', 'mysql')
 
@@ -69,4 +69,13 @@ def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
     stack_under_test = CartStack(base, archive, url, workers=1, concurrency=2,
                                  overrides=getattr(request.module, 'STACK_OVERRIDES', None))
     with running(stack_under_test, kind, url) as cart:
+        yield cart
+
+
+@pytest.fixture(scope='module')
+def sqlite_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
+    """A running cart on SQLite with one worker, for a test module that needs one database only."""
+    base = tmp_path_factory.mktemp('sqlite-stack')
+    url = fresh_database('sqlite', base)
+    with running(CartStack(base, archive, url, workers=1), 'sqlite', url) as cart:
         yield cart

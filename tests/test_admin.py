@@ -5,35 +5,21 @@ import hashlib
 import json
 import os
 import uuid
-from typing import Iterator
 
 import pytest
 import yaml
 
-from support.archive import ArchiveServer
-from support.databases import fresh_database
-from support.stack import CartStack, tar_contents
+from cartd_testkit.stack import CartStack, tar_contents
 
 pytestmark = [pytest.mark.integration]
-
-
-@pytest.fixture(scope='module')
-def admin_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
-    """A cart on SQLite with one worker."""
-    base = tmp_path_factory.mktemp('admin')
-    stack = CartStack(base, archive, fresh_database('sqlite', base), workers=1)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
 
 
 def _uid() -> str:
     return f'adm-{uuid.uuid4().hex[:10]}'
 
 
-def test_fixit_restages_only_what_is_missing(admin_stack: CartStack) -> None:
-    stack, archive = admin_stack, admin_stack.archive
+def test_fixit_restages_only_what_is_missing(sqlite_stack: CartStack) -> None:
+    stack, archive = sqlite_stack, sqlite_stack.archive
     uid = _uid()
     good, late = os.urandom(5000), os.urandom(7000)
     archive.put(f'{uid}-good', good)
@@ -54,8 +40,8 @@ def test_fixit_restages_only_what_is_missing(admin_stack: CartStack) -> None:
     assert tar_contents(stack.download(uid, 'f.tar').content) == {'f/good.bin': good, 'f/sub/late.bin': late}
 
 
-def test_fixit_fails_clearly(admin_stack: CartStack) -> None:
-    stack = admin_stack
+def test_fixit_fails_clearly(sqlite_stack: CartStack) -> None:
+    stack = sqlite_stack
     unknown = stack.run_cmd('fixit', '--cartid', 'no-such-cart')
     assert unknown.returncode == 1 and 'No cart with uid no-such-cart found' in unknown.stdout + unknown.stderr
     uid = _uid()
@@ -67,8 +53,8 @@ def test_fixit_fails_clearly(admin_stack: CartStack) -> None:
     assert 'never.bin' in still.stdout + still.stderr
 
 
-def test_dump_yaml_and_json(admin_stack: CartStack) -> None:
-    stack, archive = admin_stack, admin_stack.archive
+def test_dump_yaml_and_json(sqlite_stack: CartStack) -> None:
+    stack, archive = sqlite_stack, sqlite_stack.archive
     uid = _uid()
     data = b'dumped'
     archive.put(f'{uid}-d', data)
@@ -84,8 +70,8 @@ def test_dump_yaml_and_json(admin_stack: CartStack) -> None:
         assert [(f['path'], f['status'], f['size']) for f in mine[0]['files']] == [('d.txt', 'staged', 6)]
 
 
-def test_purge(admin_stack: CartStack) -> None:
-    stack, archive = admin_stack, admin_stack.archive
+def test_purge(sqlite_stack: CartStack) -> None:
+    stack, archive = sqlite_stack, sqlite_stack.archive
     uid = _uid()
     archive.put(f'{uid}-p', b'purge me')
     assert stack.post(uid, [{'id': f'{uid}-p', 'path': 'p.txt', 'hashtype': 'md5',
@@ -103,8 +89,8 @@ def test_purge(admin_stack: CartStack) -> None:
     assert list(stack.volume.glob(f'*/{uid}')) == []
 
 
-def test_commands_need_a_subcommand(admin_stack: CartStack) -> None:
-    result = admin_stack.run_cmd()
+def test_commands_need_a_subcommand(sqlite_stack: CartStack) -> None:
+    result = sqlite_stack.run_cmd()
     assert result.returncode != 0
     for name in ('dbsync', 'dbchk', 'fixit', 'dump', 'purge'):
         assert name in result.stdout

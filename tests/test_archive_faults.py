@@ -1,10 +1,10 @@
 """An archive interface that misbehaves: errors, hangs, broken and wrong bodies, tape and bad media.
 
 Why a proxy and not a mock: the cart under test runs as real processes (the `pacifica-cartd`
-server and a celery worker, see support.stack), so nothing inside them can be patched; and the
+server and a celery worker, see cartd_testkit.stack), so nothing inside them can be patched; and the
 real pacifica-archiveinterface (POSIX backend) cannot be made to show these faults: it always
 answers `disk`, never times out, never cuts a body short and never sends wrong bytes. So the
-cart talks to support.faultproxy.FaultProxy, a small HTTP server in front of the real archive
+cart talks to cartd_testkit.faultproxy.FaultProxy, a small HTTP server in front of the real archive
 that passes requests through and, for the archive ids a test names, injects one fault on the
 wire. The cart's own retry, timeout, hash and tape logic is then exercised exactly as in
 production, and the proxy counts the requests it saw.
@@ -23,15 +23,15 @@ from typing import Any, Iterator, List, Tuple, cast
 import pytest
 import requests
 
-from support.archive import ArchiveServer
-from support.databases import drop_database, fresh_database
-from support.faultproxy import FaultProxy, ProxiedArchive
-from support.stack import CartStack, tar_contents
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import drop_database, fresh_database
+from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive
+from cartd_testkit.stack import CartStack, tar_contents
 
 pytestmark = [pytest.mark.integration]
 
 TIMEOUT_S = 2  # the cart's archive timeout in this module
-RETRIES = 2  # from support.stack.TEST_SETTINGS
+RETRIES = 2  # from cartd_testkit.stack.TEST_SETTINGS
 ATTEMPTS = RETRIES + 1
 HANG_S = 5  # longer than TIMEOUT_S
 DEADLINE_S = 30

@@ -25,9 +25,9 @@ import pytest
 from peewee import SQL, Table, fn
 from playhouse.db_url import connect
 
-from support.databases import peewee4_url
-from support.rawhttp import exchange, parse_answer
-from support.stack import CartStack
+from cartd_testkit.databases import peewee4_url
+from cartd_testkit.rawhttp import exchange, parse_answer
+from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
 

@@ -28,11 +28,11 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import pytest
 import requests
 
-from support.archive import ArchiveServer
-from support.databases import _admin_execute, drop_database, fresh_database, server_available
-from support.procs import ManagedProcess
-from support.rabbit import PrivateRabbit, rabbitmq_server_script
-from support.stack import CartStack
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import _admin_execute, drop_database, fresh_database, server_available
+from cartd_testkit.procs import ManagedProcess
+from cartd_testkit.rabbit import PrivateRabbit, rabbitmq_server_script
+from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

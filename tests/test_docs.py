@@ -29,15 +29,13 @@ import signal
 import subprocess
 import time
 import uuid
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import requests
 
-from support.archive import ArchiveServer
-from support.databases import fresh_database
-from support.procs import ManagedProcess, free_port
-from support.stack import BIN_DIR, CartStack, binary
+from cartd_testkit.procs import ManagedProcess, free_port
+from cartd_testkit.stack import BIN_DIR, CartStack, binary
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / 'docs'
@@ -331,25 +329,14 @@ def test_links_between_pages_resolve() -> None:
 # ---- the examples, against a running cart ----------------------------------------------------
 
 @pytest.fixture(scope='module')
-def docs_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
-    """A cart on SQLite with one worker, for the examples."""
-    base = tmp_path_factory.mktemp('docs')
-    stack = CartStack(base, archive, fresh_database('sqlite', base), workers=1)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
-
-
-@pytest.fixture(scope='module')
-def doc_env(docs_stack: CartStack) -> Dict[str, str]:
+def doc_env(sqlite_stack: CartStack) -> Dict[str, str]:
     """The variables the examples use: the stack's config and URL, and two files in the archive."""
-    archive = docs_stack.archive
+    archive = sqlite_stack.archive
     archive.put('1234', FILE1)
     archive.put('1235', FILE2)
-    env = dict(docs_stack.env)
+    env = dict(sqlite_stack.env)
     env.update({
-        'CART_URL': docs_stack.url,
+        'CART_URL': sqlite_stack.url,
         'FILE1_ID': '1234', 'FILE1_SHA1': hashlib.sha1(FILE1).hexdigest(),
         'FILE2_ID': '1235', 'FILE2_MD5': hashlib.md5(FILE2).hexdigest(),
         'PATH': f'{BIN_DIR}{os.pathsep}{os.environ.get("PATH", "")}',
@@ -447,11 +434,11 @@ PAGES_WITH_EXAMPLES = sorted({block.page for block in DOC_TESTS})
 
 @pytest.mark.integration
 @pytest.mark.parametrize('page', PAGES_WITH_EXAMPLES)
-def test_examples_run(page: str, docs_stack: CartStack, doc_env: Dict[str, str],
+def test_examples_run(page: str, sqlite_stack: CartStack, doc_env: Dict[str, str],
                       tmp_path: pathlib.Path) -> None:
     """Run a page's examples in order, in one working directory; compare each shown output."""
     if page in SETUP:
-        SETUP[page](docs_stack)
+        SETUP[page](sqlite_stack)
     outputs: Dict[str, str] = {}
     blocks = read_blocks(DOCS / page)
     for block in blocks:

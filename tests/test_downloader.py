@@ -15,7 +15,7 @@ import pytest
 from pacifica.downloader import Downloader
 from pacifica.downloader.cartapi import CartAPI
 
-from support.stack import CartStack
+from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
 

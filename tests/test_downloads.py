@@ -10,9 +10,9 @@ from typing import Dict, Iterator, Tuple
 import pytest
 import requests
 
-from support.archive import ArchiveServer
-from support.databases import fresh_database
-from support.stack import CartStack
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import fresh_database
+from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from support.stack import CartStack, tar_contents
+from cartd_testkit.stack import CartStack, tar_contents
 
 pytestmark = [pytest.mark.integration]
 

@@ -13,10 +13,10 @@ from typing import Dict, Iterator, Mapping, Optional, Sequence, Tuple
 import pytest
 import requests
 
-from support.broker import BROKER_URL
-from support.databases import fresh_database
-from support.procs import ManagedProcess, free_port
-from support.stack import binary, write_config
+from cartd_testkit.broker import BROKER_URL
+from cartd_testkit.databases import fresh_database
+from cartd_testkit.procs import ManagedProcess, free_port
+from cartd_testkit.stack import binary, write_config
 
 pytestmark = [pytest.mark.integration]
 

@@ -1,6 +1,6 @@
 """Disk space and LRU eviction on a real size-limited filesystem (a tmpfs mounted for the test).
 
-The archive is the fake of test_service (bytes from memory) so that the test controls
+The archive is cartd_testkit.fakes' FakeArchive (bytes from memory) so that the test controls
 exactly how much each cart needs; the filesystem, the database and the service are real.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pacifica.cartd.errors import CartNotFound
 from pacifica.cartd.eviction import allocated_in, bytes_in_flight, disk_bytes, reserve
 from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
-from test_service import FakeArchive, FakeQueue, _run_queue
+from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue
 
 MIB = 1024 * 1024
 FILE_SIZE = 600 * 1024
@@ -66,7 +66,7 @@ def _cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str
         entries.append({'id': f'{uid}-{index}', 'path': f'f{index}', 'hashtype': 'md5',
                         'hashsum': hashlib.md5(data).hexdigest()})
     cart_id = service.create_cart(uid, {'fileids': entries})
-    _run_queue(service, queue)
+    run_queue(service, queue)
     if age_minutes:
         Cart.update(updated_date=datetime.datetime.now() - datetime.timedelta(minutes=age_minutes)).where(
             Cart.id == cart_id).execute()
@@ -175,7 +175,7 @@ def test_a_failed_carts_downloads_still_count_and_no_new_ones_start(tmp_path: pa
     archive.media['x-0'] = 'error'  # the first file fails the cart
     with database.connection():
         cart_id = service.create_cart('x', {'fileids': entries})
-        _run_queue(service, queue)
+        run_queue(service, queue)
         assert service.status('x').status == 'error'
         assert archive.downloads == []  # the second file was not pulled for a failed cart
 

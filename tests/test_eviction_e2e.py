@@ -2,7 +2,7 @@
 
 test_eviction.py checks the policy at the service level with a fake archive. Here the same
 rules are checked end to end: the volume is a tmpfs mounted with a size limit, the files come
-from the real archive interface (through support.faultproxy, so one cart can be held on
+from the real archive interface (through cartd_testkit.faultproxy, so one cart can be held on
 "tape"), real celery workers stage them over RabbitMQ, and clients talk to the real
 pacifica-cartd server. One stack per database.
 
@@ -32,10 +32,10 @@ import requests
 from pacifica.cartd import database
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.orm import Cart, CartTasks, now
-from support.archive import ArchiveServer
-from support.databases import KINDS, fresh_database, server_available
-from support.faultproxy import FaultProxy, ProxiedArchive
-from support.stack import CartStack, running, tar_contents
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import KINDS, fresh_database, server_available
+from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive
+from cartd_testkit.stack import CartStack, running, tar_contents
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -17,10 +17,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 import pytest
 from playhouse.db_url import connect
 
-from support.databases import drop_database, fresh_database, peewee4_url
-from support.procs import free_port
-from support.stack import binary, write_config
-from support.venvs import reference_cart_venv
+from cartd_testkit.databases import drop_database, fresh_database, peewee4_url
+from cartd_testkit.procs import free_port
+from cartd_testkit.stack import binary, write_config
+from cartd_testkit.venvs import reference_cart_venv
 
 pytestmark = [pytest.mark.integration]
 

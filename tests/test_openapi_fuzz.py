@@ -30,9 +30,7 @@ import yaml
 from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from support.archive import ArchiveServer
-from support.databases import fresh_database
-from support.stack import CartStack
+from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
 
@@ -93,43 +91,32 @@ def _volume_problems(volume: pathlib.Path) -> List[str]:
     return problems
 
 
-@pytest.fixture(scope='module')
-def fuzz_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
-    """A cart on SQLite with one worker."""
-    base = tmp_path_factory.mktemp('fuzz')
-    stack = CartStack(base, archive, fresh_database('sqlite', base), workers=1)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
-
-
 @pytest.fixture()
-def recorder(fuzz_stack: CartStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorder]:
+def recorder(sqlite_stack: CartStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorder]:
     """Snapshot the directories a stray write could reach; after the operation, compare."""
-    watched = [fuzz_stack.archive.root, fuzz_stack.base_dir, fuzz_stack.base_dir.parent,
+    watched = [sqlite_stack.archive.root, sqlite_stack.base_dir, sqlite_stack.base_dir.parent,
                tmp_path_factory.getbasetemp(), pathlib.Path('/tmp'), pathlib.Path('/')]
     before = {directory: _listing(directory) for directory in watched}
-    archive_files = {path for path in fuzz_stack.archive.root.rglob('*')}
+    archive_files = {path for path in sqlite_stack.archive.root.rglob('*')}
     record = Recorder()
     yield record
     deadline = time.monotonic() + SETTLE_S
     for uid in sorted(record.created):  # let the worker finish what it will write
         while time.monotonic() < deadline:
             try:
-                answer = requests.head(f'{fuzz_stack.url}/{requests.utils.quote(uid, safe="")}', timeout=30)
+                answer = requests.head(f'{sqlite_stack.url}/{requests.utils.quote(uid, safe="")}', timeout=30)
             except requests.RequestException:
                 break
             if answer.headers.get('X-Pacifica-Status') != 'staging':
                 break
             time.sleep(0.2)
     assert record.calls > 0
-    assert {path for path in fuzz_stack.archive.root.rglob('*')} == archive_files, 'the archive directory changed'
+    assert {path for path in sqlite_stack.archive.root.rglob('*')} == archive_files, 'the archive directory changed'
     stray = {str(directory / name) for directory in watched
              for name in _listing(directory) - before[directory] if name in record.names}
     assert not stray, f'files named by fuzzed requests appeared outside the volume: {sorted(stray)}'
-    assert _listing(fuzz_stack.base_dir) <= STACK_ENTRIES | {name for name in before[fuzz_stack.base_dir]}
-    assert not _volume_problems(fuzz_stack.volume), _volume_problems(fuzz_stack.volume)
+    assert _listing(sqlite_stack.base_dir) <= STACK_ENTRIES | {name for name in before[sqlite_stack.base_dir]}
+    assert not _volume_problems(sqlite_stack.volume), _volume_problems(sqlite_stack.volume)
 
 
 def _header(response: schemathesis.Response, name: str) -> str:
@@ -145,16 +132,16 @@ def _server_log(stack: CartStack) -> str:
 @SCHEMA.parametrize()
 @hypothesis.settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
                      suppress_health_check=list(hypothesis.HealthCheck))
-def test_api_matches_its_description(case: schemathesis.Case, fuzz_stack: CartStack, recorder: Recorder) -> None:
-    response = case.call(base_url=fuzz_stack.url, timeout=60)
+def test_api_matches_its_description(case: schemathesis.Case, sqlite_stack: CartStack, recorder: Recorder) -> None:
+    response = case.call(base_url=sqlite_stack.url, timeout=60)
     recorder.note(case, response.status_code)
     failed_cart = (case.method.upper() == 'HEAD' and response.status_code == 500
                    and _header(response, 'X-Pacifica-Status') == 'error'
                    and _header(response, 'X-Pacifica-Message').startswith('Failed to pull file('))
     assert response.status_code < 500 or failed_cart, \
-        f'{case.as_curl_command()}\n-> {response.status_code} {response.text[:300]!r}\n{_server_log(fuzz_stack)}'
+        f'{case.as_curl_command()}\n-> {response.status_code} {response.text[:300]!r}\n{_server_log(sqlite_stack)}'
     case.validate_response(response, excluded_checks=EXCLUDED_CHECKS)
-    assert not _volume_problems(fuzz_stack.volume), _volume_problems(fuzz_stack.volume)
+    assert not _volume_problems(sqlite_stack.volume), _volume_problems(sqlite_stack.volume)
 
 
 def _as_json_schema(node: object, components: Dict[str, dict]) -> object:
@@ -237,18 +224,19 @@ HAND_MADE = [
 
 
 @pytest.mark.parametrize('method, target, headers, body', HAND_MADE)
-def test_no_5xx_on_hand_made_requests(fuzz_stack: CartStack, method: str, target: str,
+def test_no_5xx_on_hand_made_requests(sqlite_stack: CartStack, method: str, target: str,
                                       headers: Optional[Dict[str, str]], body: Optional[Union[str, bytes]]) -> None:
-    answer = requests.request(method, fuzz_stack.url + target, headers=headers, data=body, timeout=60)
-    assert 200 <= answer.status_code < 500, f'{method} {target[:80]} -> {answer.status_code}\n{_server_log(fuzz_stack)}'
+    answer = requests.request(method, sqlite_stack.url + target, headers=headers, data=body, timeout=60)
+    assert 200 <= answer.status_code < 500, \
+        f'{method} {target[:80]} -> {answer.status_code}\n{_server_log(sqlite_stack)}'
     if answer.status_code >= 400 and method != 'HEAD':
         assert list(answer.json()) == ['status', 'message', 'traceback', 'version']
-    assert not _volume_problems(fuzz_stack.volume)
+    assert not _volume_problems(sqlite_stack.volume)
 
 
-def test_answers_about_real_carts_match_the_description(fuzz_stack: CartStack) -> None:
+def test_answers_about_real_carts_match_the_description(sqlite_stack: CartStack) -> None:
     """The answers generated uids cannot reach: a ready cart (200, 206, 416), a failed one (500, 202), DELETE 200."""
-    stack = fuzz_stack
+    stack = sqlite_stack
     data = os.urandom(3000)
     stack.archive.put('fz-ready-file', data)
     ready = {'id': 'fz-ready-file', 'path': 'd/ready.bin', 'hashtype': 'sha256',

@@ -22,8 +22,8 @@ import pytest
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.errors import ConfigError
 from pacifica.cartd.tasks import celery_settings, check_broker
-from support.procs import free_port
-from support.venvs import archive_venv
+from cartd_testkit.procs import free_port
+from cartd_testkit.venvs import archive_venv
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / 'scripts' / 'quickstart.sh'

@@ -2,7 +2,8 @@
 
 The real archive interface (POSIX backend) always reports `disk` and always sends its
 headers, so tape recalls, `error` media and header-less answers cannot be produced by it:
-these tests stand a small fake in for the archive client, and a list for the queue.
+these tests stand cartd_testkit.fakes' FakeArchive in for the archive client, and its FakeQueue
+(lists) for the queue.
 """
 from __future__ import annotations
 
@@ -11,84 +12,18 @@ import datetime
 import hashlib
 import pathlib
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
 from pacifica.cartd import database, schema
-from pacifica.cartd.archive import ArchiveStatus, Download, new_hash
+from pacifica.cartd.archive import Download
 from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import ArchiveError, BadRequest, CartNotFound, CartNotReady
 from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
 from pacifica.cartd.volume import CartVolume
-
-
-class FakeQueue:
-    """Records what the service queues."""
-
-    def __init__(self) -> None:
-        self.staged: List[Tuple[int, List[int], float, int]] = []
-        self.bundles: List[int] = []
-        self.revoked: List[str] = []
-        self.broken = False
-
-    def enqueue_stage(self, cart_id: int, file_ids: Sequence[int], countdown: float = 0, tape_round: int = 0) -> str:
-        if self.broken:
-            raise ConnectionError('broker unreachable')
-        self.staged.append((cart_id, list(file_ids), countdown, tape_round))
-        return f'task-{len(self.staged)}'
-
-    def enqueue_bundle(self, cart_id: int) -> str:
-        self.bundles.append(cart_id)
-        return 'bundle'
-
-    def revoke(self, task_ids: Sequence[str]) -> None:
-        self.revoked.extend(task_ids)
-
-
-@dataclasses.dataclass
-class FakeArchive:
-    """Serves bytes from a dict; media and header presence per id are set by the test."""
-
-    files: Dict[str, bytes]
-    media: Dict[str, str] = dataclasses.field(default_factory=dict)
-    stage_calls: List[str] = dataclasses.field(default_factory=list)
-    downloads: List[str] = dataclasses.field(default_factory=list)
-    fail_downloads: int = 0
-
-    def with_retries(self, action):  # noqa: ANN001 - mirrors ArchiveClient.with_retries
-        return action()
-
-    def status(self, archive_id: str) -> ArchiveStatus:
-        media = self.media.get(archive_id, 'disk')
-        if media == 'no-headers':
-            return ArchiveStatus('', None, None, '')
-        return ArchiveStatus(media, len(self.files[archive_id]), 1500000000.0, 'File was found')
-
-    def stage(self, archive_id: str) -> None:
-        self.stage_calls.append(archive_id)
-
-    def download(self, archive_id: str, partial: pathlib.Path, hash_type: str, hash_value: str,
-                 expected_size: Optional[int], progress=None, offset: Optional[int] = None) -> Download:  # noqa: ANN001
-        self.downloads.append(archive_id)
-        if self.fail_downloads:
-            self.fail_downloads -= 1
-            raise ArchiveError('archive GET answered 503: busy')
-        data = self.files[archive_id]
-        if offset is None:
-            partial.write_bytes(data)
-        else:
-            assert expected_size == len(data)
-            with open(partial, 'r+b') as target:
-                target.seek(offset)
-                target.write(data)
-        digest = new_hash(hash_type)
-        digest.update(data)
-        if digest.hexdigest() != hash_value:
-            from pacifica.cartd.errors import HashMismatch  # pylint: disable=import-outside-toplevel
-            raise HashMismatch('File hash does not match provided hash')
-        return Download(len(data), None)
+from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue
 
 
 @pytest.fixture
@@ -114,17 +49,6 @@ def _entries(files: Dict[str, bytes], hashtype: str = 'sha1') -> List[dict]:
              'hashsum': hashlib.new(hashtype, data).hexdigest()} for name, data in files.items()]
 
 
-def _run_queue(service: CartService, queue: FakeQueue) -> None:
-    """Run queued stage tasks like a worker would, tape re-checks included."""
-    done = 0
-    while done < len(queue.staged):
-        cart_id, file_ids, _countdown, tape_round = queue.staged[done]
-        done += 1
-        on_tape = service.stage_files(cart_id, file_ids, tape_round)
-        service.requeue_tape_files(cart_id, on_tape, tape_round)
-        assert done < 50, 'tasks kept requeueing'
-
-
 def test_stages_and_becomes_ready(make_service) -> None:
     files = {'a': b'alpha', 'b': b'beta' * 1000}
     service, archive, queue = make_service(files)
@@ -132,7 +56,7 @@ def test_stages_and_becomes_ready(make_service) -> None:
     assert service.status('c1').status == 'staging'
     with pytest.raises(CartNotReady):
         service.download('c1', 'x.tar', 'x')
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert service.status('c1').status == 'ready'
     cart = Cart.get_by_id(cart_id)
     assert (cart.files_total, cart.files_staged) == (2, 2)
@@ -155,7 +79,7 @@ def test_tape_is_recalled_and_rechecked_with_growing_delay(make_service) -> None
     assert [entry[2] for entry in queue.staged] == [0, 2, 4, 5]  # doubling, capped at tape_wait_max
     assert archive.downloads == [] and service.status('t1').status == 'staging'
     archive.media['ontape'] = 'disk'
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert service.status('t1').status == 'ready'
 
 
@@ -164,7 +88,7 @@ def test_error_media_fails_the_cart(make_service) -> None:
     service, archive, queue = make_service(files)
     archive.media['broken'] = 'error'
     service.create_cart('e1', {'fileids': _entries(files)})
-    _run_queue(service, queue)
+    run_queue(service, queue)
     state = service.status('e1')
     assert state.status == 'error'
     assert 'p/broken' in state.message and 'media of the file as error' in state.message
@@ -175,7 +99,7 @@ def test_answer_without_headers_still_downloads_and_verifies(make_service) -> No
     service, archive, queue = make_service(files)
     archive.media['bare'] = 'no-headers'
     service.create_cart('h1', {'fileids': _entries(files)})
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert service.status('h1').status == 'ready'
     assert archive.downloads == ['bare']
 
@@ -186,7 +110,7 @@ def test_hash_mismatch_downloads_once_more_then_fails(make_service) -> None:
     entries = _entries(files, 'md5')
     entries[0]['hashsum'] = hashlib.md5(b'other').hexdigest()
     service.create_cart('m1', {'fileids': entries})
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert archive.downloads == ['bad', 'bad']
     assert 'File hash does not match provided hash' in service.status('m1').message
 
@@ -204,7 +128,7 @@ def test_delete_revokes_queued_tasks_and_late_tasks_do_nothing(make_service) -> 
     cart_id = service.create_cart('d1', {'fileids': _entries(files)})
     assert service.delete('d1') == 1
     assert queue.revoked == ['task-1']
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert archive.downloads == []
     _assert_gone(service, cart_id, 'd1')
 
@@ -221,7 +145,7 @@ def test_delete_between_ready_and_link_leaves_no_link(make_service, monkeypatch)
 
     monkeypatch.setattr(type(service.volume), 'link_ready_cart',
                         lambda _volume, cart_uid, target: delete_then_link(cart_uid, target))
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert not os.path.lexists(service.volume.link_path('r1'))
     with pytest.raises(CartNotFound):
         service.status('r1')
@@ -245,7 +169,7 @@ def test_delete_while_downloads_fail_leaves_nothing_on_the_volume(make_service) 
         raise ArchiveError('archive GET answered 503: busy')
 
     archive.download = racing  # type: ignore[method-assign]
-    _run_queue(service, queue)
+    run_queue(service, queue)
     _assert_gone(service, cart_id, 'w1')
     # the file whose directory vanished is not recorded as a volume failure of a deleted cart
     assert File.get((File.cart == cart_id) & (File.file_name == 'first')).status != 'error'
@@ -264,7 +188,7 @@ def test_delete_while_the_bundle_is_written_leaves_nothing(make_service, monkeyp
         return files_dir(volume, cart_id_, cart_uid)
 
     monkeypatch.setattr(CartVolume, 'files_dir', delete_when_bundling)
-    _run_queue(service, queue)  # no error escapes the task
+    run_queue(service, queue)  # no error escapes the task
     _assert_gone(service, cart_id, 'b2')
 
 
@@ -296,7 +220,7 @@ def test_cart_posted_while_the_broker_is_down_is_queued_by_the_reconciler(make_s
     queue.broken = False
     assert service.reconcile() == 1
     assert 'Re-queued 1 unfinished files' in service.status('b1').message
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert service.status('b1').status == 'ready' and service.status('b1').message == ''
 
 
@@ -310,7 +234,7 @@ def test_stalled_cart_is_redriven_once(make_service) -> None:
     assert service.reconcile() == 1
     assert service.reconcile() == 0  # claimed: the next pass leaves it alone
     assert sorted(sum((entry[1] for entry in queue.staged), [])) == sorted(f.id for f in File.select())
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert service.status('s').status == 'ready'
 
 
@@ -318,7 +242,7 @@ def test_cart_stuck_after_its_last_file_is_bundled_by_the_reconciler(make_servic
     files = {'z': b'last'}
     service, _archive, queue = make_service(files)
     cart_id = service.create_cart('z', {'fileids': _entries(files)})
-    _run_queue(service, queue)
+    run_queue(service, queue)
     Cart.update(status='staging').where(Cart.id == cart_id).execute()  # as if the finisher died
     _age(cart_id, 1000)
     assert service.reconcile() == 1 and queue.bundles == [cart_id]
@@ -333,7 +257,7 @@ def test_temp_files_of_killed_downloads_are_removed_when_the_cart_finishes(make_
     orphan = service.volume.partial_path(cart_id, 1)
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b'half a download')
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert service.status('k').status == 'ready'
     assert not orphan.exists()
 
@@ -351,7 +275,7 @@ def test_bundle_writes_large_files_in_place_and_small_ones_around_them(make_serv
     files = {'big1': os.urandom(BIG), 'small': b'tiny', 'big2': os.urandom(BIG + 3)}
     service, archive, queue = make_service(files)
     cart_id = service.create_cart('b1', {'fileids': _entries(files), 'bundle': True})
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert service.status('b1').status == 'ready', service.status('b1').message
     volume = service.volume
     tar = volume.tar_path(cart_id, 'b1')
@@ -383,7 +307,7 @@ def test_bundle_file_that_changed_size_gets_a_new_place_and_the_tar_is_rewritten
     first = File.get((File.cart == cart_id) & (File.file_name == 'big1'))
     # an earlier attempt placed big1 as a bigger file: its old region is left as a hole
     assert service._place_in_tar(Cart.get_by_id(cart_id), first, BIG * 2) is not None  # pylint: disable=protected-access
-    _run_queue(service, queue)
+    run_queue(service, queue)
     assert service.status('b2').status == 'ready', service.status('b2').message
     tar = service.volume.tar_path(cart_id, 'b2')
     assert _tar_members(tar) == {f'b2/p/{name}': data for name, data in files.items()}

@@ -1,4 +1,4 @@
-"""Check that the test-support ArchiveServer runs the real archive interface as cartd expects it."""
+"""Check that the testkit's ArchiveServer runs the real archive interface as cartd expects it."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +8,7 @@ from typing import Iterator
 import pytest
 import requests
 
-from support.archive import ArchiveServer
+from cartd_testkit.archive import ArchiveServer
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import peewee
 import pytest
 from playhouse.db_url import connect
 
-from support.databases import KINDS, drop_database, fresh_database, peewee4_url, server_available
+from cartd_testkit.databases import KINDS, drop_database, fresh_database, peewee4_url, server_available
 
 KIND_PARAMS = [
     pytest.param('sqlite'),

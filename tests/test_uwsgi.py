@@ -14,10 +14,10 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import pytest
 import requests
 
-from support.databases import drop_database, fresh_database
-from support.procs import ManagedProcess, free_port
-from support.rawhttp import exchange, parse_answer
-from support.stack import CartStack, binary, tar_contents, write_config
+from cartd_testkit.databases import drop_database, fresh_database
+from cartd_testkit.procs import ManagedProcess, free_port
+from cartd_testkit.rawhttp import exchange, parse_answer
+from cartd_testkit.stack import CartStack, binary, tar_contents, write_config
 
 pytestmark = [pytest.mark.integration]
 

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from support.archive import ArchiveServer
-from support.databases import drop_database, fresh_database
-from support.stack import CartStack, tar_contents
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import drop_database, fresh_database
+from cartd_testkit.stack import CartStack, tar_contents
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,9 +16,9 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from support.archive import ArchiveServer
-from support.broker import broker_available
-from support.databases import drop_database, fresh_database, server_available
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.broker import broker_available
+from cartd_testkit.databases import drop_database, fresh_database, server_available
 
 from .stacks import OurStack
 

@@ -1,4 +1,4 @@
-"""The services under test: our cart (tests/support CartStack), the published 0.7.0, and nginx for the limits."""
+"""The services under test: our cart (cartd_testkit's CartStack), the published 0.7.0, and nginx for the limits."""
 from __future__ import annotations
 
 import os
@@ -9,10 +9,10 @@ import time
 import uuid
 from typing import Dict, List, Mapping, Optional
 
-from support.archive import ArchiveServer
-from support.broker import BROKER_URL
-from support.procs import ManagedProcess, free_port
-from support.stack import CartStack, write_config
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.broker import BROKER_URL
+from cartd_testkit.procs import ManagedProcess, free_port
+from cartd_testkit.stack import CartStack, write_config
 
 # The same CherryPy settings for both carts (the project's server.conf without its address and port;
 # each server gets -p/-a on its command line).
@@ -45,7 +45,7 @@ def write_cpconfig(path: pathlib.Path, threads: int, extra: Optional[Mapping[str
 
 
 class OurStack(CartStack):
-    """The project's cart: tests/support's CartStack with production settings and a real cpconfig."""
+    """The project's cart: cartd_testkit's CartStack with production settings and a real cpconfig."""
 
     label = 'ours'
 

@@ -18,7 +18,7 @@ import subprocess
 import time
 from typing import Dict, List, Optional
 
-from support.procs import ManagedProcess, free_port
+from .procs import ManagedProcess, free_port
 
 RABBITMQ_SERVER_CANDIDATES = (
     '/usr/lib/rabbitmq/bin/rabbitmq-server',

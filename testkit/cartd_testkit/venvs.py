@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+# testkit/cartd_testkit/venvs.py: the checkout is two levels up. The testkit is installed
+# editable (pip install -e ./testkit), so __file__ stays in the checkout.
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 ARCHIVE_REQUIREMENTS: list[str] = [
@@ -35,6 +37,9 @@ LOG_TAIL_LINES = 40
 def cache_dir() -> pathlib.Path:
     """Return (and create) the directory that holds the cached test venvs."""
     configured = os.environ.get('CARTD_TEST_CACHE')
+    if not configured and not (REPO_ROOT / 'testkit' / 'pyproject.toml').is_file():
+        raise RuntimeError(f'cartd_testkit is not inside a checkout ({__file__}): install it with '
+                           f'`pip install -e ./testkit`, or set CARTD_TEST_CACHE')
     path = pathlib.Path(configured) if configured else REPO_ROOT / '.cache' / 'test-venvs'
     path.mkdir(parents=True, exist_ok=True)
     return path

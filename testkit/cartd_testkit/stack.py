@@ -14,10 +14,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import requests
 
-from support.archive import ArchiveServer
-from support.broker import BROKER_URL, delete_queue, unique_queue_name
-from support.databases import drop_database
-from support.procs import ManagedProcess, free_port
+from .archive import ArchiveServer
+from .broker import BROKER_URL, delete_queue, unique_queue_name
+from .databases import drop_database
+from .procs import ManagedProcess, free_port
 
 BIN_DIR = pathlib.Path(sys.executable).parent
 TEST_SETTINGS: Dict[str, Dict[str, str]] = {

@@ -1,1 +1,0 @@
-"""Reusable helpers that start and clean up the real peers used by the cartd test suite."""
