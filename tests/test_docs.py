@@ -301,7 +301,7 @@ def test_help_texts_are_the_real_ones() -> None:
 
 
 def test_json_blocks() -> None:
-    from pacifica.cartd.service import parse_cart_request
+    from pacifica.cartd.cartrequest import parse_cart_request
     blocks = [block for block in ALL_BLOCKS if block.lang == 'json']
     assert {'request', 'error'} <= {flag for block in blocks for flag in block.flags}
     for block in blocks:

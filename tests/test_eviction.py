@@ -19,9 +19,11 @@ import pytest
 from pacifica.cartd import database, schema
 from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import CartNotFound
-from pacifica.cartd.eviction import allocated_in, bytes_in_flight, disk_bytes, reserve
+from pacifica.cartd.eviction import bytes_in_flight, disk_bytes, reserve
+from pacifica.cartd.fileio import allocated_in
 from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
+from pacifica.cartd.transport import response_body
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue
 
 MIB = 1024 * 1024
@@ -122,7 +124,7 @@ def test_download_in_progress_survives_eviction(tmp_path: pathlib.Path, small_vo
         _cart(service, queue, archive, 'older', 2, age_minutes=700)
         _cart(service, queue, archive, 'other', 2, age_minutes=500)
         download = service.download('old', 'old.tar', 'old')  # a GET marks the cart used
-        body = download.body(0, download.layout.size, 64 * 1024)
+        body = response_body(download.pieces(0, download.layout.size), 64 * 1024)
         received = [next(body)]
         _cart(service, queue, archive, 'incoming', 3)
         assert service.status('incoming').status == 'ready'

@@ -159,7 +159,7 @@ def _as_json_schema(node: object, components: Dict[str, dict]) -> object:
 
 
 def test_request_body_schema_is_the_servers() -> None:
-    from pacifica.cartd.service import CART_REQUEST_SCHEMA
+    from pacifica.cartd.cartrequest import CART_REQUEST_SCHEMA
     spec = yaml.safe_load(SPEC_PATH.read_text(encoding='utf-8'))
     components = spec['components']['schemas']
     post = spec['paths']['/{uid}']['post']['requestBody']['content']

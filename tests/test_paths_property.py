@@ -10,7 +10,9 @@ import tempfile
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pacifica.cartd.errors import BadRequest
-from pacifica.cartd.volume import CartVolume, TarLayout, TarMember, cart_relative_path, check_cart_uid
+from pacifica.cartd.paths import cart_relative_path, check_cart_uid
+from pacifica.cartd.tarlayout import TarLayout, TarMember
+from pacifica.cartd.volume import CartVolume
 
 SEGMENT_CHARS = st.characters(blacklist_categories=('Cs',), min_codepoint=0, max_codepoint=0x2FFF)
 SEGMENTS = st.one_of(st.sampled_from(['', '.', '..', '...', 'a', ' ', '\\', '~', 'é']),

@@ -21,7 +21,7 @@ import pytest
 
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.errors import ConfigError
-from pacifica.cartd.tasks import celery_settings, check_broker
+from pacifica.cartd.celeryapp import celery_settings, check_broker
 from cartd_testkit.procs import free_port
 from cartd_testkit.venvs import archive_venv
 

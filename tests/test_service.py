@@ -22,6 +22,7 @@ from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import ArchiveError, BadRequest, CartNotFound, CartNotReady
 from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
+from pacifica.cartd.transport import response_body
 from pacifica.cartd.volume import CartVolume
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue
 
@@ -291,7 +292,7 @@ def test_bundle_writes_large_files_in_place_and_small_ones_around_them(make_serv
             assert handle.read(len(files[name])) == files[name]
     # a download under another name has the same files
     download = service.download('b1', 'other.tar', 'other')
-    body = b''.join(download.body(0, download.layout.size, 65536))
+    body = b''.join(response_body(download.pieces(0, download.layout.size), 65536))
     (tmp := volume.root / 'dl.tar').write_bytes(body)
     assert _tar_members(tmp) == {f'other/p/{name}': data for name, data in files.items()}
     # a duplicated task writes nothing
@@ -306,11 +307,11 @@ def test_bundle_file_that_changed_size_gets_a_new_place_and_the_tar_is_rewritten
     cart_id = service.create_cart('b2', {'fileids': _entries(files), 'bundle': True})
     first = File.get((File.cart == cart_id) & (File.file_name == 'big1'))
     # an earlier attempt placed big1 as a bigger file: its old region is left as a hole
-    assert service._place_in_tar(Cart.get_by_id(cart_id), first, BIG * 2) is not None  # pylint: disable=protected-access
+    assert service.stager.place_in_tar(Cart.get_by_id(cart_id), first, BIG * 2) is not None
     run_queue(service, queue)
     assert service.status('b2').status == 'ready', service.status('b2').message
     tar = service.volume.tar_path(cart_id, 'b2')
     assert _tar_members(tar) == {f'b2/p/{name}': data for name, data in files.items()}
     assert not service.volume.bundle_staging_path(cart_id).exists()
     download = service.download('b2', 'b2.tar', 'b2')
-    assert b''.join(download.body(0, download.layout.size, 65536)) == tar.read_bytes()
+    assert b''.join(response_body(download.pieces(0, download.layout.size), 65536)) == tar.read_bytes()

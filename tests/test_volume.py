@@ -1,4 +1,4 @@
-"""Cart paths stay inside the cart, and the computed tar is a real tar with exact length and ranges."""
+"""Client paths and uids (paths.py), the cart directory (volume.py), the computed tar (tarlayout.py) and Range (byteranges.py)."""
 import io
 import os
 import tarfile
@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from pacifica.cartd.errors import BadRequest
-from pacifica.cartd.volume import (
-    CartVolume, TarLayout, TarMember, cart_relative_path, check_cart_uid, parse_range, path_conflicts, tar_top_name)
+from pacifica.cartd.byteranges import parse_range
+from pacifica.cartd.paths import cart_relative_path, check_cart_uid, path_conflicts, tar_top_name
+from pacifica.cartd.tarlayout import TarLayout, TarMember
+from pacifica.cartd.volume import CartVolume
 
 
 @pytest.mark.parametrize('given, expected', [
