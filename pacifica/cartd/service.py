@@ -19,10 +19,6 @@ from .recovery import Recovery
 from .staging import Stager, StageOutcome
 from .taskqueue import CartQueue, TaskQueue
 from .volume import CartVolume
-# Importable from here until the tests import them from their own modules.
-from .cartrequest import CART_REQUEST_SCHEMA, parse_cart_request  # noqa: F401
-from .orm import Cart, File
-from .transport import SendFile, response_body
 
 
 class CartService:
@@ -72,7 +68,7 @@ class CartService:
 
     def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
         """See carts.Carts.download."""
-        return _BodyDownload(**vars(self.carts.download(cart_uid, filename, top)))
+        return self.carts.download(cart_uid, filename, top)
 
     def delete(self, cart_uid: str) -> int:
         """See carts.Carts.delete."""
@@ -113,15 +109,3 @@ class CartService:
     def fixit(self, cart_uid: str, progress: Optional[FixitProgress] = None) -> FixitResult:
         """See admin.Admin.fixit."""
         return self.admin.fixit(cart_uid, progress)
-
-    def _place_in_tar(self, cart: Cart, file: File, size: int) -> Optional[int]:
-        """Until the tests call staging.Stager.place_in_tar."""
-        return self.stager.place_in_tar(cart, file, size)
-
-
-class _BodyDownload(CartDownload):
-    """Until the tests read a download through transport.response_body."""
-
-    def body(self, start: int, end: int, chunk_size: int, send_file: Optional[SendFile] = None) -> Any:
-        """The tar's bytes [start, end)."""
-        return response_body(self.pieces(start, end), chunk_size, send_file)

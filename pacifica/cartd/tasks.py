@@ -15,8 +15,6 @@ from celery import signals
 from . import database
 from .celeryapp import BUNDLE_TASK, STAGE_TASK, app
 from .wiring import forget_worker_service, process_settings, worker_service
-# Importable from here until the tests import them from celeryapp.
-from .celeryapp import celery_settings, check_broker  # noqa: F401
 
 LOGGER = logging.getLogger(__name__)
 

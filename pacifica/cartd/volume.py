@@ -8,11 +8,6 @@ import uuid
 from pathlib import Path
 
 from .errors import BadRequest
-# Moved to modules of their own; importable from here until the tests import them there.
-from .byteranges import parse_range  # noqa: F401
-from .fileio import locked_region, write_all_at  # noqa: F401
-from .paths import cart_relative_path, check_cart_uid, path_conflicts, tar_top_name  # noqa: F401
-from .tarlayout import FileRange, TarLayout, TarMember, directories_size, member_region  # noqa: F401
 
 PARTIAL_SUFFIX = '.part'
 LINKS_DIR = 'cartuids'
