@@ -1,9 +1,10 @@
-"""The layers of DESIGN.md hold (each framework in its own module), and the code is lint- and type-clean."""
+"""The layers of DESIGN.md and docs/architecture.md hold, each framework stays in its module, and the code is clean."""
 from __future__ import annotations
 
 import ast
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 from typing import Dict, Set
@@ -20,42 +21,64 @@ OWNERS: Dict[str, Set[str]] = {
     'cherrypy': {'rest', 'wsgi', '__main__', 'app', 'httpserver'},
     'cheroot': {'httpserver'},
     'celery': {'tasks', 'celeryapp'},
-    'kombu': {'tasks'},
+    'kombu': {'tasks', 'celeryapp'},
     'requests': {'archive'},
-    'tarfile': {'volume', 'tarlayout'},
-    'peewee': {'orm', 'database', 'schema', 'service', 'eviction'},
+    'tarfile': {'tarlayout'},
+    'peewee': {'orm', 'database', 'schema'},
     'playhouse': {'database', 'schema'},
-    'jsonschema': {'service', 'cartrequest'},
+    'jsonschema': {'cartrequest'},
     'shutil': {'volume'},
+    'fcntl': {'fileio'},
+    'tqdm': {'__main__'},
+    'yaml': {'__main__'},
 }
-# module -> package modules it must not import (imports point down only)
-FORBIDDEN_INTERNAL: Dict[str, Set[str]] = {
-    'config': {'orm', 'database', 'schema', 'service', 'rest', 'tasks', 'archive', 'volume'},
-    'errors': {'config', 'orm', 'database', 'schema', 'service', 'rest', 'tasks', 'archive', 'volume'},
-    'archive': {'orm', 'database', 'schema', 'service', 'rest', 'tasks'},
-    'volume': {'orm', 'database', 'schema', 'service', 'rest', 'tasks', 'archive'},
-    'orm': {'service', 'rest', 'tasks', 'archive', 'volume'},
-    'service': {'rest', 'tasks', 'app', 'wsgi', '__main__'},
-    'rest': {'tasks', 'wsgi', '__main__'},
-    'tasks': {'rest', 'wsgi', '__main__', 'app'},
-    'httpserver': {'orm', 'database', 'schema', 'service', 'rest', 'tasks', 'archive', 'volume', 'app'},
+
+# Each module's place, lowest first: a module imports only modules of a lower rank.
+LAYERS: Dict[str, Dict[str, float]] = {
+    'leaves': {'errors': 0, 'config': 1},
+    'persistence': {'orm': 2, 'database': 3, 'schema': 3},
+    'I/O and formats': {'paths': 4, 'fileio': 4, 'byteranges': 4, 'tarlayout': 5, 'volume': 5, 'archive': 5},
+    'policy': {'cartrequest': 6, 'heartbeat': 6, 'cleanup': 6, 'taskqueue': 6, 'cartlayout': 6, 'eviction': 6},
+    'use cases': {'bundling': 7, 'staging': 8, 'carts': 8, 'recovery': 8, 'admin': 9},
+    'facade': {'service': 10},
+    'adapters': {'transport': 11, 'celeryapp': 11, 'rest': 12, 'httpserver': 12},
+    'composition root': {'wiring': 13},
+    'entry points': {'tasks': 14, 'app': 14, 'wsgi': 15, '__main__': 15, '__init__': 15},
 }
+RANK = {module: rank for layer in LAYERS.values() for module, rank in layer.items()}
+LAYER_OF = {module: name for name, layer in LAYERS.items() for module in layer}
+# Where the tables of the database may be queried; everywhere else goes through orm's named queries.
+QUERYING = {'orm', 'schema', 'database'}
+MODEL_NAMES = {'Cart', 'File', 'CartTasks', 'SpaceReservation', 'CartSystem'}
+QUERY_METHODS = {'select', 'update', 'delete', 'insert', 'insert_many', 'create', 'get', 'get_or_none',
+                 'get_by_id', 'bulk_update', 'bulk_create', 'replace'}
+
+
+def _tree(path: pathlib.Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding='utf-8'))
 
 
 def _imports(path: pathlib.Path) -> Set[str]:
     names: Set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                names.add('.' + (node.module or ''))
+                if node.module:
+                    names.add('.' + node.module)
+                else:  # from . import database
+                    names.update('.' + alias.name for alias in node.names)
             elif node.module:
                 names.add(node.module)
     return names
 
 
 MODULES = sorted(PACKAGE.glob('*.py'))
+
+
+def test_every_module_has_a_layer() -> None:
+    assert {path.stem for path in MODULES} == set(RANK), 'place new modules in LAYERS (and docs/architecture.md)'
 
 
 @pytest.mark.parametrize('path', MODULES, ids=lambda path: path.stem)
@@ -69,14 +92,37 @@ def test_frameworks_stay_in_their_modules(path: pathlib.Path) -> None:
 @pytest.mark.parametrize('path', MODULES, ids=lambda path: path.stem)
 def test_imports_point_down(path: pathlib.Path) -> None:
     internal = {name.lstrip('.').split('.')[0] for name in _imports(path) if name.startswith('.')}
-    clash = internal & FORBIDDEN_INTERNAL.get(path.stem, set())
-    assert not clash, f'{path.stem} imports {sorted(clash)}'
+    for imported in sorted(internal):
+        assert RANK[imported] < RANK[path.stem], (
+            f'{path.stem} ({LAYER_OF[path.stem]}) imports {imported} ({LAYER_OF[imported]}), which is not below it')
+
+
+@pytest.mark.parametrize('path', [path for path in MODULES if path.stem not in QUERYING], ids=lambda path: path.stem)
+def test_queries_are_named_in_orm(path: pathlib.Path) -> None:
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id in MODEL_NAMES:
+            assert node.func.attr not in QUERY_METHODS, \
+                f'{path.name}:{node.lineno}: {node.func.value.id}.{node.func.attr}() belongs in a named query in orm.py'
+
+
+def test_the_sendfile_path_does_not_cross_the_use_cases() -> None:
+    for path in MODULES:
+        if RANK[path.stem] <= RANK['service']:
+            text = path.read_text(encoding='utf-8').lower().replace('os.sendfile', '')
+            assert 'sendfile' not in text and 'send_file' not in text, f'{path.name} knows how bytes reach the socket'
 
 
 def test_every_module_says_its_job() -> None:
     for path in MODULES:
-        docstring = ast.get_docstring(ast.parse(path.read_text(encoding='utf-8')))
+        docstring = ast.get_docstring(_tree(path))
         assert docstring, f'{path.name} has no module docstring'
+
+
+def test_architecture_page_lists_every_module() -> None:
+    page = (REPO / 'docs' / 'architecture.md').read_text(encoding='utf-8')
+    listed = set(re.findall(r'^\| `([a-z_]+)\.py` \|', page, flags=re.MULTILINE))
+    assert listed == {path.stem for path in MODULES} - {'__init__'}
 
 
 def test_ruff_and_mypy_are_clean() -> None:
