@@ -1,11 +1,12 @@
 """Room on the volume: bytes reserved by downloads in flight, and making room by evicting ready carts (LRU)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from . import database
 from .config import Settings
@@ -158,6 +159,22 @@ class SpaceKeeper:
             LOGGER.warning('evicted cart %s (id %d, last used %s) to make room for cart %s',
                            victim.cart_uid, victim.id, victim.updated_date, cart.cart_uid)
         raise NoSpace(f'No space left on the volume for {size} bytes after evicting {evicted} carts')
+
+    @contextlib.contextmanager
+    def reservation(self, cart: Cart, file: File, size: Optional[int], partial: Optional[Path],
+                    tar_offset: Optional[int] = None) -> Iterator[bool]:
+        """Reserve room for the file's download (see reserve) for as long as the block runs.
+
+        Yields whether a reservation was recorded. If the block fails, the reservation is
+        released; on success the block releases it itself once every byte is on disk.
+        """
+        reserved = self.reserve(cart, file, size, partial, tar_offset)
+        try:
+            yield reserved
+        except BaseException:
+            if reserved:
+                self.release(file.id)
+            raise
 
     @staticmethod
     def release(file_id: int) -> None:

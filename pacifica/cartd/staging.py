@@ -154,14 +154,9 @@ class Stager:
                 return self._stage_in_place(cart, file, status, offset)
         final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
         partial = self.volume.partial_path(cart.id, file.id)
-        reserved = self.space.reserve(cart, file, status.size, partial)
-        try:
+        with self.space.reservation(cart, file, status.size, partial) as reserved:
             final.parent.mkdir(parents=True, exist_ok=True)
             download = self._download_verified(cart, file, status, final, partial, reserved)
-        except BaseException:
-            if reserved:
-                self.space.release(file.id)
-            raise
         return StageOutcome(file.id, download=download)
 
     def place_in_tar(self, cart: Cart, file: File, size: int) -> Optional[int]:
@@ -192,8 +187,7 @@ class Stager:
         size = status.size
         assert size is not None
         staging = self.volume.bundle_staging_path(cart.id)
-        reserved = self.space.reserve(cart, file, size, staging, offset)
-        try:
+        with self.space.reservation(cart, file, size, staging, offset):
             with locked_region(staging, offset, size):
                 with database.connection():
                     current = get_file(file.id)
@@ -209,10 +203,6 @@ class Stager:
                     cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')
             elif state in (CartStatus.READY.value, CartStatus.ERROR.value):
                 staging.unlink(missing_ok=True)
-        except BaseException:
-            if reserved:
-                self.space.release(file.id)
-            raise
         return StageOutcome(file.id)
 
     def _download_into(self, cart: Cart, file: File, status: ArchiveStatus, target: Path,
