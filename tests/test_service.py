@@ -20,7 +20,7 @@ from pacifica.cartd import database, schema
 from pacifica.cartd.archive import Download
 from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import ArchiveError, BadRequest, CartNotFound, CartNotReady
-from pacifica.cartd.orm import Cart, File
+from pacifica.cartd.orm import Cart, CartTasks, File
 from pacifica.cartd.service import CartService
 from pacifica.cartd.transport import response_body
 from pacifica.cartd.volume import CartVolume
@@ -315,3 +315,27 @@ def test_bundle_file_that_changed_size_gets_a_new_place_and_the_tar_is_rewritten
     assert not service.volume.bundle_staging_path(cart_id).exists()
     download = service.download('b2', 'b2.tar', 'b2')
     assert b''.join(response_body(download.pieces(0, download.layout.size), 65536)) == tar.read_bytes()
+
+
+def test_a_big_cart_is_queued_as_at_most_256_tasks_with_every_file_once(make_service) -> None:
+    files = {f'f{index}': b'' for index in range(3000)}
+    service, _archive, queue = make_service(files)
+    service.settings = dataclasses.replace(service.settings, stage_batch_size=1)
+    cart_id = service.create_cart('many', {'fileids': _entries(files)})
+    queued = [file_id for _cart, file_ids, _countdown, _round in queue.staged for file_id in file_ids]
+    assert len(queue.staged) == 250 and max(len(entry[1]) for entry in queue.staged) == 12
+    assert sorted(queued) == [file.id for file in File.select(File.id).where(File.cart == cart_id).order_by(File.id)]
+    assert CartTasks.select().where(CartTasks.cart == cart_id).count() == len(queue.staged)
+
+
+def test_file_rows_keep_quotes_percent_signs_and_unicode(make_service) -> None:
+    data = {"it's 100%s \"q\"": b'one', 'é/ü %(x)s': b'two'}
+    service, _archive, queue = make_service(data)
+    entries = [{'id': name, 'path': f'p/{name}', 'hashtype': 'sha1', 'hashsum': hashlib.sha1(body).hexdigest()}
+               for name, body in data.items()]
+    cart_id = service.create_cart('quoted', {'fileids': entries})
+    rows = [(file.file_name, file.bundle_path, file.status, file.error)
+            for file in File.select().where(File.cart == cart_id).order_by(File.id)]
+    assert rows == [(name, f'p/{name}', 'waiting', '') for name in data]
+    run_queue(service, queue)
+    assert service.status('quoted').status == 'ready'

@@ -81,9 +81,7 @@ class Carts:
         # A bundle's tar starts with its directories; files are then placed after them.
         start = directories_size(cart_uid, paths) if bundle else 0
         with database.atomic():
-            cart_id, file_ids = insert_cart(
-                cart_uid, bundle, [(item.archive_id, item.path, item.hash_type, item.hash_value)
-                                   for item in request.files], start)
+            cart_id, file_ids = insert_cart(cart_uid, bundle, request.files, start)
         LOGGER.info('cart %s (id %d): %d files, bundle %s', cart_uid, cart_id, len(file_ids), bundle)
         if not file_ids:
             self.bundler.finish(cart_id)
