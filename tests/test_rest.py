@@ -15,12 +15,13 @@ import pathlib
 import re
 import sys
 import tarfile
+import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import cherrypy
 import pytest
 
-from pacifica.cartd import database
+from pacifica.cartd import database, rest
 from pacifica.cartd.carts import CartDownload, CartState
 from pacifica.cartd.config import Settings, check_volume, load_settings
 from pacifica.cartd.errors import (BadRequest, CartNotFound, CartNotReady, PayloadTooLarge,
@@ -339,9 +340,6 @@ def test_post_with_content_length_minus_one_is_400(client: Client, stub: StubSer
     assert stub.calls == []
 
 
-@pytest.mark.xfail(strict=True, reason='rest._read_json_body checks Content-Length with str.isdigit(), which also '
-                   'accepts the Latin-1 superscript digits (\\xb2, \\xb3, \\xb9) that int() rejects: the ValueError '
-                   'becomes the generic 500. cheroot refuses such a header itself (400), uWSGI passes it through.')
 def test_post_with_a_superscript_content_length_is_400(client: Client, stub: StubService) -> None:
     answer = post(client, b'{"fileids": []}', length='\xb2')
     assert_error_page(answer, 400, "the Content-Length header is not a number of bytes: '\xb2'")
@@ -623,3 +621,32 @@ def test_extra_path_segments_are_404(client: Client, stub: StubService, method: 
     assert answer.code == 404
     assert answer.json()['traceback'] == ''
     assert stub.calls == []
+
+
+def test_large_bodies_are_handled_one_at_a_time(client: Client, stub: StubService,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rest, 'LARGE_BODY', 16)
+    inside, release = threading.Event(), threading.Event()
+    entered: List[str] = []
+
+    def create_cart(uid: str, body: Any) -> int:
+        entered.append(uid)
+        if uid == 'big1':
+            inside.set()
+            assert release.wait(10)
+        return 1
+
+    monkeypatch.setattr(stub, 'create_cart', create_cart)
+    large = json.dumps(CART_BODY).encode('utf-8')
+    first = threading.Thread(target=post, args=(client, large), kwargs={'uid': 'big1'})
+    second = threading.Thread(target=post, args=(client, large), kwargs={'uid': 'big2'})
+    first.start()
+    assert inside.wait(10)
+    second.start()
+    assert post(client, b'{"fileids": []}', uid='small').code == 201  # a small body does not wait
+    second.join(0.3)
+    assert entered == ['big1', 'small'] and second.is_alive()
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert entered == ['big1', 'small', 'big2']

@@ -68,7 +68,8 @@ def cart(archive, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStac
     """A CartStack on SQLite whose HTTP side is uWSGI: dbsync, one celery worker, uWSGI."""
     base = tmp_path_factory.mktemp('uwsgi-stack')
     url = fresh_database('sqlite', base)
-    stack = CartStack(base, archive, url, workers=1, concurrency=2)
+    stack = CartStack(base, archive, url, workers=1, concurrency=2,
+                      overrides={'cartd': {'max_request_size': '8 Mb'}})  # its 413 tests send 9 MB
     try:
         stack.dbsync()
         stack.start_worker()

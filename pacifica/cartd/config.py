@@ -41,7 +41,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option('cartd', 'transfer_size', 'TRANSFER_SIZE', '4 Mb'),
     Option('cartd', 'stage_concurrency', 'STAGE_CONCURRENCY', '8'),
     Option('cartd', 'stage_batch_size', 'STAGE_BATCH_SIZE', '32'),
-    Option('cartd', 'max_request_size', 'MAX_REQUEST_SIZE', '8 Mb'),
+    Option('cartd', 'max_request_size', 'MAX_REQUEST_SIZE', '100 Mb'),
     Option('cartd', 'stall_timeout', 'STALL_TIMEOUT', '600'),
     Option('cartd', 'reconcile_interval', 'RECONCILE_INTERVAL', '60'),
     Option('archiveinterface', 'url', 'ARCHIVE_INTERFACE_URL', 'http://127.0.0.1:8080/'),

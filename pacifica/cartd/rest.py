@@ -1,11 +1,13 @@
 """The REST API: CherryPy handlers as thin translations to the service, and the one error translator."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
 import logging
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
+import threading
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple, TypeVar
 from urllib.parse import quote, unquote_to_bytes
 
 import cherrypy
@@ -25,6 +27,11 @@ STATUS_HEADER = 'X-Pacifica-Status'
 MESSAGE_HEADER = 'X-Pacifica-Message'
 UP_MESSAGE = 'Pacifica Cartd Interface Up and Running'
 UNEXPECTED_MESSAGE = 'The server encountered an unexpected condition which prevented it from fulfilling the request.'
+
+# Bodies larger than this (or of unknown length) are read, parsed and recorded one at a time
+# in a process: a 100,000-file cart (13 MB) grows the server by about 80 MB while it is handled.
+LARGE_BODY = 8 << 20
+_LARGE_BODY_SLOT = threading.Lock()
 
 F = TypeVar('F', bound=Callable[..., Any])
 
@@ -110,7 +117,7 @@ def _read_json_body(limit: int) -> Any:
     if content_type not in JSON_TYPES:
         raise cherrypy.HTTPError(415, 'Expected an entity of content type application/json, text/javascript')
     declared = request.headers.get('Content-Length')
-    if declared is not None and not declared.isdigit():
+    if declared is not None and not (declared.isascii() and declared.isdigit()):
         # cheroot takes '-1' for a length, and the body would then be read to the end
         raise BadRequest(f'the Content-Length header is not a number of bytes: {declared!r}')
     if declared is not None and int(declared) > limit:
@@ -124,6 +131,14 @@ def _read_json_body(limit: int) -> Any:
         raise BadRequest(f'Invalid JSON document: {exc}') from exc
     except RecursionError as exc:
         raise BadRequest('Invalid JSON document: nested too deeply') from exc
+
+
+def _body_slot() -> ContextManager[Any]:
+    """Hold the process's one slot for a large body while it is read, parsed and recorded."""
+    declared = cherrypy.request.headers.get('Content-Length')
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) <= LARGE_BODY:
+        return contextlib.nullcontext()
+    return _LARGE_BODY_SLOT
 
 
 def _disposition(filename: str) -> str:
@@ -227,8 +242,8 @@ class CartRoot:
             raise cherrypy.HTTPError(404, 'Missing parameters: uid')
         if extra:
             raise cherrypy.HTTPError(404, 'The path {!r} was not found.'.format(cherrypy.request.path_info))
-        body = _read_json_body(self.service.settings.max_request_size)
-        self.service.create_cart(uid, body)
+        with _body_slot():
+            self.service.create_cart(uid, _read_json_body(self.service.settings.max_request_size))
         cherrypy.response.status = 201
         return json.dumps({'message': 'Cart Processing has begun'}).encode('utf-8')
 
