@@ -21,7 +21,7 @@ import cherrypy
 import pytest
 from cherrypy import _cpserver, _cpwsgi_server
 
-from pacifica.cartd import httpserver
+from pacifica.cartd import httpserver, transport
 from pacifica.cartd.tarlayout import FileRange
 from pacifica.cartd.transport import SENDFILE_ENVIRON_KEY, response_body
 
@@ -127,8 +127,12 @@ def serve() -> Iterator[Callable[[Callable[..., Any]], int]]:
 
 @pytest.mark.parametrize('first', ['bytes', 'file'])
 def test_the_gateway_offers_sendfile_and_it_sends_the_file(serve: Callable[..., int], tmp_path: pathlib.Path,
-                                                           first: str) -> None:
-    """The file's bytes arrive in place, also when the body starts with them (a Range inside a file)."""
+                                                           first: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file's bytes arrive in place, also when the body starts with them (a Range inside a file).
+
+    transport.GATHER_BYTES is 0 here, so even this short range is sent rather than gathered.
+    """
+    monkeypatch.setattr(transport, 'GATHER_BYTES', 0)
     source = tmp_path / 'payload'
     source.write_bytes(bytes(range(256)) * 400)  # 100 KiB
     pieces: List[Any] = [b'HEAD:', FileRange(source, 1000, 100), b':TAIL.']

@@ -339,3 +339,28 @@ def test_file_rows_keep_quotes_percent_signs_and_unicode(make_service) -> None:
     assert rows == [(name, f'p/{name}', 'waiting', '') for name in data]
     run_queue(service, queue)
     assert service.status('quoted').status == 'ready'
+
+
+def test_a_bundle_cart_downloaded_under_its_own_name_is_its_tar_file(make_service) -> None:
+    files = {'one': b'first', 'two': os.urandom(3000), 'big': os.urandom(BIG)}
+    service, _archive, queue = make_service(files)
+    cart_id = service.create_cart('own', {'fileids': _entries(files), 'bundle': True})
+    run_queue(service, queue)
+    tar = service.volume.tar_path(cart_id, 'own')
+    own = service.download('own', 'own.tar', 'own')
+    assert own.layout.image is not None and os.fspath(own.layout.image) == os.fspath(tar)
+    assert b''.join(response_body(own.pieces(0, own.layout.size), 65536)) == tar.read_bytes()
+    other = service.download('own', 'else.tar', 'else')
+    assert other.layout.image is None and other.layout.etag != own.layout.etag
+    assert _tar_members_of(b''.join(response_body(other.pieces(0, other.layout.size), 65536))) == {
+        f'else/p/{name}': data for name, data in files.items()}
+    with open(tar, 'r+b') as handle:  # a tar that does not have the layout's size is not served as is
+        handle.truncate(own.layout.size - 512)
+    assert service.download('own', 'own.tar', 'own').layout.image is None
+
+
+def _tar_members_of(body: bytes) -> Dict[str, bytes]:
+    import io  # pylint: disable=import-outside-toplevel
+    import tarfile  # pylint: disable=import-outside-toplevel
+    with tarfile.open(fileobj=io.BytesIO(body), mode='r:') as archive:
+        return {member.name: archive.extractfile(member).read() for member in archive.getmembers() if member.isfile()}

@@ -5,11 +5,11 @@ import logging
 import os
 from pathlib import Path
 
-from .cartlayout import staged_member, tar_created
+from .cartlayout import bundle_members, tar_created
 from .cleanup import cart_went_away
 from .eviction import release_cart
 from .orm import Cart, CartStatus, claim_for_bundling, files_in_tar_order, get_cart, mark_ready
-from .tarlayout import TarLayout, TarMember
+from .tarlayout import TarLayout
 from .volume import CartVolume
 
 LOGGER = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ class Bundler:
         """
         files = files_in_tar_order(cart.id)
         staging = self.volume.bundle_staging_path(cart.id)
-        members = [TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0, staging, int(file.tar_offset))
-                   if file.tar_offset is not None else staged_member(self.volume, cart, file) for file in files]
-        layout = TarLayout(cart.cart_uid, members, tar_created(cart))
+        layout = TarLayout(cart.cart_uid, bundle_members(self.volume, cart, files, staging), tar_created(cart))
         if staging.is_file() and layout.places_in(staging):
             layout.complete_in(staging)
             os.replace(staging, target)

@@ -1,12 +1,12 @@
 """A cart's tar as its rows describe it: the members in tar order and where each one's bytes are on the volume."""
 from __future__ import annotations
 
-import dataclasses
+import os
 import time
 from typing import List, Sequence
 
-from .orm import Cart, File, files_in_tar_order
-from .tarlayout import TarLayout, TarMember
+from .orm import Cart, TarRow, files_in_tar_order
+from .tarlayout import Source, TarLayout, TarMember
 from .volume import CartVolume
 
 
@@ -15,23 +15,37 @@ def tar_created(cart: Cart) -> float:
     return cart.creation_date.timestamp() if cart.creation_date else time.time()
 
 
-def staged_member(volume: CartVolume, cart: Cart, file: File) -> TarMember:
-    """The file as a tar member read from where it was staged."""
-    return TarMember(file.bundle_path, file.size or 0, file.mtime or 0.0,
-                     volume.file_path(cart.id, cart.cart_uid, file.bundle_path))
-
-
-def served_members(volume: CartVolume, cart: Cart, files: Sequence[File]) -> List[TarMember]:
-    """Where each file's bytes are served from: its staged file, or its place in the cart's bundle tar."""
-    plain = [staged_member(volume, cart, file) for file in files]
-    if not cart.bundle:
-        return plain
-    tar_path = volume.tar_path(cart.id, cart.cart_uid)
-    on_disk = TarLayout(cart.cart_uid, plain, 0)
-    return [dataclasses.replace(member, source=tar_path, source_offset=offset)
-            for member, offset in zip(plain, on_disk.file_offsets, strict=True)]
+def bundle_members(volume: CartVolume, cart: Cart, files: Sequence[TarRow], staging: Source) -> List[TarMember]:
+    """The members of a bundle tar being finished: those written into `staging` in place, the rest staged files."""
+    sources = iter(volume.file_paths(cart.id, cart.cart_uid, [file.path for file in files if file.tar_offset is None]))
+    return [TarMember(file.path, file.size, file.mtime, staging, file.tar_offset) if file.tar_offset is not None
+            else TarMember(file.path, file.size, file.mtime, next(sources)) for file in files]
 
 
 def download_layout(volume: CartVolume, cart: Cart, top: str) -> TarLayout:
-    """The ready cart's tar under the top directory `top`, read from the volume."""
-    return TarLayout(top, served_members(volume, cart, files_in_tar_order(cart.id)), tar_created(cart))
+    """The ready cart's tar under the top directory `top`, read from the volume.
+
+    A plain cart's members are its staged files. A bundle cart's are their places in its
+    tar (laid out under the cart's uid); asked for under its own name, the download is
+    that tar file as it lies on the volume, served as ranges of the one file.
+    """
+    files = files_in_tar_order(cart.id)
+    created = tar_created(cart)
+    if not cart.bundle:
+        sources = volume.file_paths(cart.id, cart.cart_uid, [file.path for file in files])
+        return TarLayout(top, [TarMember(file.path, file.size, file.mtime, source)
+                               for file, source in zip(files, sources, strict=True)], created)
+    tar = str(volume.tar_path(cart.id, cart.cart_uid))
+    offsets = TarLayout.data_offsets(cart.cart_uid, files)
+    layout = TarLayout(top, [TarMember(file.path, file.size, file.mtime, tar, offset)
+                             for file, offset in zip(files, offsets, strict=True)], created)
+    if top == cart.cart_uid and cart.bundle_size and _size_of(tar) == layout.size:
+        layout.image = tar
+    return layout
+
+
+def _size_of(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1  # gone with a DELETE: the download's reads will say so

@@ -56,10 +56,13 @@ class CartDownload:
         for piece in self.layout.pieces(start, end):
             if isinstance(piece, bytes):
                 yield piece
-                continue
-            for part in piece.parts(PIECE_BYTES):
-                yield part
+            elif piece.length <= PIECE_BYTES:
+                yield piece
                 heartbeat()
+            else:
+                for part in piece.parts(PIECE_BYTES):
+                    yield part
+                    heartbeat()
 
 
 class Carts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import enum
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, cast
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 from peewee import (
     SQL,
@@ -404,10 +404,31 @@ def place_file(file_id: int, tar_offset: int, size: int) -> None:
     File.update(tar_offset=tar_offset, size=size).where(File.id == file_id).execute()
 
 
-def files_in_tar_order(cart_id: int) -> List[File]:
-    """A cart's files in their tar's order: those placed in the bundle tar by place, then the rest by id."""
-    files = File.select(File.bundle_path, File.size, File.mtime, File.id, File.tar_offset).where(File.cart == cart_id)
-    return sorted(files, key=lambda file: (file.tar_offset is None, file.tar_offset or 0, file.id))
+class TarRow(NamedTuple):
+    """What a cart's tar needs of one file row."""
+
+    path: str
+    size: int
+    mtime: float
+    id: int
+    tar_offset: Optional[int]
+
+
+def files_in_tar_order(cart_id: int) -> List[TarRow]:
+    """A cart's files in their tar's order: those placed in the bundle tar by place, then the rest by id.
+
+    Read straight off the cursor (no model per row): a 100,000-file cart's download starts with it.
+    """
+    def name(field: Any) -> str:
+        return f'{DB.obj.quote[0]}{field.column_name}{DB.obj.quote[1]}'
+
+    cursor = DB.execute_sql(
+        f'SELECT {name(File.bundle_path)}, COALESCE({name(File.size)}, 0), COALESCE({name(File.mtime)}, 0), '
+        f'{name(File.id)}, {name(File.tar_offset)} FROM {DB.obj.quote[0]}{File._meta.table_name}{DB.obj.quote[1]} '
+        f'WHERE {name(File.cart)} = {DB.obj.param} '
+        f'ORDER BY CASE WHEN {name(File.tar_offset)} IS NULL THEN 1 ELSE 0 END, {name(File.tar_offset)}, '
+        f'{name(File.id)}', (cart_id,))
+    return list(map(TarRow._make, cursor.fetchall()))
 
 
 def unfinished_file_ids(cart_id: int) -> List[int]:
