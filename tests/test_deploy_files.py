@@ -1,6 +1,7 @@
 """The deployment files the project ships (deploy/): systemd units, logrotate, and nginx in front of a real cart."""
 from __future__ import annotations
 
+import getpass
 import hashlib
 import pathlib
 import shutil
@@ -13,7 +14,9 @@ import pytest
 import requests
 
 from cartd_testkit.procs import BIN_DIR, ManagedProcess, free_port
-from cartd_testkit.stack import CartStack, tar_contents
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.databases import fresh_database
+from cartd_testkit.stack import CartStack, running, tar_contents
 
 pytestmark = [pytest.mark.integration]
 
@@ -53,8 +56,21 @@ def test_the_logrotate_file_parses() -> None:
     assert 'copytruncate' in (DEPLOY / 'logrotate' / 'pacifica-cartd').read_text(encoding='utf-8')
 
 
+ACCEL_PREFIX = '/_cart_volume/'
+
+
+@pytest.fixture(scope='module')
+def accel_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
+    """A cart on SQLite configured for nginx in front: x_accel_redirect set to the shipped site's location."""
+    base = tmp_path_factory.mktemp('accel-stack')
+    url = fresh_database('sqlite', base)
+    with running(CartStack(base, archive, url, workers=1, overrides={'cartd': {'x_accel_redirect': ACCEL_PREFIX}}),
+                 'sqlite', url) as cart:
+        yield cart
+
+
 @pytest.fixture
-def nginx_in_front(sqlite_stack: CartStack, tmp_path: pathlib.Path) -> Iterator[Tuple[str, str]]:
+def nginx_in_front(accel_stack: CartStack, tmp_path: pathlib.Path) -> Iterator[Tuple[str, str]]:
     """The shipped nginx site in front of the stack, TLS with a throw-away certificate, on a free port."""
     nginx = _tool('nginx')
     key, cert = tmp_path / 'key.pem', tmp_path / 'cert.pem'
@@ -63,15 +79,18 @@ def nginx_in_front(sqlite_stack: CartStack, tmp_path: pathlib.Path) -> Iterator[
                    capture_output=True, timeout=60, check=True)
     port = free_port()
     site = (DEPLOY / 'nginx' / 'pacifica-cartd.conf').read_text(encoding='utf-8')
-    for shipped, here in (('127.0.0.1:8081', f'127.0.0.1:{sqlite_stack.port}'),
+    assert f'location {ACCEL_PREFIX} ' in site  # the prefix the cart's x_accel_redirect names
+    for shipped, here in (('127.0.0.1:8081', f'127.0.0.1:{accel_stack.port}'),
                           ('listen 443 ssl', f'listen 127.0.0.1:{port} ssl'),
                           ('/etc/ssl/certs/cart.example.org.pem', str(cert)),
-                          ('/etc/ssl/private/cart.example.org.key', str(key))):
+                          ('/etc/ssl/private/cart.example.org.key', str(key)),
+                          ('/srv/pacifica-cartd/volume/', f'{accel_stack.volume}/')):
         assert shipped in site
         site = site.replace(shipped, here)
     (tmp_path / 'site.conf').write_text(site, encoding='utf-8')
     (tmp_path / 'nginx.conf').write_text(
-        f'daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n'
+        # the workers read the test's volume, which only its owner may enter
+        f'daemon off;\nuser {getpass.getuser()};\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n'
         f'http {{\n  access_log off;\n  client_body_temp_path {tmp_path}/body;\n  proxy_temp_path {tmp_path}/proxy;\n'
         f'  include {tmp_path}/site.conf;\n}}\n', encoding='utf-8')
     checked = subprocess.run([nginx, '-t', '-c', str(tmp_path / 'nginx.conf'), '-p', str(tmp_path)],
@@ -93,17 +112,19 @@ def nginx_in_front(sqlite_stack: CartStack, tmp_path: pathlib.Path) -> Iterator[
         process.stop()
 
 
-def test_a_cart_through_nginx_in_front(sqlite_stack: CartStack, nginx_in_front: Tuple[str, str]) -> None:
+@pytest.mark.parametrize('bundle', [False, True])
+def test_a_cart_through_nginx_in_front(accel_stack: CartStack, nginx_in_front: Tuple[str, str], bundle: bool) -> None:
+    """A plain cart is proxied; a bundle cart under its own name is sent by nginx from the volume (X-Accel-Redirect)."""
     url, cert = nginx_in_front
     uid = f'nginx-{uuid.uuid4().hex[:10]}'
     data = b'through the proxy\n' * 5000
-    sums = sqlite_stack.archive.put(f'{uid}-f', data)
+    sums = accel_stack.archive.put(f'{uid}-f', data)
     expected: Dict[str, bytes] = {f'{uid}/f.dat': data}
     with requests.Session() as session:
         session.verify = cert  # the throw-away certificate (given on each call too: REQUESTS_CA_BUNDLE wins otherwise)
         created = session.post(f'{url}/{uid}', timeout=30, verify=cert,
                                json={'fileids': [{'id': f'{uid}-f', 'path': 'f.dat', 'hashtype': 'sha1',
-                                                  'hashsum': sums['sha1']}]})
+                                                  'hashsum': sums['sha1']}], 'bundle': bundle})
         assert created.status_code == 201, created.text
         deadline = time.monotonic() + 60
         while (head := session.head(f'{url}/{uid}', timeout=30, verify=cert)).headers['X-Pacifica-Status'] == 'staging':
@@ -113,6 +134,13 @@ def test_a_cart_through_nginx_in_front(sqlite_stack: CartStack, nginx_in_front: 
         body = session.get(f'{url}/{uid}', params={'filename': f'{uid}.tar'}, timeout=60, verify=cert)
         assert body.status_code == 200 and int(body.headers['Content-Length']) == len(body.content)
         assert tar_contents(body.content) == expected
+        direct = requests.get(f'{accel_stack.url}/{uid}', params={'filename': f'{uid}.tar'}, timeout=60)
+        if bundle:  # the server itself only pointed nginx at the tar file
+            assert direct.content == b'' and direct.headers['X-Accel-Redirect'].startswith(ACCEL_PREFIX)
+            tar = accel_stack.volume / direct.headers['X-Accel-Redirect'][len(ACCEL_PREFIX):]
+            assert tar.read_bytes() == body.content and 'X-Accel-Redirect' not in body.headers
+        else:
+            assert direct.content == body.content and 'X-Accel-Redirect' not in direct.headers
         part = session.get(f'{url}/{uid}', params={'filename': f'{uid}.tar'},
                            headers={'Range': 'bytes=100-199'}, timeout=60, verify=cert)
         assert part.status_code == 206 and part.content == body.content[100:200]

@@ -655,3 +655,42 @@ def test_large_bodies_are_handled_one_at_a_time(client: Client, stub: StubServic
     first.join(10)
     second.join(10)
     assert entered == ['big1', 'small', 'big2']
+
+
+def _imaged(members: List[TarMember], image: str) -> Callable[[str, str, str], CartDownload]:
+    """A download whose tar lies whole in `image` (a bundle cart asked for under its own name)."""
+    def answer(uid: str, filename: str, top: str) -> CartDownload:
+        layout = TarLayout(top, members, CREATED)
+        layout.image = image
+        return CartDownload(layout, filename, 1)
+    return answer
+
+
+def test_x_accel_redirect_hands_a_whole_tar_to_nginx(client: Client, stub: StubService, files: List[TarMember],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    tar = stub.settings.volume_path / '12' / 'my cart.tar'
+    monkeypatch.setattr(stub, 'settings', dataclasses.replace(stub.settings, x_accel_redirect='/_v/'))
+    stub.answers['download'] = _imaged(files, str(tar))
+    answer = client.request('GET', '/u1', query='filename=x.tar', headers={'Range': 'bytes=0-9'})
+    assert answer.code == 200 and answer.body == b''
+    assert answer.headers['x-accel-redirect'] == '/_v/12/my%20cart.tar'
+    assert answer.headers['content-disposition'] == 'attachment; filename=x.tar'
+    assert 'content-range' not in answer.headers  # nginx answers the Range from the file
+
+
+@pytest.mark.parametrize('prefix, image', [('', 'inside'), ('/_v/', None), ('/_v/', 'outside')])
+def test_without_a_prefix_or_a_whole_tar_inside_the_volume_the_tar_is_sent_here(
+        client: Client, stub: StubService, files: List[TarMember], monkeypatch: pytest.MonkeyPatch,
+        prefix: str, image: Optional[str]) -> None:
+    monkeypatch.setattr(stub, 'settings', dataclasses.replace(stub.settings, x_accel_redirect=prefix))
+    if image is None:
+        stub.answers['download'] = ready_cart(files)
+    else:
+        volume = stub.settings.volume_path
+        whole = volume / '3' / 'u1.tar' if image == 'inside' else volume.parent / 'elsewhere' / 'u1.tar'
+        whole.parent.mkdir(parents=True)
+        whole.write_bytes(whole_tar(files, 'x'))
+        stub.answers['download'] = _imaged(files, str(whole))
+    answer = client.request('GET', '/u1', query='filename=x.tar')
+    assert answer.code == 200 and 'x-accel-redirect' not in answer.headers
+    assert answer.body == whole_tar(files, 'x')

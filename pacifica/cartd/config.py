@@ -44,6 +44,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option('cartd', 'max_request_size', 'MAX_REQUEST_SIZE', '100 Mb'),
     Option('cartd', 'stall_timeout', 'STALL_TIMEOUT', '600'),
     Option('cartd', 'reconcile_interval', 'RECONCILE_INTERVAL', '60'),
+    Option('cartd', 'x_accel_redirect', 'X_ACCEL_REDIRECT', ''),
     Option('archiveinterface', 'url', 'ARCHIVE_INTERFACE_URL', 'http://127.0.0.1:8080/'),
     Option('archiveinterface', 'timeout', 'ARCHIVE_INTERFACE_TIMEOUT', '60'),
     Option('archiveinterface', 'retries', 'ARCHIVE_INTERFACE_RETRIES', '4'),
@@ -122,6 +123,14 @@ def _url_with_slash(text: str) -> str:
     return url if url.endswith('/') else url + '/'
 
 
+def _uri_prefix(text: str) -> str:
+    """Empty (off), or a URI path that starts and ends with '/'."""
+    prefix = text.strip()
+    if prefix and not (prefix.startswith('/') and prefix.endswith('/') and ' ' not in prefix):
+        raise ValueError(f'not a URI path starting and ending with "/": {text!r}')
+    return prefix
+
+
 FILESYSTEM_BROKER = 'filesystem://'
 
 
@@ -155,6 +164,7 @@ class Settings:
     max_request_size: int
     stall_timeout: float
     reconcile_interval: float
+    x_accel_redirect: str
     archive_url: str
     archive_timeout: float
     archive_retries: int
@@ -183,6 +193,7 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('cartd', 'max_request_size'): ('max_request_size', lambda text: _positive_int(str(parse_size(text)))),
     ('cartd', 'stall_timeout'): ('stall_timeout', _non_negative(float)),
     ('cartd', 'reconcile_interval'): ('reconcile_interval', _non_negative(float)),
+    ('cartd', 'x_accel_redirect'): ('x_accel_redirect', _uri_prefix),
     ('archiveinterface', 'url'): ('archive_url', _url_with_slash),
     ('archiveinterface', 'timeout'): ('archive_timeout', _non_negative(float)),
     ('archiveinterface', 'retries'): ('archive_retries', _non_negative(int)),
