@@ -7,6 +7,8 @@ the test sets, so each case checks the translation alone: status, headers and bo
 from __future__ import annotations
 
 import dataclasses
+import email.utils
+import functools
 import inspect
 import io
 import json
@@ -694,3 +696,46 @@ def test_without_a_prefix_or_a_whole_tar_inside_the_volume_the_tar_is_sent_here(
     answer = client.request('GET', '/u1', query='filename=x.tar')
     assert answer.code == 200 and 'x-accel-redirect' not in answer.headers
     assert answer.body == whole_tar(files, 'x')
+
+
+@pytest.fixture
+def fast_client(stub: StubService, global_config: None) -> Client:
+    """The application as app.mount builds it: HeadFastLane in its WSGI pipeline."""
+    application = cherrypy.Application(CartRoot(lambda: stub), '', app_config())
+    application.request_class = QuietRequest
+    application.wsgiapp.pipeline.append(('head_fast_lane', functools.partial(rest.HeadFastLane,
+                                                                             service_factory=lambda: stub)))
+    return Client(application)
+
+
+def _without_date(answer: Answer) -> List[Tuple[str, str]]:
+    return sorted((name.lower(), value) for name, value in answer.header_list if name.lower() != 'date')
+
+
+@pytest.mark.parametrize('state', [CartState('staging', 'Re-queued 3 files\nat noon: é'), CartState('ready', '')])
+def test_the_fast_lane_answers_a_live_cart_exactly_as_cherrypy(client: Client, fast_client: Client,
+                                                              stub: StubService, state: CartState) -> None:
+    stub.answers['status'] = state
+    fast = fast_client.request('HEAD', '/u1', query='x=1')
+    assert stub.calls == [('status', ('u1',))]
+    slow = client.request('HEAD', '/u1', query='x=1')
+    assert fast.code == slow.code == 204 and fast.body == slow.body == b''
+    assert _without_date(fast) == _without_date(slow)
+    assert email.utils.parsedate_to_datetime(fast.headers['date']) is not None
+
+
+@pytest.mark.parametrize('path, query, answer', [
+    ('/u1/extra', '', None), ('/a%2Fb', '', None), ('/%FFx', '', None), ('/u1', 'filename=%FF', None),
+    ('/', '', None), ('/u1', '', CartState('error', 'it failed')), ('/u1', '', CartNotFound('No cart'))])
+def test_the_fast_lane_leaves_everything_else_to_cherrypy(fast_client: Client, client: Client, stub: StubService,
+                                                          path: str, query: str, answer: Any) -> None:
+    stub.answers['status'] = answer if answer is not None else CartState('ready', '')
+    fast = fast_client.request('HEAD', path, query=query)
+    stub.calls.clear()
+    slow = client.request('HEAD', path, query=query)
+    assert fast.code == slow.code and _without_date(fast) == _without_date(slow)
+
+
+def test_the_fast_lane_takes_no_other_method(fast_client: Client, stub: StubService) -> None:
+    stub.answers['delete'] = 1
+    assert fast_client.request('DELETE', '/u1').code == 200 and stub.calls == [('delete', ('u1',))]

@@ -1,6 +1,7 @@
 """The CherryPy application: the API mounted at '/' over the process's service, with the cpconfig file applied."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -8,7 +9,7 @@ from typing import Optional
 import cherrypy
 
 from .config import Settings
-from .rest import CartRoot, QuietRequest, app_config, error_page
+from .rest import CartRoot, HeadFastLane, QuietRequest, app_config, error_page
 from .wiring import server_service
 
 LOGGER = logging.getLogger(__name__)
@@ -19,8 +20,10 @@ def mount(settings: Settings, cpconfig: Optional[str]) -> cherrypy._cptree.Appli
     cherrypy.config.update({'error_page.default': error_page, 'request.show_tracebacks': False})
     if cpconfig and os.path.isfile(cpconfig):
         cherrypy.config.update(cpconfig)
-    application = cherrypy.tree.mount(CartRoot(server_service(settings)), '/', app_config())
+    service = server_service(settings)
+    application = cherrypy.tree.mount(CartRoot(service), '/', app_config())
     application.request_class = QuietRequest
+    application.wsgiapp.pipeline.append(('head_fast_lane', functools.partial(HeadFastLane, service_factory=service)))
     if cpconfig and os.path.isfile(cpconfig):
         application.merge(cpconfig)
     # The API's own settings win over a cpconfig that predates them.

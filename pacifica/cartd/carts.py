@@ -13,7 +13,8 @@ from .config import Settings
 from .errors import CartNotFound, CartNotReady
 from .eviction import DOWNLOAD_HEARTBEAT_S, release_cart
 from .heartbeat import Heartbeat
-from .orm import Cart, CartStatus, insert_cart, live_carts, mark_deleted, newest_live_cart, task_ids_of, touch_cart
+from .orm import (Cart, CartStatus, insert_cart, live_carts, mark_deleted, newest_live_cart, newest_live_state,
+                  task_ids_of, touch_cart)
 from .paths import check_cart_uid
 from .tarlayout import Piece, TarLayout, directories_size
 from .taskqueue import CartQueue
@@ -34,8 +35,13 @@ class CartState:
     @classmethod
     def of(cls, cart: Cart) -> 'CartState':
         """The state a cart row shows on the wire (a ready cart has no message)."""
-        status = CartStatus(cart.status)
-        return cls(status.wire, '' if status == CartStatus.READY else cart.error)
+        return cls.from_row(cart.status, cart.error)
+
+    @classmethod
+    def from_row(cls, stored_status: str, error: str) -> 'CartState':
+        """The state a stored status and error show on the wire (a ready cart has no message)."""
+        status = CartStatus(stored_status)
+        return cls(status.wire, '' if status == CartStatus.READY else error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,10 +101,10 @@ class Carts:
     @staticmethod
     def status(cart_uid: str) -> CartState:
         """The newest live cart's wire status and message (one indexed query)."""
-        cart = newest_live_cart(cart_uid)
-        if cart is None:
+        state = newest_live_state(cart_uid)
+        if state is None:
             raise CartNotFound(f'No cart with uid {cart_uid} found')
-        return CartState.of(cart)
+        return CartState.from_row(*state)
 
     def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
         """Lay out the ready cart's tar under the top directory `top`; count it as a use."""

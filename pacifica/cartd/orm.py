@@ -248,6 +248,31 @@ def newest_live_cart(cart_uid: str) -> Optional[Cart]:
     return carts[0] if carts else None
 
 
+def newest_live_state(cart_uid: str) -> Optional[Tuple[str, str]]:
+    """(status, error) of the newest cart with exactly this uid that is not deleted, or None.
+
+    What every HEAD asks: one indexed query, its SQL made once per database, read straight
+    off the cursor (a third of a HEAD's time went into building the query and its models).
+    """
+    dialect = (DB.obj.quote, DB.obj.param)
+    statement = _STATE_QUERIES.get(dialect)
+    if statement is None:
+        def name(field: Any) -> str:
+            return f'{DB.obj.quote[0]}{field.column_name}{DB.obj.quote[1]}'
+        statement = (f'SELECT {name(Cart.cart_uid)}, {name(Cart.status)}, {name(Cart.error)} '
+                     f'FROM {DB.obj.quote[0]}{Cart._meta.table_name}{DB.obj.quote[1]} '
+                     f'WHERE {name(Cart.cart_uid)} = {DB.obj.param} AND {name(Cart.status)} <> {DB.obj.param} '
+                     f'ORDER BY {name(Cart.creation_date)} DESC, {name(Cart.id)} DESC')
+        _STATE_QUERIES[dialect] = statement
+    for uid, status, error in DB.execute_sql(statement, (cart_uid, CartStatus.DELETED.value)).fetchall():
+        if uid == cart_uid:  # MySQL's collation also matches other spellings (case, trailing spaces)
+            return str(status), str(error or '')
+    return None
+
+
+_STATE_QUERIES: Dict[Tuple[str, str], str] = {}  # by quoting and parameter style
+
+
 def touch_cart(cart_id: int) -> None:
     """Mark the cart used (or making progress) now."""
     Cart.update(updated_date=now()).where(Cart.id == cart_id).execute()
