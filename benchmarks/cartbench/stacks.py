@@ -355,7 +355,7 @@ UWSGI_THREADS = 8
 UWSGI_MASTER_STARTED = 'cartd-bench: uwsgi master loop started'
 
 
-def _ini_key(line: str) -> Optional[str]:
+def _ini_key(line: str) -> str:
     """The option name of an ini line ('' for comments, section headers and blank lines)."""
     text = line.strip()
     if not text or text[0] in ';#[' or '=' not in text:
