@@ -26,7 +26,6 @@ setup(
         'cheroot>=11.1,<12',  # httpserver.py builds on cheroot's request and gateway classes (tested: 11.1)
         'peewee>=4.5',
         'celery>=5.3',
-        'requests>=2.31',
         'jsonschema>=4.17',
         'PyYAML>=6.0',
         'tqdm>=4.66',
@@ -37,6 +36,7 @@ setup(
         'uwsgi': ['uwsgi>=2.0.23'],
         'test': [
             'pytest>=8.0',
+            'requests>=2.31',
             'pytest-xdist>=3.5',
             'pytest-timeout>=2.2',
             'hypothesis>=6.100',

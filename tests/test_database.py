@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pathlib
+import threading
 from typing import List
 
 import pytest
@@ -10,6 +11,7 @@ from pacifica.cartd import database
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.errors import ConfigError, DatabaseUnavailable
 from pacifica.cartd.orm import DB
+from playhouse.pool import PooledDatabase
 
 
 def _settings(tmp_path: pathlib.Path, url: str, attempts: str = '3', wait: str = '0.5'):
@@ -50,3 +52,42 @@ def test_connection_scope_nests_and_closes(tmp_path: pathlib.Path) -> None:
             assert not DB.is_closed()
         assert not DB.is_closed()  # the inner scope did not open it, so it does not close it
     assert DB.is_closed()
+
+
+@pytest.mark.parametrize('url', ['sqliteext:///{}/db.sqlite3', 'postgres://postgres@127.0.0.1:5432/test',
+                                 'mysql://root@127.0.0.1:3306/test'])
+def test_connections_are_reused_not_opened_per_request(tmp_path: pathlib.Path, url: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    database.bind(_settings(tmp_path, url.format(tmp_path)))
+    opened: List[int] = []
+    mro = type(DB.obj).__mro__
+    driver_class = mro[mro.index(PooledDatabase) + 1]  # what opens a real connection under the pool
+    real_connect = driver_class._connect
+
+    def counting_connect(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - peewee's private hook
+        opened.append(1)
+        return real_connect(self, *args, **kwargs)
+
+    monkeypatch.setattr(driver_class, '_connect', counting_connect)
+    try:
+        for _ in range(20):
+            with database.connection():
+                assert DB.execute_sql('SELECT 1').fetchone()[0] == 1
+        assert len(opened) == 1 and DB.is_closed()  # back in the pool, not reconnected for each scope
+        barrier = threading.Barrier(3)
+        threads = [threading.Thread(target=_hold_a_connection, args=(barrier,)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(opened) == 3  # three held at once: the pooled one and two more
+        database.close_idle()  # what a server does before uWSGI forks it
+        assert not DB.obj._in_use and not DB.obj._connections
+    finally:
+        database.close_idle()
+
+
+def _hold_a_connection(barrier: threading.Barrier) -> None:
+    with database.connection():
+        DB.execute_sql('SELECT 1')
+        barrier.wait(10)

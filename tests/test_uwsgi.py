@@ -293,3 +293,23 @@ def test_uwsgi_with_a_bad_config_exits(tmp_path: pathlib.Path, cart: CartStack) 
         assert '[cartd] transfer_size' in log
     finally:
         proc.stop()
+
+
+def test_a_keep_alive_client_is_never_reset(cart: CartStack) -> None:
+    """uWSGI's --http-socket does not keep connections alive: the answers must say `Connection: close`,
+    so a client with a session (pacifica-downloader, requests.Session) opens a new one instead of
+    sending into a connection uWSGI has closed."""
+    fileids, expected = _fill(cart, 'keepalive', [3000])
+    uid = _uid()
+    with requests.Session() as session:
+        for _ in range(3):
+            answer = session.post(f'{cart.url}/{uid}', json={'fileids': fileids}, timeout=30)
+            assert answer.status_code == 201
+            assert answer.headers.get('Connection', '').lower() == 'close'
+            deadline = time.monotonic() + 60
+            while session.head(f'{cart.url}/{uid}', timeout=30).headers['X-Pacifica-Status'] == 'staging':
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            body = session.get(f'{cart.url}/{uid}', params={'filename': 'k.tar'}, timeout=30)
+            assert tar_contents(body.content) == {f'k/{path}': data for path, data in expected.items()}
+            assert session.delete(f'{cart.url}/{uid}', timeout=30).status_code == 200

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
-from urllib.parse import quote
-
-import requests
+from typing import Callable, Optional, Tuple, Type, TypeVar
+from urllib.parse import quote, urlsplit
 
 from .errors import ArchiveError, ArchiveFileMissing, ArchiveShortRead, HashMismatch
 from .fileio import write_all_at
@@ -22,8 +22,11 @@ LOGGER = logging.getLogger(__name__)
 MEDIA_DISK = 'disk'
 MEDIA_ERROR = 'error'
 MEDIA_UNKNOWN = ''
+ERROR_PAGE_BYTES = 65536  # of an error answer's body, read for its message; a longer one costs the connection
 
 T = TypeVar('T')
+# What a broken or refused connection raises, beside the socket's own timeout.
+NETWORK_ERRORS: Tuple[Type[Exception], ...] = (OSError, http.client.HTTPException)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +66,14 @@ def _int_header(value: Optional[str]) -> Optional[int]:
     return None if number is None else int(number)
 
 
-def _error_text(response: requests.Response) -> str:
+def _error_text(body: bytes, reason: str) -> str:
     """The archive's own message from its JSON error page, without its traceback."""
     try:
-        page = json.loads(response.content[:65536])
+        page = json.loads(body)
         message = page.get('message') if isinstance(page, dict) else None
     except ValueError:
         message = None
-    return str(message or response.reason or '').strip()[:300]
+    return str(message or reason or '').strip()[:300]
 
 
 def new_hash(hash_type: str) -> 'hashlib._Hash':
@@ -79,12 +82,23 @@ def new_hash(hash_type: str) -> 'hashlib._Hash':
 
 
 class ArchiveClient:
-    """Talks to one archive interface; one keep-alive session per thread, a timeout on every call."""
+    """Talks to one archive interface over HTTP/1.1: one keep-alive connection per thread, a timeout on every call.
+
+    Built on the standard library's http.client: the requests library cost about 0.8 ms of
+    CPU per HEAD and GET pair, more than the rest of staging a small file. Archive ids go
+    into the URL percent-encoded and exactly as given (no dot-segment removal), and no
+    proxy from the environment is used: the archive is the cart's neighbour.
+    """
 
     def __init__(self, base_url: str, timeout: float, transfer_size: int, retries: int, retry_wait: float,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         """Remember the archive's URL (ending in '/') and how patiently to talk to it."""
         self.base_url = base_url
+        parts = urlsplit(base_url)
+        self._https = parts.scheme == 'https'
+        self._host = parts.hostname or '127.0.0.1'
+        self._port = parts.port
+        self._prefix = parts.path or '/'
         self.timeout = timeout
         self.transfer_size = transfer_size
         self.retries = retries
@@ -92,34 +106,72 @@ class ArchiveClient:
         self._sleep = sleep
         self._local = threading.local()
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, 'session', None)
-        if session is None:
-            session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=2)
-            session.mount('http://', adapter)
-            session.mount('https://', adapter)
-            self._local.session = session
-        return session
+    def _connection(self) -> http.client.HTTPConnection:
+        connection: Optional[http.client.HTTPConnection] = getattr(self._local, 'connection', None)
+        if connection is None:
+            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            connection = kind(self._host, self._port, timeout=self.timeout)
+            self._local.connection = connection
+        return connection
+
+    def _drop_connection(self) -> None:
+        connection = getattr(self._local, 'connection', None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
 
     def url(self, archive_id: str) -> str:
         """The archive URL of one file: base URL plus the id, percent-encoded."""
         return self.base_url + quote(archive_id, safe='/')
 
-    def _request(self, method: str, archive_id: str, **kwargs: Any) -> requests.Response:
+    def _send(self, method: str, archive_id: str) -> http.client.HTTPResponse:
+        """Send one request on this thread's connection (a fresh one if the kept one went stale) and read the head."""
+        target = self._prefix + quote(archive_id, safe='/')
+        for attempt in (1, 2):
+            reused = getattr(self._local, 'connection', None) is not None
+            connection = self._connection()
+            try:
+                connection.request(method, target, headers={'Content-Length': '0'} if method == 'POST' else {})
+                return connection.getresponse()
+            except socket.timeout as exc:
+                self._drop_connection()
+                raise ArchiveError(f'archive {method} timed out after {self.timeout:g} s') from exc
+            except NETWORK_ERRORS as exc:
+                self._drop_connection()
+                # A kept-alive connection the archive closed meanwhile: try once on a new one.
+                if attempt == 1 and reused and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError,
+                                                                BrokenPipeError, http.client.BadStatusLine)):
+                    continue
+                raise ArchiveError(f'archive {method} failed: {type(exc).__name__}: {exc}') from exc
+        raise AssertionError('unreachable')
+
+    def _request(self, method: str, archive_id: str) -> http.client.HTTPResponse:
+        response = self._send(method, archive_id)
+        if response.status < 400:
+            return response
         try:
-            response = self._session().request(method, self.url(archive_id), timeout=self.timeout, **kwargs)
-        except requests.Timeout as exc:
+            body = response.read(ERROR_PAGE_BYTES + 1)
+        except NETWORK_ERRORS:
+            body = b''
+        if len(body) > ERROR_PAGE_BYTES or not response.isclosed():
+            self._drop_connection()  # the rest of a long error page is not read
+        text = _error_text(body[:ERROR_PAGE_BYTES], response.reason)
+        if response.status in (404, 410):
+            raise ArchiveFileMissing(f'archive {method} answered {response.status}: {text}')
+        raise ArchiveError(f'archive {method} answered {response.status}: {text}')
+
+    def _finish(self, method: str, response: http.client.HTTPResponse) -> None:
+        """Read what is left of a small answer, so the connection can carry the next request."""
+        try:
+            response.read()
+        except socket.timeout as exc:
+            self._drop_connection()
             raise ArchiveError(f'archive {method} timed out after {self.timeout:g} s') from exc
-        except requests.RequestException as exc:
+        except NETWORK_ERRORS as exc:
+            self._drop_connection()
             raise ArchiveError(f'archive {method} failed: {type(exc).__name__}: {exc}') from exc
-        if response.status_code >= 400:
-            text = _error_text(response)
-            response.close()
-            if response.status_code in (404, 410):
-                raise ArchiveFileMissing(f'archive {method} answered {response.status_code}: {text}')
-            raise ArchiveError(f'archive {method} answered {response.status_code}: {text}')
-        return response
+        if response.will_close:
+            self._drop_connection()
 
     def with_retries(self, action: Callable[[], T]) -> T:
         """Run action, retrying transient archive errors with a doubling wait, a bounded number of times."""
@@ -143,10 +195,10 @@ class ArchiveClient:
         (media is then unknown, and the download decides).
         """
         response = self._request('HEAD', archive_id)
+        self._finish('HEAD', response)
         headers = response.headers
-        response.close()
         return ArchiveStatus(
-            media=headers.get('X-Pacifica-File-Storage-Media', MEDIA_UNKNOWN).strip().lower(),
+            media=(headers.get('X-Pacifica-File-Storage-Media') or MEDIA_UNKNOWN).strip().lower(),
             size=_int_header(headers.get('X-Content-Length')),
             mtime=_float_header(headers.get('Last-Modified')),
             message=headers.get('X-Pacifica-Messsage', headers.get('X-Pacifica-Message', '')),
@@ -154,7 +206,7 @@ class ArchiveClient:
 
     def stage(self, archive_id: str) -> None:
         """Ask the archive to bring the file to disk (a tape recall); returns when it has accepted."""
-        self._request('POST', archive_id).close()
+        self._finish('POST', self._request('POST', archive_id))
 
     def download(self, archive_id: str, target: Path, hash_type: str, hash_value: str,
                  expected_size: Optional[int], progress: Optional[Callable[[], None]] = None,
@@ -171,26 +223,39 @@ class ArchiveClient:
         written = 0
         start = 0 if offset is None else offset
         flags = os.O_WRONLY | (os.O_CREAT | os.O_TRUNC if offset is None else 0)
-        response = self._request('GET', archive_id, stream=True)
+        response = self._request('GET', archive_id)
+        whole = False
         try:
             descriptor = os.open(target, flags, 0o644)
             try:
-                try:
-                    for chunk in response.iter_content(self.transfer_size):
-                        if expected_size is not None and written + len(chunk) > expected_size:
-                            raise ArchiveShortRead(f'archive GET sent more than the {expected_size} bytes announced')
-                        digest.update(chunk)
-                        write_all_at(descriptor, chunk, start + written)
-                        written += len(chunk)
-                        if progress is not None:
-                            progress()
-                except requests.RequestException as exc:
-                    raise ArchiveShortRead(
-                        f'archive GET broke off before the end of the file: {type(exc).__name__}') from exc
+                while True:
+                    # http.client allocates what it is asked for: a small file's read is its size (and one
+                    # byte more once it is all there, to catch an archive that sends more than it said).
+                    want = self.transfer_size if expected_size is None else \
+                        max(min(self.transfer_size, expected_size - written), 1)
+                    try:  # only reading can fail for the archive's sake; a failed write is the volume's
+                        chunk = response.read(want)
+                    except NETWORK_ERRORS as exc:
+                        raise ArchiveShortRead(
+                            f'archive GET broke off before the end of the file: {type(exc).__name__}') from exc
+                    if not chunk:
+                        break
+                    if expected_size is not None and written + len(chunk) > expected_size:
+                        raise ArchiveShortRead(f'archive GET sent more than the {expected_size} bytes announced')
+                    digest.update(chunk)
+                    write_all_at(descriptor, chunk, start + written)
+                    written += len(chunk)
+                    if progress is not None:
+                        progress()
+                if response.length:  # the connection ended before the Content-Length it announced
+                    raise ArchiveShortRead('archive GET broke off before the end of the file: IncompleteRead')
+                whole = True
                 os.fdatasync(descriptor)
             finally:
                 os.close(descriptor)
         finally:
+            if not whole or response.will_close:
+                self._drop_connection()
             response.close()
         if expected_size is not None and written != expected_size:
             raise ArchiveShortRead(f'archive GET sent {written} bytes of {expected_size}')

@@ -64,6 +64,7 @@ def prepare_server(settings: Settings) -> None:
     check_broker(settings)
     use_settings(settings)
     open_database(settings)
+    database.close_idle()  # uWSGI forks its workers after this: none may share the master's connection
 
 
 class ServiceHolder:
