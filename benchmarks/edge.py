@@ -548,7 +548,7 @@ class Edge:
                                  f'non-2xx {result.non_2xx}, socket errors {errors}; server CPU '
                                  f'{server_cpu / result.seconds * 100:.0f}% of a core, wrk CPU '
                                  f'{result.cpu_s / result.seconds * 100:.0f}%, processes outside this run '
-                                 f'{other / wall * 100:.0f}%')
+                                 f'{other / wall * 100:.0f}% of a core')
         alive = keepalive('127.0.0.1', side.port, f'/{uid}')
         self.report.note(f'{side.label}: a keep-alive connection is {alive}'
                          + (' (so each of wrk\'s "read" socket errors is a connection the server closed after an '
