@@ -33,8 +33,9 @@ import requests
 from cartbench import client, limits
 from cartbench.client import BenchError
 from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, fileids, total_bytes
-from cartbench.harness import (REPO, add_stack_options, bounded_run, cart_version, check_stack_options,
-                               load_average, log, start_archive, start_ours, start_reference, wait_idle)
+from cartbench.harness import (REFERENCE_DB_OPTIONS, REPO, add_stack_options, bounded_run, cart_version,
+                               check_stack_options, load_average, log, start_archive, start_ours, start_reference,
+                               wait_idle)
 from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes, tree_cpu_seconds
 from cartbench.slowclients import ProbeOptions, probe
 from cartbench.stacks import Nginx, OurStack, ReferenceStack, UwsgiServer, find_nginx
@@ -249,8 +250,10 @@ class Edge:
             print(f'# uWSGI {command_version([str(pathlib.Path(sys.executable).parent / "uwsgi"), "--version"])}: '
                   f'{how}; CARTD_CONFIG and CARTD_CPCONFIG are the stack\'s', flush=True)
         if self.ref is not None and self.ref.server is not None:
-            print(f'# 0.7.0: MariaDB, {args.workers} worker(s) x concurrency {args.concurrency}, its own server '
-                  f'({ref_version(self.ref.bin_dir, "cheroot", "CherryPy")}) with server.thread_pool '
+            print(f'# 0.7.0: MariaDB ({ref_version(self.ref.bin_dir, "PyMySQL", "peewee")}, peewee_url '
+                  f'...{REFERENCE_DB_OPTIONS}: no TLS context per connection), {args.workers} worker(s) x concurrency '
+                  f'{args.concurrency}, its own server ({ref_version(self.ref.bin_dir, "cheroot", "CherryPy")}) with '
+                  f'server.thread_pool '
                   f'{args.server_threads}, listen backlog {wait_listening(self.ref.port)} (ss; CherryPy\'s default, '
                   f'0.7.0 sets none); its own venv and RabbitMQ vhost', flush=True)
         tools = [f'curl {command_version(["curl", "--version"]).split()[1]}']
