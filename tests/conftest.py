@@ -56,6 +56,27 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArchiveServer]
         yield server
 
 
+# Every HTTP behaviour is tested under both servers: pacifica-cartd's own on each database, and
+# uWSGI as the docs run it (on SQLite: the database is the same code under either server).
+SERVED = [('cartd', kind) for kind in DATABASE_KINDS] + [('uwsgi', 'sqlite')]
+
+
+@pytest.fixture(scope='module', params=SERVED, ids=lambda served: '-'.join(served))
+def served_stack(request: pytest.FixtureRequest, archive: ArchiveServer,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
+    """A running cart (server + one celery worker) under each server and database in turn.
+
+    A module uses it in place of `stack` by defining `stack` as this fixture; STACK_OVERRIDES applies.
+    """
+    server, kind = request.param
+    base = tmp_path_factory.mktemp(f'stack-{server}-{kind}')
+    url = fresh_database(kind, base)
+    stack_under_test = CartStack(base, archive, url, workers=1, concurrency=2,
+                                 overrides=getattr(request.module, 'STACK_OVERRIDES', None), server=server)
+    with running(stack_under_test, kind, url) as cart:
+        yield cart
+
+
 @pytest.fixture(scope='module', params=DATABASE_KINDS)
 def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:

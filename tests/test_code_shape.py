@@ -41,7 +41,7 @@ LAYERS: Dict[str, Dict[str, float]] = {
     'policy': {'cartrequest': 6, 'heartbeat': 6, 'cleanup': 6, 'taskqueue': 6, 'cartlayout': 6, 'eviction': 6},
     'use cases': {'bundling': 7, 'staging': 8, 'carts': 8, 'recovery': 8, 'admin': 9},
     'facade': {'service': 10},
-    'adapters': {'transport': 11, 'celeryapp': 11, 'rest': 12, 'httpserver': 12},
+    'adapters': {'transport': 11, 'celeryapp': 11, 'uwsgiadapter': 11, 'rest': 12, 'httpserver': 12},
     'composition root': {'wiring': 13},
     'entry points': {'tasks': 14, 'app': 14, 'wsgi': 15, '__main__': 15, '__init__': 15},
 }

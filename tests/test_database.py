@@ -7,11 +7,13 @@ from typing import List
 
 import pytest
 
-from pacifica.cartd import database
+from pacifica.cartd import database, orm, schema
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.errors import ConfigError, DatabaseUnavailable
 from pacifica.cartd.orm import DB
 from playhouse.pool import PooledDatabase
+
+from cartd_testkit.databases import drop_database, fresh_database
 
 
 def _settings(tmp_path: pathlib.Path, url: str, attempts: str = '3', wait: str = '0.5'):
@@ -91,3 +93,26 @@ def _hold_a_connection(barrier: threading.Barrier) -> None:
     with database.connection():
         DB.execute_sql('SELECT 1')
         barrier.wait(10)
+
+
+TRICKY_ROWS = [('it\'s 100%s "q"', 'a,b/c"d', 'sha1', 'a' * 40), ('back\\slash', 'é/ü %(x)s', 'md5', 'b' * 32),
+               ('', 'x', 'sha1', ''), ('null', 'NULL', 'sha256', 'c' * 64)]
+
+
+@pytest.mark.parametrize('kind', ['sqlite', 'postgres', 'mysql'])
+def test_a_new_carts_rows_keep_every_character(tmp_path: pathlib.Path, kind: str) -> None:
+    """The file rows go in as plain parameters (SQLite, MySQL) or by COPY (PostgreSQL): nothing is lost or quoted."""
+    url = fresh_database(kind, tmp_path)
+    try:
+        database.bind(_settings(tmp_path, url))
+        with database.connection():
+            schema.sync()
+            with database.atomic():
+                cart_id, file_ids = orm.insert_cart('tricky', True, TRICKY_ROWS * 300, 512)
+            rows = [(file.file_name, file.bundle_path, file.hash_type, file.hash_value, file.status, file.error)
+                    for file in orm.File.select().where(orm.File.cart == cart_id).order_by(orm.File.id)]
+        assert len(file_ids) == len(rows) == 1200 and file_ids == sorted(file_ids)
+        assert rows == [(*row, 'waiting', '') for row in TRICKY_ROWS * 300]
+    finally:
+        database.close_idle()
+        drop_database(kind, url)

@@ -15,6 +15,12 @@ from cartd_testkit.stack import CartStack, tar_contents
 pytestmark = [pytest.mark.integration]
 
 
+@pytest.fixture(scope='module')
+def stack(served_stack: CartStack) -> CartStack:
+    """This module runs under pacifica-cartd on each database and under uWSGI (conftest.served_stack)."""
+    return served_stack
+
+
 def _fill(archive, count: int, hashtype: str, prefix: str, size: int = 300,
           path_of=lambda i: f'dir{i % 7}/sub{i % 3}/file{i}.dat', size_of=None) -> Tuple[List[dict], Dict[str, bytes]]:
     fileids, expected = [], {}

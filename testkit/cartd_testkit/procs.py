@@ -6,6 +6,7 @@ import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import time
 from types import TracebackType
 from typing import Mapping, Optional, Sequence, Type, Union
@@ -13,6 +14,12 @@ from typing import Mapping, Optional, Sequence, Type, Union
 import requests
 
 PathLike = Union[str, 'os.PathLike[str]']
+BIN_DIR = pathlib.Path(sys.executable).parent
+
+
+def binary(name: str) -> str:
+    """An entry point of the installed project (beside the interpreter running the tests)."""
+    return str(BIN_DIR / name)
 
 
 def free_port() -> int:

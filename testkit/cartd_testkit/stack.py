@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 import tarfile
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -17,20 +16,15 @@ import requests
 from .archive import ArchiveServer
 from .broker import BROKER_URL, delete_queue, unique_queue_name
 from .databases import drop_database
-from .procs import ManagedProcess, free_port
+from .procs import BIN_DIR, ManagedProcess, binary, free_port  # noqa: F401  (BIN_DIR, binary: also imported from here)
+from .uwsgi import start_uwsgi
 
-BIN_DIR = pathlib.Path(sys.executable).parent
 TEST_SETTINGS: Dict[str, Dict[str, str]] = {
     'cartd': {'transfer_size': '1 Mb', 'stage_concurrency': '4', 'stage_batch_size': '16'},
     'archiveinterface': {'timeout': '10', 'retries': '2', 'retry_wait': '0.2', 'tape_wait': '0.5',
                          'tape_wait_max': '2'},
     'database': {'connect_attempts': '3', 'connect_wait': '1'},
 }
-
-
-def binary(name: str) -> str:
-    """An entry point of the installed project (beside the interpreter running the tests)."""
-    return str(BIN_DIR / name)
 
 
 def write_config(path: pathlib.Path, sections: Mapping[str, Mapping[str, str]]) -> pathlib.Path:
@@ -48,8 +42,15 @@ class CartStack:
     """The cart under test: its config, database, queue, workers and server."""
 
     def __init__(self, base_dir: pathlib.Path, archive: ArchiveServer, peewee_url: str, workers: int = 2,
-                 concurrency: int = 2, overrides: Optional[Mapping[str, Mapping[str, str]]] = None) -> None:
-        """Lay out the stack's directory and config; nothing runs until start()."""
+                 concurrency: int = 2, overrides: Optional[Mapping[str, Mapping[str, str]]] = None,
+                 server: str = 'cartd') -> None:
+        """Lay out the stack's directory and config; nothing runs until start().
+
+        `server`: 'cartd' (pacifica-cartd's own server) or 'uwsgi' (uWSGI as the docs run it).
+        """
+        if server not in ('cartd', 'uwsgi'):
+            raise ValueError(f'unknown server {server!r}')
+        self.server_kind = server
         self.base_dir = base_dir
         self.archive = archive
         self.peewee_url = peewee_url
@@ -120,8 +121,11 @@ class CartStack:
                 time.sleep(0.2)
 
     def start_server(self) -> ManagedProcess:
-        """Start `pacifica-cartd` on a free port and wait for GET / to answer."""
+        """Start the server (pacifica-cartd or uWSGI) on a free port and wait for GET / to answer."""
         self.port = self.port or free_port()
+        if self.server_kind == 'uwsgi':
+            self.server = start_uwsgi(self.base_dir, self.env, self.port)
+            return self.server
         self.server = ManagedProcess([binary('pacifica-cartd'), '-p', str(self.port), '-a', '127.0.0.1'],
                                      self.base_dir / 'server.log', env=self.env, cwd=self.base_dir,
                                      name='pacifica-cartd').start()
