@@ -26,13 +26,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from cartbench import client, limits
 from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options,
-                               load_average, log, start_archive, start_ours, wait_idle)
+                               load_average, log, start_archive, start_ours, start_reference, wait_idle)
 from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, total_bytes
 from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes
 from cartbench.stacks import Nginx, OurStack, ReferenceStack, find_nginx
 from cartd_testkit.archive import ArchiveServer
-from cartd_testkit.databases import drop_database, fresh_database, server_available
-from cartd_testkit.venvs import reference_cart_venv
 
 WORKLOADS = ('small', 'many', 'large', 'concurrent', 'polling', 'memory')
 
@@ -215,25 +213,7 @@ class Bench:
     def start_reference(self) -> ReferenceStack:
         """The published 0.7.0 from its own venv, on MariaDB and its own vhost."""
         assert self.archive is not None
-        args = self.args
-        if not shutil.which('rabbitmqctl'):
-            raise SystemExit('--compare-0.7.0 needs rabbitmqctl to give 0.7.0 a vhost of its own '
-                             '(0.7.0 always uses the queue "celery")')
-        if not server_available('mysql'):
-            raise SystemExit('--compare-0.7.0 needs MariaDB on 127.0.0.1:3306 (0.7.0 stalls on SQLite)')
-        log('preparing the 0.7.0 virtual environment (cached)')
-        bin_dir = reference_cart_venv()
-        base = self.base / 'ref'
-        base.mkdir()
-        url = fresh_database('mysql', base)
-        self.cleanup.callback(drop_database, 'mysql', url)
-        stack = ReferenceStack(base, self.archive, bin_dir, url, args.workers, args.concurrency,
-                               args.server_threads)
-        self.cleanup.callback(stack.stop)
-        log(f'starting 0.7.0 (MariaDB, vhost {stack.vhost}, {args.workers} worker(s) x concurrency '
-            f'{args.concurrency})')
-        stack.start()
-        return stack
+        return start_reference(self.args, self.base / 'ref', self.archive, self.cleanup)
 
     def start_nginx(self) -> Optional[Nginx]:
         """nginx over the archive directory, for the download limit."""

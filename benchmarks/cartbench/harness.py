@@ -19,10 +19,12 @@ from typing import Any, Callable, Dict, List, Optional
 from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.broker import broker_available
 from cartd_testkit.databases import drop_database, fresh_database, server_available
+from cartd_testkit.venvs import reference_cart_venv
 
-from .stacks import OurStack
+from .stacks import OurStack, ReferenceStack
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
+REFERENCE_DB_OPTIONS = '?ssl_disabled=true'  # see start_reference
 
 
 def log(text: str) -> None:
@@ -92,6 +94,34 @@ def start_ours(args: argparse.Namespace, base: pathlib.Path, archive: ArchiveSer
                      settings_overrides(args.set), cpconfig_overrides(args.cpconfig_set))
     cleanup.callback(stack.stop)
     log(f'starting our cart ({args.database}, {args.workers} worker(s) x concurrency {args.concurrency})')
+    stack.start()
+    return stack
+
+
+def start_reference(args: argparse.Namespace, base: pathlib.Path, archive: ArchiveServer,
+                    cleanup: contextlib.ExitStack) -> ReferenceStack:
+    """The published 0.7.0 from its own venv, on a fresh MariaDB database and a RabbitMQ vhost of its own,
+    with the worker layout and server threads of `args`."""
+    if not shutil.which('rabbitmqctl'):
+        raise SystemExit('--compare-0.7.0 needs rabbitmqctl to give 0.7.0 a vhost of its own '
+                         '(0.7.0 always uses the queue "celery")')
+    if not server_available('mysql'):
+        raise SystemExit('--compare-0.7.0 needs MariaDB on 127.0.0.1:3306 (0.7.0 stalls on SQLite)')
+    log('preparing the 0.7.0 virtual environment (cached)')
+    bin_dir = reference_cart_venv()
+    base.mkdir()
+    url = fresh_database('mysql', base)
+    cleanup.callback(drop_database, 'mysql', url)
+    # 0.7.0 opens a database connection per request and per task. The PyMySQL its venv gets (1.2.4) tries
+    # TLS by default and builds a fresh TLS context (the system's certificates loaded) for every
+    # connection: about 16 ms of CPU each here, though the local MariaDB has TLS disabled and the
+    # connection ends up plain. That is not 0.7.0's cost, and its era's PyMySQL did not have it:
+    # a HEAD's database work takes 19 ms with it, 1 ms without.
+    stack = ReferenceStack(base, archive, bin_dir, url + REFERENCE_DB_OPTIONS, args.workers, args.concurrency,
+                           args.server_threads)
+    cleanup.callback(stack.stop)
+    log(f'starting 0.7.0 (MariaDB, vhost {stack.vhost}, {args.workers} worker(s) x concurrency '
+        f'{args.concurrency})')
     stack.start()
     return stack
 

@@ -5,14 +5,17 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import time
 import uuid
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.broker import BROKER_URL
 from cartd_testkit.procs import ManagedProcess, free_port
 from cartd_testkit.stack import CartStack, write_config
+
+from .tools import apt_binary
 
 # The same CherryPy settings for both carts (the project's server.conf without its address and port;
 # each server gets -p/-a on its command line).
@@ -295,15 +298,7 @@ http {{
 
 def find_nginx(install: bool) -> Optional[str]:
     """The nginx binary; with `install`, apt-get install nginx-light when it is missing and we are root."""
-    found = shutil.which('nginx') or ('/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
-    if found or not install or os.geteuid() != 0 or not shutil.which('apt-get'):
-        return found
-    print('# nginx is missing: apt-get install -y nginx-light', flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
-    for cmd in (['apt-get', 'update'], ['apt-get', 'install', '-y', 'nginx-light']):
-        if subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False).returncode != 0:
-            return None
-    return shutil.which('nginx') or ('/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
+    return apt_binary('nginx', 'nginx-light', install)
 
 
 class Nginx:
@@ -321,6 +316,12 @@ class Nginx:
     def url(self) -> str:
         """Base URL ending in '/'."""
         return f'http://127.0.0.1:{self.port}/'
+
+    @property
+    def pid(self) -> int:
+        """The master's pid (its workers are its children)."""
+        assert self.process is not None
+        return self.process.pid
 
     def start(self) -> 'Nginx':
         """Write the config and start nginx; wait for it to answer."""
@@ -340,3 +341,124 @@ class Nginx:
         """Stop nginx (its process group)."""
         if self.process is not None:
             self.process.stop()
+
+
+# Keys of a shipped uwsgi.ini that the benchmark replaces or leaves out: where it listens (the
+# benchmark listens on 127.0.0.1 and a free port only), how many processes it runs (the workload
+# chooses), and whatever would detach it, redirect its log, change its user or point it at other
+# cart configs (the benchmark stops it by its PID and gives it the stack's files).
+UWSGI_SOCKET_KEYS = ('http-socket', 'http11-socket', 'http', 'socket', 'https-socket', 'https', 'uwsgi-socket',
+                     'shared-socket')
+UWSGI_DROPPED_KEYS = UWSGI_SOCKET_KEYS + ('processes', 'workers', 'p', 'daemonize', 'daemonize2', 'pidfile',
+                                          'pidfile2', 'logto', 'logto2', 'master-fifo', 'stats', 'uid', 'gid')
+UWSGI_THREADS = 8
+UWSGI_MASTER_STARTED = 'cartd-bench: uwsgi master loop started'
+
+
+def _ini_key(line: str) -> str:
+    """The option name of an ini line ('' for comments, section headers and blank lines)."""
+    text = line.strip()
+    if not text or text[0] in ';#[' or '=' not in text:
+        return ''
+    return text.split('=', 1)[0].strip()
+
+
+def uwsgi_command(uwsgi: str, port: int, processes: int, state_dir: pathlib.Path,
+                  repo: pathlib.Path) -> Tuple[List[str], str]:
+    """The one uWSGI command line of the benchmarks, and a sentence saying which form was used.
+
+    When the repository ships `uwsgi.ini` (its production settings), that file is used with only
+    the socket and process count set here: a copy without the keys in UWSGI_DROPPED_KEYS (uWSGI
+    adds every socket option it is given rather than replacing one, so the file's own socket
+    would also be bound), then the file's own kind of socket on 127.0.0.1:port and --processes.
+    Otherwise the line the brief and the docs give. Either way a master-start hook prints a line
+    once the master's signal handlers are in place (a SIGTERM sent before that is lost).
+    """
+    hook = ['--hook-master-start', f'print:{UWSGI_MASTER_STARTED}']
+    shipped = repo / 'uwsgi.ini'
+    if shipped.is_file():
+        kept: List[str] = []
+        dropped: List[str] = []
+        socket_key = 'http-socket'
+        for line in shipped.read_text(encoding='utf-8').splitlines():
+            key = _ini_key(line)
+            if key in UWSGI_SOCKET_KEYS and socket_key == 'http-socket':
+                socket_key = key
+            if key in UWSGI_DROPPED_KEYS or (key == 'env' and 'CARTD_' in line):
+                dropped.append(key)
+                continue
+            kept.append(line)
+        copy = state_dir / 'uwsgi.ini'
+        copy.write_text('\n'.join(kept) + '\n', encoding='utf-8')
+        cmd = [uwsgi, '--ini', str(copy), f'--{socket_key}', f'127.0.0.1:{port}', '--processes', str(processes),
+               *hook]
+        how = (f'uwsgi --ini {shipped.name} (the repository\'s, without {", ".join(sorted(set(dropped))) or "nothing"})'
+               f' --{socket_key} 127.0.0.1:PORT --processes {processes}')
+        return cmd, how
+    cmd = [uwsgi, '--http-socket', f'127.0.0.1:{port}', '--master', '--module', 'pacifica.cartd.wsgi', '--need-app',
+           '--die-on-term', '--processes', str(processes), '--threads', str(UWSGI_THREADS),
+           '--worker-reload-mercy', '5', '--reload-mercy', '5', *hook]
+    how = (f'no uwsgi.ini in the repository: uwsgi --http-socket 127.0.0.1:PORT --master --module '
+           f'pacifica.cartd.wsgi --need-app --die-on-term --processes {processes} --threads {UWSGI_THREADS} '
+           f'--worker-reload-mercy 5 --reload-mercy 5')
+    return cmd, how
+
+
+class UwsgiServer:
+    """Our cart's API under uWSGI, beside a running OurStack (same config, database and volume)."""
+
+    def __init__(self, stack: OurStack, processes: int, repo: pathlib.Path, name: str = '') -> None:
+        """Describe the server; nothing runs until start()."""
+        self.stack = stack
+        self.processes = processes
+        self.repo = repo
+        self.name = name or f'uwsgi-{processes}p'
+        self.state = stack.base_dir / self.name
+        self.port = 0
+        self.process: Optional[ManagedProcess] = None
+        self.how = ''
+
+    @property
+    def url(self) -> str:
+        """The server's base URL (no trailing slash)."""
+        return f'http://127.0.0.1:{self.port}'
+
+    @property
+    def pid(self) -> int:
+        """The master's pid (its workers are its children)."""
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, deadline_s: float = 60) -> 'UwsgiServer':
+        """Start uWSGI; wait until GET / answers and the master loop runs."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        cmd, self.how = uwsgi_command(str(pathlib.Path(sys.executable).parent / 'uwsgi'), self.port,
+                                      self.processes, self.state, self.repo)
+        self.process = ManagedProcess(cmd, self.state / 'uwsgi.log', env=self.stack.env, cwd=self.state,
+                                      name=self.name).start()
+        try:
+            self.process.wait_http(self.url + '/', deadline_s)
+            deadline = time.monotonic() + 30
+            while UWSGI_MASTER_STARTED not in self.process.log_path.read_text(
+                    encoding='utf-8', errors='replace').replace(f'print:{UWSGI_MASTER_STARTED}', ''):
+                if not self.process.running() or time.monotonic() > deadline:
+                    raise RuntimeError(f'uwsgi master loop did not start:\n{self.process.log_tail()}')
+                time.sleep(0.05)
+        except BaseException:
+            self.process.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop uWSGI (its process group)."""
+        if self.process is not None:
+            self.process.stop()
+
+    def __enter__(self) -> 'UwsgiServer':
+        """Start it."""
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        """Stop it."""
+        self.stop()
