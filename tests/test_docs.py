@@ -400,6 +400,7 @@ def _run_service(block: Block, workdir: pathlib.Path, env: Dict[str, str]) -> No
     port = str(free_port())
     conf = (REPO_ROOT / 'server.conf').read_text(encoding='utf-8').replace(DOC_PORT, port)
     (workdir / 'server.conf').write_text(conf, encoding='utf-8')
+    (workdir / 'uwsgi.ini').write_text((REPO_ROOT / 'uwsgi.ini').read_text(encoding='utf-8'), encoding='utf-8')
     proc = ManagedProcess(['bash', '-euo', 'pipefail', '-c', 'exec ' + command.replace(DOC_PORT, port)],
                           workdir / f'{block.name}.log', env=env, cwd=workdir, name=block.name).start()
     try:

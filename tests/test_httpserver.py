@@ -12,7 +12,7 @@ import logging
 import pathlib
 import socket
 import threading
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import cheroot.errors
 import cheroot.server
@@ -102,15 +102,23 @@ def test_without_a_required_name_a_set_body_limit_is_kept(monkeypatch: pytest.Mo
 # ---- the gateway, serving -------------------------------------------------------------
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Callable[..., Any]], int]]:
-    """Serve a WSGI app with the server use_sendfile_gateway builds; return its port."""
+def serve() -> Iterator[Callable[..., int]]:
+    """Serve a WSGI app with the server use_sendfile_gateway builds; return its port.
+
+    `threads` and `head_timeout`, when given, set server.thread_pool and server.request_head_timeout.
+    """
     started: List[Any] = []
 
-    def start(app: Callable[..., Any]) -> int:
+    def start(app: Callable[..., Any], threads: Optional[int] = None, head_timeout: Optional[float] = None) -> int:
         server = fresh_server()
         server.socket_timeout = TIMEOUT_S
+        if threads is not None:
+            server.thread_pool = threads
+        if head_timeout is not None:
+            server.request_head_timeout = head_timeout
         assert httpserver.use_sendfile_gateway(server)
         instance = server.instance
+        assert instance.head_waiter is not None
         instance.wsgi_app = app
         instance.prepare()
         thread = threading.Thread(target=instance.serve, daemon=True)
@@ -192,3 +200,96 @@ def test_cheroots_own_errors_are_json(serve: Callable[..., int]) -> None:
     assert document['status'].startswith('400 ')
     assert document['traceback'] == ''
     assert document['version'] == cherrypy.__version__
+
+
+# ---- slow senders hold no thread --------------------------------------------------------
+
+def _hello(environ: dict, start_response: Callable[..., Any]) -> List[bytes]:
+    body = environ['PATH_INFO'].encode('latin-1')
+    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])
+    return [body]
+
+
+def _read_answer(raw: socket.socket) -> bytes:
+    answer = b''
+    while b'\r\n\r\n' not in answer or len(answer.partition(b'\r\n\r\n')[2]) < int(
+            dict(line.split(': ', 1) for line in answer.partition(b'\r\n\r\n')[0].decode('latin-1').split('\r\n')[1:]
+                 if ': ' in line).get('Content-Length', '0')):
+        data = raw.recv(65536)
+        if not data:
+            break
+        answer += data
+        assert len(answer) < 1 << 20
+    return answer
+
+
+def test_connections_still_sending_their_head_hold_no_thread(serve: Callable[..., int]) -> None:
+    """Two worker threads, ten connections with half a request each: a new request is still answered."""
+    port = serve(_hello, threads=2)
+    slow = [socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT_S) for _ in range(10)]
+    try:
+        for raw in slow:
+            raw.sendall(b'GET /slow HTTP/1.1\r\nHost: x\r\n')
+        for attempt in range(3):
+            with socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT_S) as raw:
+                raw.sendall(f'GET /fast{attempt} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'.encode())
+                answer = _read_answer(raw)
+            assert answer.startswith(b'HTTP/1.1 200 ') and answer.endswith(f'/fast{attempt}'.encode()), answer
+        # the held ones are served once their heads are complete, on the same connections
+        for index, raw in enumerate(slow):
+            raw.sendall(f'X-Index: {index}\r\n\r\n'.encode())
+        for raw in slow:
+            assert _read_answer(raw).endswith(b'/slow')
+    finally:
+        for raw in slow:
+            raw.close()
+
+
+def test_a_head_sent_a_few_bytes_at_a_time_is_served_whole(serve: Callable[..., int]) -> None:
+    port = serve(_hello, threads=1)
+    request = b'\r\nGET /in-pieces HTTP/1.1\r\nHost: x\r\nX-Long: ' + b'y' * 300 + b'\r\n\r\n'
+    with socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT_S) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(request), 40):
+            raw.sendall(request[start:start + 40])
+            threading.Event().wait(0.01)
+        answer = _read_answer(raw)
+        assert answer.startswith(b'HTTP/1.1 200 ') and answer.endswith(b'/in-pieces')
+        raw.sendall(b'GET /kept-alive HTTP/1.1\r\nHost: x\r\n\r\n')  # the next request on the same connection
+        assert _read_answer(raw).endswith(b'/kept-alive')
+
+
+def test_a_head_not_in_within_the_timeout_gets_a_json_408(serve: Callable[..., int]) -> None:
+    port = serve(lambda environ, start_response: pytest.fail('an incomplete head reached the app'),
+                             threads=1, head_timeout=0.3)
+    with socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT_S) as raw:
+        raw.sendall(b'GET /never-ends HTTP/1.1\r\nHost: x\r\n')
+        answer = b''
+        while True:
+            data = raw.recv(65536)
+            if not data:
+                break  # and the server closed the connection
+            answer += data
+    head, _, body = answer.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    assert lines[0] == 'HTTP/1.1 408 Request Timeout'
+    assert 'Content-Type: application/json' in lines and 'Connection: close' in lines
+    document = json.loads(body)
+    assert document['status'] == '408 Request Timeout'
+    assert 'did not arrive within 0.3 s' in document['message']
+
+
+def test_a_client_that_closes_midway_is_dropped(serve: Callable[..., int]) -> None:
+    port = serve(_hello, threads=1)
+    with socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT_S) as raw:
+        raw.sendall(b'GET /gone HTTP/1.1\r\n')
+    with socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT_S) as raw:
+        raw.sendall(b'GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        assert _read_answer(raw).endswith(b'/after')
+
+
+def test_no_head_timeout_means_no_waiter() -> None:
+    server = fresh_server()
+    server.request_head_timeout = 0
+    assert httpserver.use_sendfile_gateway(server)
+    assert server.instance.head_waiter is None

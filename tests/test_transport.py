@@ -313,3 +313,74 @@ def test_a_real_heartbeat_marks_the_cart_used_while_its_tar_is_read(tmp_path: pa
     list(pieces)  # the reader comes back for more: the cart is marked used
     with database.connection():
         assert Cart.get_by_id(cart_id).updated_date > datetime.datetime.now() - datetime.timedelta(minutes=5)
+
+
+# ---- a range first, and socket_sendfile (uWSGI's) ---------------------------------------
+
+def test_a_body_that_starts_with_a_sent_range_writes_once_empty_first(
+        sources: Tuple[pathlib.Path, pathlib.Path]) -> None:
+    """uWSGI sends the response headers at the first write: one empty write comes before the first sent range."""
+    first, second = sources
+    wire: List[bytes] = []
+    send_file = FakeSendFile(wire)
+    pieces = [FileRange(first, 0, 2000), FileRange(second, 0, 770), FileRange(first, 2000, 1072)]
+    body = response_body(pieces, 1000, send_file)
+    assert next(body) == b''
+    assert send_file.calls == []
+    rest = drain(body, wire)
+    assert rest == [second.read_bytes()]  # no empty write before the later ranges
+    assert b''.join(wire) == first.read_bytes()[:2000] + second.read_bytes() + first.read_bytes()[2000:]
+
+
+def test_socket_sendfile_waits_for_a_slow_client_and_sends_every_byte(tmp_path: pathlib.Path) -> None:
+    import socket
+    import threading
+    data = os.urandom(3 << 20)
+    path = tmp_path / 'data.bin'
+    path.write_bytes(data)
+    server, client = socket.socketpair()
+    server.setblocking(False)  # as uWSGI's connection is
+    received = bytearray()
+
+    def read_slowly() -> None:
+        while len(received) < len(data) - 100:
+            chunk = client.recv(256 << 10)
+            if not chunk:
+                return
+            received.extend(chunk)
+            threading.Event().wait(0.002)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    try:
+        send = transport.socket_sendfile(server.fileno, timeout=10)
+        with open(path, 'rb', buffering=0) as handle:
+            position, remaining, calls = 100, len(data) - 100, 0
+            while remaining:
+                sent = send(handle, position, remaining)
+                assert sent > 0
+                position, remaining, calls = position + sent, remaining - sent, calls + 1
+                assert calls < 100000
+        reader.join(30)
+        assert bytes(received) == data[100:]
+    finally:
+        server.close()
+        client.close()
+        reader.join(5)
+
+
+def test_socket_sendfile_gives_up_on_a_client_that_takes_nothing(tmp_path: pathlib.Path) -> None:
+    import socket
+    path = tmp_path / 'data.bin'
+    path.write_bytes(os.urandom(8 << 20))
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    try:
+        send = transport.socket_sendfile(server.fileno, timeout=0.2)
+        with open(path, 'rb', buffering=0) as handle, pytest.raises(TimeoutError):
+            position = 0
+            for _ in range(1000):  # fills the socket's buffers, then waits 0.2 s for nothing
+                position += send(handle, position, (8 << 20) - position)
+    finally:
+        server.close()
+        client.close()

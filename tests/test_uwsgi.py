@@ -18,14 +18,14 @@ from cartd_testkit.databases import drop_database, fresh_database
 from cartd_testkit.procs import ManagedProcess, free_port
 from cartd_testkit.rawhttp import exchange, parse_answer
 from cartd_testkit.stack import CartStack, binary, tar_contents, write_config
-from cartd_testkit.uwsgi import MASTER_STARTED, start_uwsgi, uwsgi_command
+from cartd_testkit.uwsgi import BIND_VARIABLE, SHIPPED_INI, shipped_ini_command, start_uwsgi, uwsgi_command
 
 pytestmark = [pytest.mark.integration]
 
 STOP_DEADLINE_S = 15.0
 @pytest.fixture(scope='module')
 def cart(archive, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
-    """A CartStack on SQLite whose HTTP side is uWSGI: dbsync, one celery worker, uWSGI."""
+    """A CartStack on SQLite whose HTTP side is uWSGI with the shipped uwsgi.ini: dbsync, one celery worker, uWSGI."""
     base = tmp_path_factory.mktemp('uwsgi-stack')
     url = fresh_database('sqlite', base)
     stack = CartStack(base, archive, url, workers=1, concurrency=2,
@@ -34,7 +34,7 @@ def cart(archive, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStac
         stack.dbsync()
         stack.start_worker()
         stack.port = free_port()
-        stack.server = start_uwsgi(base, stack.env, stack.port)  # stack.stop() and stack.logs() see it
+        stack.server = start_uwsgi(base, stack.env, stack.port, shipped=True)  # stack.stop() and stack.logs() see it
         stack.wait_workers_ready()
         yield stack
     finally:
@@ -215,7 +215,7 @@ def test_delete(cart: CartStack) -> None:
 def test_uwsgi_stops_on_signal(cart: CartStack, signum: signal.Signals) -> None:
     """A second uWSGI on the same config: the signal to its master ends master and workers."""
     port = free_port()
-    proc = start_uwsgi(cart.base_dir, cart.env, port, name=f'uwsgi-{signum.name}')
+    proc = start_uwsgi(cart.base_dir, cart.env, port, name=f'uwsgi-{signum.name}', shipped=True)
     try:
         assert requests.get(f'http://127.0.0.1:{port}/', timeout=10).status_code == 200
         os.kill(proc.pid, signum)
@@ -255,21 +255,63 @@ def test_uwsgi_with_a_bad_config_exits(tmp_path: pathlib.Path, cart: CartStack) 
         proc.stop()
 
 
-def test_a_keep_alive_client_is_never_reset(cart: CartStack) -> None:
-    """uWSGI's --http-socket does not keep connections alive: the answers must say `Connection: close`,
-    so a client with a session (pacifica-downloader, requests.Session) opens a new one instead of
-    sending into a connection uWSGI has closed."""
-    fileids, expected = _fill(cart, 'keepalive', [3000])
+def _keep_alive_conversation(url: str, stack: CartStack, closes: bool) -> None:
+    """POST, HEAD until ready, GET and DELETE three times over one requests.Session."""
+    fileids, expected = _fill(stack, 'keepalive', [3000])
     uid = _uid()
     with requests.Session() as session:
         for _ in range(3):
-            answer = session.post(f'{cart.url}/{uid}', json={'fileids': fileids}, timeout=30)
+            answer = session.post(f'{url}/{uid}', json={'fileids': fileids}, timeout=30)
             assert answer.status_code == 201
-            assert answer.headers.get('Connection', '').lower() == 'close'
+            if closes:
+                assert answer.headers.get('Connection', '').lower() == 'close'
             deadline = time.monotonic() + 60
-            while session.head(f'{cart.url}/{uid}', timeout=30).headers['X-Pacifica-Status'] == 'staging':
+            while session.head(f'{url}/{uid}', timeout=30).headers['X-Pacifica-Status'] == 'staging':
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-            body = session.get(f'{cart.url}/{uid}', params={'filename': 'k.tar'}, timeout=30)
+            body = session.get(f'{url}/{uid}', params={'filename': 'k.tar'}, timeout=30)
             assert tar_contents(body.content) == {f'k/{path}': data for path, data in expected.items()}
-            assert session.delete(f'{cart.url}/{uid}', timeout=30).status_code == 200
+            assert session.delete(f'{url}/{uid}', timeout=30).status_code == 200
+
+
+def test_a_keep_alive_client_is_never_reset(cart: CartStack) -> None:
+    """uWSGI's --http-socket (the seed's line) does not keep connections alive: the answers must say
+    `Connection: close`, so a client with a session (pacifica-downloader, requests.Session) opens a new
+    one instead of sending into a connection uWSGI has closed."""
+    port = free_port()
+    proc = start_uwsgi(cart.base_dir, cart.env, port, name='uwsgi-http-socket')
+    try:
+        _keep_alive_conversation(f'http://127.0.0.1:{port}', cart, closes=True)
+    finally:
+        proc.stop()
+
+
+def test_a_keep_alive_client_of_the_shipped_ini_is_never_reset(cart: CartStack) -> None:
+    """The shipped ini's --http11-socket keeps connections alive."""
+    _keep_alive_conversation(cart.url, cart, closes=False)
+
+
+# ---- the shipped uwsgi.ini --------------------------------------------------------------
+
+def _get_option(name: str, env: Dict[str, str]) -> str:
+    result = subprocess.run(shipped_ini_command('--strict', '--get', name), env=env, capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip()
+
+
+def test_the_shipped_ini_binds_where_the_variable_says_and_127_0_0_1_8081_without_it() -> None:
+    """Every key of uwsgi.ini is an option uWSGI knows (--strict), and its address comes from CARTD_UWSGI_BIND."""
+    env = {key: value for key, value in os.environ.items() if key != BIND_VARIABLE}
+    assert _get_option('http11-socket', env) == '127.0.0.1:8081'
+    assert _get_option('http11-socket', dict(env, **{BIND_VARIABLE: ':9999'})) == ':9999'
+    assert _get_option('module', env) == 'pacifica.cartd.wsgi'
+
+
+def test_the_stack_runs_the_shipped_ini_on_the_port_it_was_given(cart: CartStack) -> None:
+    """What the tests start is the documented `uwsgi --ini uwsgi.ini`, listening on CARTD_UWSGI_BIND."""
+    assert cart.server is not None
+    assert cart.server.cmd[:3] == [binary('uwsgi'), '--ini', str(SHIPPED_INI)]
+    assert cart.server.env is not None and cart.server.env[BIND_VARIABLE] == f'127.0.0.1:{cart.port}'
+    assert requests.get(f'http://127.0.0.1:{cart.port}/', timeout=10).status_code == 200
+

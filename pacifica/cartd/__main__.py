@@ -23,6 +23,7 @@ from .wiring import command_service, open_database, prepare_server
 
 LOGGER = logging.getLogger('pacifica.cartd')
 LISTEN_BACKLOG = 1024  # server.socket_queue_size unless the cpconfig file sets it
+THREAD_POOL = 200  # server.thread_pool unless the cpconfig file sets it: downloads at once, plus short requests
 
 
 def _fail(message: str) -> int:
@@ -77,8 +78,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # No body limit in cheroot (100 MB by default, answered in plain text before the API
     # sees the request): the API reads at most max_request_size + 1 bytes and answers a
     # larger body with its own JSON 413; the gateway never reads what the API left.
+    # Threads: each download holds one while it streams; CherryPy's default (10) lets ten slow
+    # downloads stop every other client (a connection still sending its head holds none).
     cherrypy.config.update({'server.socket_host': '127.0.0.1', 'server.socket_port': 8081,
                             'server.socket_queue_size': LISTEN_BACKLOG, 'server.max_request_body_size': 0,
+                            'server.thread_pool': THREAD_POOL,
                             'engine.autoreload.on': False})
     # CherryPy prints its own ENGINE and access lines; do not print them twice via the root logger.
     cherrypy.log.error_log.propagate = False

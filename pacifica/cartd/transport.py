@@ -1,14 +1,16 @@
 """Turning a download's pieces (bytes, file ranges) into what the HTTP server writes, zero-copy where it offers it.
 
 The use cases hand out a cart's tar as pieces and never learn how they reach the client.
-pacifica-cartd's own server (httpserver.py) offers a `sendfile(handle, offset, count)`
-function under SENDFILE_ENVIRON_KEY in the WSGI environ; where it is there, file ranges
-go from the page cache to the socket without passing through Python. Anywhere else
-(uWSGI, another WSGI server, TLS) they are read and yielded as bytes.
+pacifica-cartd's own server (httpserver.py) and, under uWSGI, wsgi.py offer a
+`sendfile(handle, offset, count)` function under SENDFILE_ENVIRON_KEY in the WSGI environ;
+where it is there, file ranges go from the page cache to the socket without passing through
+Python, and a download holds no buffer of its own while its client is slow. Anywhere else
+(another WSGI server, TLS) they are read and yielded as bytes.
 """
 from __future__ import annotations
 
 import os
+import select
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional, Union
 
@@ -67,6 +69,7 @@ def response_body(pieces: Iterable[Piece], chunk_size: int, send_file: Optional[
     files = _Files()
     gathered = bytearray()
     gather = GATHER_BYTES
+    written = False
     try:
         for piece in pieces:
             if isinstance(piece, bytes):
@@ -75,9 +78,11 @@ def response_body(pieces: Iterable[Piece], chunk_size: int, send_file: Optional[
             if piece.length <= gather:
                 gathered += files.read(piece)
             else:
-                if gathered:
+                if gathered or (send_file is not None and not written):
+                    # the first time also when empty: the server sends the headers then at the latest (uWSGI does)
                     yield bytes(gathered)
                     gathered.clear()
+                    written = True
                 if send_file is None:
                     for part in piece.parts(chunk_size):
                         yield files.read(part)
@@ -86,6 +91,7 @@ def response_body(pieces: Iterable[Piece], chunk_size: int, send_file: Optional[
             if len(gathered) >= gather:
                 yield bytes(gathered)
                 gathered.clear()
+                written = True
         if gathered:
             yield bytes(gathered)
     finally:
@@ -100,3 +106,22 @@ def _send(handle: BinaryIO, piece: FileRange, send_file: SendFile) -> None:
             raise OSError(f'{piece.path} is shorter than the cart recorded')
         position += sent
         remaining -= sent
+
+
+def socket_sendfile(connection_fd: Callable[[], int], timeout: float) -> SendFile:
+    """A SendFile onto the current request's non-blocking socket, as `connection_fd()` names it.
+
+    Each call sends what the socket takes (waiting up to `timeout` seconds for it to take
+    anything): TimeoutError when it takes nothing that long, as a server's own writes do.
+    """
+    def send(handle: BinaryIO, offset: int, count: int) -> int:
+        fd = connection_fd()
+        while True:
+            try:
+                return os.sendfile(fd, handle.fileno(), offset, count)
+            except BlockingIOError:
+                waiter = select.poll()
+                waiter.register(fd, select.POLLOUT)
+                if not waiter.poll(timeout * 1000):
+                    raise TimeoutError(f'the client took no bytes for {timeout} s') from None
+    return send

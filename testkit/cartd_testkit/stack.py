@@ -124,7 +124,7 @@ class CartStack:
         """Start the server (pacifica-cartd or uWSGI) on a free port and wait for GET / to answer."""
         self.port = self.port or free_port()
         if self.server_kind == 'uwsgi':
-            self.server = start_uwsgi(self.base_dir, self.env, self.port)
+            self.server = start_uwsgi(self.base_dir, self.env, self.port, shipped=True)  # uwsgi.ini, as documented
             return self.server
         self.server = ManagedProcess([binary('pacifica-cartd'), '-p', str(self.port), '-a', '127.0.0.1'],
                                      self.base_dir / 'server.log', env=self.env, cwd=self.base_dir,

@@ -8,6 +8,14 @@ from typing import Dict, List
 from .procs import ManagedProcess, binary
 
 MASTER_STARTED = 'cartd-test: uwsgi master loop started'
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]  # the checkout the testkit is installed from
+SHIPPED_INI = REPO_ROOT / 'uwsgi.ini'  # the production settings the docs give; the stack below runs it
+BIND_VARIABLE = 'CARTD_UWSGI_BIND'
+
+
+def shipped_ini_command(*extra: str) -> List[str]:
+    """`uwsgi --ini uwsgi.ini`, as the docs give it; it listens where CARTD_UWSGI_BIND says."""
+    return [binary('uwsgi'), '--ini', str(SHIPPED_INI), *extra]
 
 
 def uwsgi_command(port: int, *extra: str) -> List[str]:
@@ -27,14 +35,17 @@ def uwsgi_command(port: int, *extra: str) -> List[str]:
             '--worker-reload-mercy', '5', '--reload-mercy', '5', '--buffer-size', '65535', *extra]
 
 
-def start_uwsgi(base: pathlib.Path, env: Dict[str, str], port: int, name: str = 'uwsgi') -> ManagedProcess:
+def start_uwsgi(base: pathlib.Path, env: Dict[str, str], port: int, name: str = 'uwsgi',
+                shipped: bool = False) -> ManagedProcess:
     """Start uWSGI with the given environment; wait until GET / answers and the master loop runs.
 
     The uWSGI 2.0 master ignores SIGTERM (and SIGHUP) until its master loop starts, which can be
     after the workers already answer; a SIGTERM sent in that window is lost. The master-start
     hook prints a line once the master's own signal handlers are in place.
     """
-    command = uwsgi_command(port, '--hook-master-start', f'print:{MASTER_STARTED}')
+    hook = ('--hook-master-start', f'print:{MASTER_STARTED}')
+    command = shipped_ini_command(*hook) if shipped else uwsgi_command(port, *hook)
+    env = dict(env, **{BIND_VARIABLE: f'127.0.0.1:{port}'}) if shipped else env
     proc = ManagedProcess(command, base / f'{name}.log', env=env, cwd=base, name=name).start()
     try:
         proc.wait_http(f'http://127.0.0.1:{port}/', 60)
