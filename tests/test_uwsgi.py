@@ -315,3 +315,22 @@ def test_the_stack_runs_the_shipped_ini_on_the_port_it_was_given(cart: CartStack
     assert cart.server.env is not None and cart.server.env[BIND_VARIABLE] == f'127.0.0.1:{cart.port}'
     assert requests.get(f'http://127.0.0.1:{cart.port}/', timeout=10).status_code == 200
 
+
+@pytest.mark.parametrize('request_head', [
+    b'HEAD /nothing-here HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n',
+    b'HEAD /nothing-here HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n',
+    b'POST /bad-json HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx',
+], ids=['connection-close', 'http-1.0', 'post-connection-close'])
+def test_the_shipped_ini_closes_a_connection_the_client_asked_to_close(cart: CartStack, request_head: bytes) -> None:
+    """uWSGI's --http11-socket ignores `Connection: close`; the adapter makes it close (as cheroot does)
+    at once, not after the 60 s socket-timeout that a client reading to end of stream would wait."""
+    started = time.monotonic()
+    received, closed = exchange(cart.port, request_head, deadline_s=10)
+    assert closed and time.monotonic() - started < 5, received[:300]
+    assert b'\r\nConnection: close\r\n' in received, received[:300]
+
+
+def test_the_shipped_ini_keeps_a_keep_alive_connection_open(cart: CartStack) -> None:
+    request_head = b'HEAD /nothing-here HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n'
+    received, closed = exchange(cart.port, request_head, deadline_s=2)
+    assert not closed and received.startswith(b'HTTP/1.1 404'), received[:300]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import json
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -114,3 +115,40 @@ def test_an_answer_that_left_body_unread_closes_the_connection(length: str, read
 def test_sockets_that_close_after_one_answer_say_so(options: Dict[str, Any], closes: bool) -> None:
     _, headers, _ = call(UwsgiAdapter(Recorder(), 10, '1', options), environ())
     assert (headers['connection'] == 'close') == closes
+
+
+@pytest.mark.parametrize('extra, closes', [({'HTTP_CONNECTION': 'close'}, True), ({'HTTP_CONNECTION': 'Keep-Alive, Close'}, True),
+                                           ({'HTTP_CONNECTION': 'keep-alive'}, False), ({}, False),
+                                           ({'SERVER_PROTOCOL': 'HTTP/1.0'}, True),
+                                           ({'SERVER_PROTOCOL': 'HTTP/1.0', 'HTTP_CONNECTION': 'keep-alive'}, False)])
+def test_a_client_that_asks_to_close_is_answered_with_connection_close(extra: Dict[str, Any], closes: bool) -> None:
+    _, headers, _ = call(UwsgiAdapter(Recorder(), 10, '1', {'http11-socket': b':1'}), environ(**extra))
+    assert (headers['connection'] == 'close') == closes
+
+
+@pytest.mark.parametrize('extra, shut', [({'HTTP_CONNECTION': 'close'}, True), ({}, False)])
+def test_closing_on_a_keep_alive_socket_shuts_the_read_side_and_the_answer_still_goes(extra: Dict[str, Any],
+                                                                                      shut: bool) -> None:
+    """uWSGI's --http11-socket ignores `Connection: close`: the adapter ends its wait for a next request."""
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        adapter = UwsgiAdapter(Recorder(), 10, '1', {'http11-socket': b':1'}, connection_fd=server_end.fileno)
+        call(adapter, environ(**extra))
+        server_end.sendall(b'answer')  # the write side is open either way
+        assert client_end.recv(16) == b'answer'
+        server_end.setblocking(False)
+        if shut:
+            assert server_end.recv(16) == b''  # end of stream at once: uWSGI closes the connection
+        else:
+            with pytest.raises(BlockingIOError):  # still waiting for a next request
+                server_end.recv(16)
+        assert server_end.fileno() >= 0  # the descriptor is left open for uWSGI to close
+
+
+def test_a_refusal_on_a_keep_alive_socket_shuts_the_read_side() -> None:
+    server_end, client_end = socket.socketpair()
+    with server_end, client_end:
+        adapter = UwsgiAdapter(Recorder(), 10, '1', {'http11-socket': b':1'}, connection_fd=server_end.fileno)
+        status, headers, _ = call(adapter, environ(HTTP_TRANSFER_ENCODING='gzip'))
+        server_end.setblocking(False)
+        assert status == '501 Unimplemented' and headers['connection'] == 'close' and server_end.recv(16) == b''

@@ -57,5 +57,5 @@ UWSGI = _uwsgi()
 if UWSGI is not None:
     OPTIONS = dict(getattr(UWSGI, 'opt', {}))
     application = UwsgiAdapter(application, SETTINGS.max_request_size, cherrypy.__version__, OPTIONS,
-                               getattr(UWSGI, 'chunked_read', None))
+                               getattr(UWSGI, 'chunked_read', None), UWSGI.connection_fd)
     application = offering_sendfile(application, UWSGI.connection_fd, socket_timeout(OPTIONS))
