@@ -17,6 +17,7 @@ from cartd_testkit.procs import BIN_DIR, ManagedProcess, free_port
 from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.databases import fresh_database
 from cartd_testkit.stack import CartStack, running, tar_contents
+from cartd_testkit.uwsgi import BIND_VARIABLE, SHIPPED_INI
 
 pytestmark = [pytest.mark.integration]
 
@@ -46,6 +47,15 @@ def test_the_systemd_units_verify(tmp_path: pathlib.Path) -> None:
     result = subprocess.run([analyze, 'verify', '--man=no', *units], capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 0 and result.stderr.strip() == '', result.stderr
+
+
+def test_the_server_unit_runs_the_shipped_ini_and_sets_the_address_it_reads() -> None:
+    """The unit's bind variable is the one uwsgi.ini reads (a unit that set another would listen on 8081 only)."""
+    unit = (DEPLOY / 'systemd' / 'pacifica-cartd.service').read_text(encoding='utf-8')
+    assert f'Environment={BIND_VARIABLE}=' in unit
+    assert f'if-env = {BIND_VARIABLE}' in SHIPPED_INI.read_text(encoding='utf-8')
+    assert 'uwsgi --ini ' in unit
+    assert BIND_VARIABLE in (DEPLOY / 'nginx' / 'pacifica-cartd.conf').read_text(encoding='utf-8')
 
 
 def test_the_logrotate_file_parses() -> None:
