@@ -1,9 +1,10 @@
 """Settings: defaults, environment overrides, file-over-environment precedence, clear errors."""
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from pacifica.cartd.config import load_settings, parse_size
+from pacifica.cartd.config import check_volume, load_settings, parse_size
 from pacifica.cartd.errors import ConfigError
 
 PUBLISHED_CONFIG = """\
@@ -82,3 +83,15 @@ def test_bad_value_names_the_key(tmp_path: Path, section: str, key: str, value: 
         load_settings(str(path), environ={})
     assert f'[{section}] {key}' in caught.value.message
     assert env_name in caught.value.message
+
+
+@pytest.mark.parametrize('volume, warned', [('/tmp/', True), ('/tmp', True), ('/var/tmp/', True), (None, False)])
+def test_a_volume_left_on_a_shared_temporary_directory_is_warned_about(
+        volume: str, warned: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The default volume_path, /tmp/, works but is no place for production: the start says so."""
+    monkeypatch.delenv('VOLUME_PATH', raising=False)
+    settings = dataclasses.replace(load_settings(None), volume_path=Path(volume or tmp_path / 'volume'))
+    with caplog.at_level('WARNING', logger='pacifica.cartd.config'):
+        check_volume(settings)
+    assert any('shared temporary directory' in record.getMessage() for record in caplog.records) == warned

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from .errors import ConfigError
+
+LOGGER = logging.getLogger(__name__)
+SHARED_TEMPORARY_DIRECTORIES = (Path('/tmp'), Path('/var/tmp'))
 
 # Sizes as the published service writes them: upper-case units are decimal,
 # lower-case 'b' units binary ("4 Mb" is 4 MiB). The IEC names are accepted too.
@@ -252,3 +256,8 @@ def check_volume(settings: Settings) -> None:
                           f'cannot create {path}: {exc.strerror}') from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f'bad value for [cartd] volume_path (env VOLUME_PATH): {path} is not writable')
+    if path.resolve() in SHARED_TEMPORARY_DIRECTORIES:
+        LOGGER.warning('[cartd] volume_path is %s, a shared temporary directory: carts there can be swept by '
+                       'tmp cleaners, lost at a reboot (tmpfs) and, under systemd PrivateTmp, the server and '
+                       'the workers each see their own; set volume_path to a directory of its own '
+                       '(docs/deployment.md)', path)
