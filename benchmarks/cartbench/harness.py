@@ -3,6 +3,7 @@ and our cart, and a bounded run that stops and removes everything it started."""
 from __future__ import annotations
 
 import argparse
+import configparser
 import contextlib
 import datetime
 import importlib.metadata
@@ -27,6 +28,16 @@ REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 REFERENCE_DB_OPTIONS = '?ssl_disabled=true'  # see start_reference
 
 
+def shipped_thread_pool(default: int = 16) -> int:
+    """server.thread_pool of the repository's server.conf (what an operator runs), `default` without one."""
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(REPO / 'server.conf', encoding='utf-8')
+        return int(parser.get('global', 'server.thread_pool'))
+    except (configparser.Error, ValueError):
+        return default
+
+
 def log(text: str) -> None:
     """Progress on stderr; the figures go to stdout."""
     print(f'# {datetime.datetime.now():%H:%M:%S} {text}', file=sys.stderr, flush=True)
@@ -38,7 +49,8 @@ def add_stack_options(parser: argparse.ArgumentParser, max_minutes: float) -> No
                         help='database of our cart (a fresh one, dropped afterwards)')
     parser.add_argument('--workers', type=int, default=1, help='celery worker processes')
     parser.add_argument('--concurrency', type=int, default=2, help='celery pool processes per worker')
-    parser.add_argument('--server-threads', type=int, default=16, help='CherryPy server.thread_pool')
+    parser.add_argument('--server-threads', type=int, default=shipped_thread_pool(),
+                        help="CherryPy server.thread_pool of both carts (the repository's server.conf's by default)")
     parser.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
                         help='a setting of our cart, e.g. cartd.stage_concurrency=16 (repeatable)')
     parser.add_argument('--cpconfig-set', action='append', default=[], metavar='KEY=VALUE',
