@@ -452,8 +452,18 @@ class TarRow(NamedTuple):
     tar_offset: Optional[int]
 
 
-def files_in_tar_order(cart_id: int) -> List[TarRow]:
-    """A cart's files in their tar's order: those placed in the bundle tar by place, then the rest by id.
+class TarColumns(NamedTuple):
+    """A cart's files in tar order as columns (one tuple per field): no object per row."""
+
+    paths: Tuple[str, ...]
+    sizes: Tuple[int, ...]
+    mtimes: Tuple[float, ...]
+    ids: Tuple[int, ...]
+    tar_offsets: Tuple[Optional[int], ...]
+
+
+def _rows_in_tar_order(cart_id: int) -> List[Tuple[Any, ...]]:
+    """(path, size, mtime, id, tar_offset) of a cart's files: those placed in the bundle tar by place, then by id.
 
     Read straight off the cursor (no model per row): a 100,000-file cart's download starts with it.
     """
@@ -466,7 +476,20 @@ def files_in_tar_order(cart_id: int) -> List[TarRow]:
         f'WHERE {name(File.cart)} = {DB.obj.param} '
         f'ORDER BY CASE WHEN {name(File.tar_offset)} IS NULL THEN 1 ELSE 0 END, {name(File.tar_offset)}, '
         f'{name(File.id)}', (cart_id,))
-    return list(map(TarRow._make, cursor.fetchall()))
+    return cursor.fetchall()
+
+
+def files_in_tar_order(cart_id: int) -> List[TarRow]:
+    """A cart's files in their tar's order, a TarRow each (see _rows_in_tar_order)."""
+    return list(map(TarRow._make, _rows_in_tar_order(cart_id)))
+
+
+def tar_columns(cart_id: int) -> TarColumns:
+    """A cart's files in their tar's order as columns: what a download lays out, at a few µs less a file."""
+    rows = _rows_in_tar_order(cart_id)
+    if not rows:
+        return TarColumns((), (), (), (), ())
+    return TarColumns(*zip(*rows, strict=True))
 
 
 def unfinished_file_ids(cart_id: int) -> List[int]:
