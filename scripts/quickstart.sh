@@ -262,6 +262,7 @@ until X-Pacifica-Status says ready, download it and delete it:
 curl -X POST -H 'Content-Type: application/json' $URL/demo -d '{"fileids": [
   {"id": "1", "path": "hello.txt", "hashtype": "sha1", "hashsum": "$(sha "$DIR/archive/1" sha1)"},
   {"id": "2", "path": "squares.csv", "hashtype": "md5", "hashsum": "$(sha "$DIR/archive/2" md5)"}]}'
+for poll in \$(seq 60); do curl -sI $URL/demo | grep 'X-Pacifica-Status: staging' >/dev/null || break; sleep 1; done
 curl -I $URL/demo
 curl -o demo.tar '$URL/demo?filename=demo.tar'
 tar -tvf demo.tar
