@@ -16,7 +16,7 @@ from .archive import MEDIA_ERROR, ArchiveClient, ArchiveStatus, Download
 from .bundling import Bundler
 from .cleanup import cart_went_away
 from .config import Settings
-from .errors import ArchiveMediaError, CartGone, FileStageError, HashMismatch
+from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageError, HashMismatch
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
@@ -44,6 +44,11 @@ class StageOutcome:
 
 def _cart_message(file: File, cause: str) -> str:
     return f'Failed to pull file({file.bundle_path} (archive id {file.file_name}): {cause})'
+
+
+def _missing_message(file: File) -> str:
+    """The file's and its cart's error when the archive has no such file: nothing to retry, nothing to wait for."""
+    return f'file {file.bundle_path} (archive id {file.file_name}) is not in the archive'
 
 
 class Stager:
@@ -122,11 +127,16 @@ class Stager:
         """Stage one file in a pool thread; failures are recorded here, successes by the caller."""
         try:
             return self._stage_one(cart, file)
+        except ArchiveFileMissing as exc:
+            message = cart_error = _missing_message(file)
+            LOGGER.warning('cart %s: %s (%s)', cart.cart_uid, message, exc)
         except FileStageError as exc:
             message = exc.message
+            cart_error = _cart_message(file, message)
             LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
         except OSError as exc:
             message = f'cannot write to the volume: {exc.strerror or exc}'
+            cart_error = _cart_message(file, message)
             with database.connection():
                 live = cart_status(cart.id) in LIVE_STATUSES
             if not live:  # a DELETE removed the cart's directory under the download: the caller cleans up
@@ -136,7 +146,7 @@ class Stager:
             LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
         with database.connection(), database.atomic():
             if fail_file(file.id, message):
-                fail_cart(cart.id, _cart_message(file, message))
+                fail_cart(cart.id, cart_error)
         return StageOutcome(file.id, error=message)
 
     def _stage_one(self, cart: Cart, file: File) -> StageOutcome:
