@@ -20,8 +20,9 @@ from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageEr
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
-from .orm import (LIVE_STATUSES, Cart, CartStatus, File, FileStatus, cart_status, count_staged, fail_cart, fail_file,
-                  files_to_stage, get_cart, get_file, grow_bundle, mark_staged, not_staged, place_file, tar_place)
+from .orm import (LIVE_STATUSES, Cart, CartStatus, File, FileStatus, cart_status, count_staged, count_staged_of_failed,
+                  fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle, mark_staged, not_staged,
+                  place_file, tar_place)
 from .tarlayout import member_region
 from .volume import CartVolume
 
@@ -266,7 +267,9 @@ class Stager:
         """Mark files staged and count them, in one transaction; finish the cart if they were the last.
 
         Only files not already staged are counted, so a duplicated task never counts twice.
-        Raises CartGone (after cleaning up) when the cart stopped staging meanwhile.
+        Raises CartGone (after cleaning up) when the cart stopped staging meanwhile. A cart that
+        failed meanwhile keeps these files recorded: they are on the volume and verified (fixit
+        does not pull them again, eviction frees them before any ready cart's).
         """
         by_id = {outcome.file_id: outcome for outcome in outcomes}
         try:
@@ -281,8 +284,11 @@ class Stager:
                 release_files(list(by_id))
                 if not fresh:
                     return  # duplicates of work already recorded
-                if not count_staged(cart.id, len(fresh)):
+                live = count_staged(cart.id, len(fresh))
+                if not live and not count_staged_of_failed(cart.id, len(fresh)):
                     raise CartGone(f'cart id {cart.id} is no longer staging')
+            if not live:
+                raise CartGone(f'cart id {cart.id} failed')
         except CartGone:
             cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')
             raise
