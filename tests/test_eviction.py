@@ -57,8 +57,9 @@ def _service(tmp_path: pathlib.Path, volume: pathlib.Path, files: Dict[str, byte
     return CartService(settings, queue, archive), archive, queue  # type: ignore[arg-type]
 
 
-def _cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, count: int,
-          age_minutes: float = 0) -> List[bytes]:
+def _make_cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, count: int,
+               age_minutes: float = 0, last_fails: bool = False) -> Tuple[int, List[bytes]]:
+    """A cart of `count` files, staged; with `last_fails`, the last file's media is 'error'."""
     datas = []
     entries = []
     for index in range(count):
@@ -67,12 +68,19 @@ def _cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str
         datas.append(data)
         entries.append({'id': f'{uid}-{index}', 'path': f'f{index}', 'hashtype': 'md5',
                         'hashsum': hashlib.md5(data).hexdigest()})
+    if last_fails:
+        archive.media[f'{uid}-{count - 1}'] = 'error'
     cart_id = service.create_cart(uid, {'fileids': entries})
     run_queue(service, queue)
     if age_minutes:
         Cart.update(updated_date=datetime.datetime.now() - datetime.timedelta(minutes=age_minutes)).where(
             Cart.id == cart_id).execute()
-    return datas
+    return cart_id, datas
+
+
+def _cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, count: int,
+          age_minutes: float = 0) -> List[bytes]:
+    return _make_cart(service, queue, archive, uid, count, age_minutes)[1]
 
 
 def test_lru_carts_make_room_and_protected_carts_stay(tmp_path: pathlib.Path, small_volume: pathlib.Path) -> None:
@@ -217,19 +225,7 @@ def _failed_cart(service: CartService, queue: FakeQueue, archive: FakeArchive, u
 
     Needs STAGE_CONCURRENCY 1 (files in order): a file not started when its cart failed is not pulled.
     """
-    entries = []
-    for index in range(good + 1):
-        data = os.urandom(FILE_SIZE)
-        archive.files[f'{uid}-{index}'] = data
-        entries.append({'id': f'{uid}-{index}', 'path': f'f{index}', 'hashtype': 'md5',
-                        'hashsum': hashlib.md5(data).hexdigest()})
-    archive.media[f'{uid}-{good}'] = 'error'
-    cart_id = service.create_cart(uid, {'fileids': entries})
-    run_queue(service, queue)
-    if age_minutes:
-        Cart.update(updated_date=datetime.datetime.now() - datetime.timedelta(minutes=age_minutes)).where(
-            Cart.id == cart_id).execute()
-    return cart_id
+    return _make_cart(service, queue, archive, uid, good + 1, age_minutes, last_fails=True)[0]
 
 
 def _staged_on_volume(volume: pathlib.Path, cart_id: int) -> int:
