@@ -77,8 +77,8 @@ def _int_header(value: Optional[str]) -> Optional[int]:
 # It has no error codes of its own, so those words are what tells a missing file from a busy archive.
 _CAUSE = re.compile(r'^[A-Za-z_][\w.]*(?:Error|Exception)\w*: (?P<cause>.+)$')
 _QUOTED_PATH = re.compile(r":? *'/[^']*'")  # the archive's local paths stay out of the cart's messages
-# ENOENT, and ENOTDIR (a path through a file): there is no file under that id.
-_NO_SUCH_FILE = tuple(f'[Errno {code}] ' for code in (errno.ENOENT, errno.ENOTDIR))
+# ENOENT: there is no file under that id. (Other causes, e.g. EISDIR or EACCES, stay transient.)
+_NO_SUCH_FILE = f'[Errno {errno.ENOENT}] '
 PROBE_QUERY = 'byte_range=0-0'  # a GET of no bytes: the file opened, nothing read
 
 
@@ -105,7 +105,7 @@ def _error_text(page: Dict[str, Any], reason: str) -> str:
 
 
 def _means_no_such_file(page: Dict[str, Any]) -> bool:
-    return any(marker in _archive_cause(page) for marker in _NO_SUCH_FILE)
+    return _NO_SUCH_FILE in _archive_cause(page)
 
 
 def new_hash(hash_type: str) -> 'hashlib._Hash':
