@@ -34,8 +34,8 @@ from cartbench import client, limits
 from cartbench.client import BenchError
 from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, fileids, total_bytes
 from cartbench.harness import (REFERENCE_DB_OPTIONS, REPO, add_stack_options, bounded_run, cart_version,
-                               check_stack_options, load_average, log, start_archive, start_ours, start_reference,
-                               wait_idle)
+                               check_stack_options, chosen_workloads, load_average, log, start_archive, start_ours,
+                               start_reference, wait_idle)
 from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes, tree_cpu_seconds
 from cartbench.slowclients import ProbeOptions, probe
 from cartbench.stacks import Nginx, OurStack, ReferenceStack, UwsgiServer, find_nginx
@@ -847,11 +847,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--wait-idle', type=float, default=0, metavar='SECONDS',
                         help='first wait up to this long for the 1-minute load average to drop below 0.5')
     args = parser.parse_args(argv)
-    chosen = [name.strip() for name in args.workloads.split(',') if name.strip()]
-    unknown = set(chosen) - set(WORKLOADS)
-    if unknown:
-        parser.error(f'unknown workloads: {", ".join(sorted(unknown))}')
-    args.chosen = [name for name in WORKLOADS if name in chosen]
+    args.chosen = chosen_workloads(parser, args.workloads, WORKLOADS)
     check_stack_options(parser, args)
     return args
 

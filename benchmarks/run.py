@@ -25,7 +25,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from cartbench import client, limits
-from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options,
+from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options, chosen_workloads,
                                load_average, log, start_archive, start_ours, start_reference, wait_idle)
 from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, total_bytes
 from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes
@@ -766,13 +766,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--wait-idle', type=float, default=0, metavar='SECONDS',
                         help='first wait up to this long for the 1-minute load average to drop below 0.5')
     args = parser.parse_args(argv)
-    chosen = [name.strip() for name in args.workloads.split(',') if name.strip()]
-    unknown = set(chosen) - set(WORKLOADS)
-    if unknown:
-        parser.error(f'unknown workloads: {", ".join(sorted(unknown))}')
-    if 'memory' in chosen and 'large' not in chosen:
-        chosen.append('large')  # its peaks are taken during large
-    args.chosen = [name for name in WORKLOADS if name in chosen]
+    args.chosen = chosen_workloads(parser, args.workloads, WORKLOADS,
+                                   needs={'memory': 'large'})  # memory's peaks are taken during large
     check_stack_options(parser, args)
     return args
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.broker import broker_available
@@ -60,6 +60,18 @@ def add_stack_options(parser: argparse.ArgumentParser, max_minutes: float) -> No
     parser.add_argument('--tmpdir', default=tempfile.gettempdir(), help='where the archive and volumes go')
     parser.add_argument('--keep', action='store_true', help='keep the temp dir (logs, configs) afterwards')
     parser.add_argument('--max-minutes', type=float, default=max_minutes, help='stop everything after this long')
+
+
+def chosen_workloads(parser: argparse.ArgumentParser, text: str, known: Sequence[str],
+                     needs: Optional[Dict[str, str]] = None) -> List[str]:
+    """The comma-separated workloads of `text` in the order of `known` (an unknown name is a usage error),
+    with any workload that a chosen one `needs` run too."""
+    chosen = [name.strip() for name in text.split(',') if name.strip()]
+    unknown = set(chosen) - set(known)
+    if unknown:
+        parser.error(f'unknown workloads: {", ".join(sorted(unknown))}')
+    chosen += [needed for name, needed in (needs or {}).items() if name in chosen]
+    return [name for name in known if name in chosen]
 
 
 def check_stack_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
