@@ -24,6 +24,7 @@ from cherrypy import _cpserver, _cpwsgi_server
 from pacifica.cartd import httpserver, transport
 from pacifica.cartd.tarlayout import FileRange
 from pacifica.cartd.transport import SENDFILE_ENVIRON_KEY, response_body
+from cartd_testkit.rawhttp import exchange
 
 TIMEOUT_S = 10.0
 
@@ -181,15 +182,8 @@ def test_the_gateway_offers_sendfile_and_it_sends_the_file(serve: Callable[..., 
 
 def test_cheroots_own_errors_are_json(serve: Callable[..., int]) -> None:
     port = serve(lambda environ, start_response: pytest.fail('a malformed request reached the app'))
-    with socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT_S) as raw:
-        raw.sendall(b'NONSENSE\r\n\r\n')
-        answer = b''
-        while True:
-            data = raw.recv(65536)
-            if not data:
-                break
-            answer += data
-            assert len(answer) < 1 << 20
+    answer, closed = exchange(port, b'NONSENSE\r\n\r\n', TIMEOUT_S)
+    assert closed and len(answer) < 1 << 20
     head, _, body = answer.partition(b'\r\n\r\n')
     lines = head.decode('latin-1').split('\r\n')
     assert lines[0].startswith('HTTP/1.1 400 ')
@@ -262,14 +256,8 @@ def test_a_head_sent_a_few_bytes_at_a_time_is_served_whole(serve: Callable[..., 
 def test_a_head_not_in_within_the_timeout_gets_a_json_408(serve: Callable[..., int]) -> None:
     port = serve(lambda environ, start_response: pytest.fail('an incomplete head reached the app'),
                              threads=1, head_timeout=0.3)
-    with socket.create_connection(('127.0.0.1', port), timeout=TIMEOUT_S) as raw:
-        raw.sendall(b'GET /never-ends HTTP/1.1\r\nHost: x\r\n')
-        answer = b''
-        while True:
-            data = raw.recv(65536)
-            if not data:
-                break  # and the server closed the connection
-            answer += data
+    answer, closed = exchange(port, b'GET /never-ends HTTP/1.1\r\nHost: x\r\n', TIMEOUT_S)
+    assert closed  # the server closed the connection after its answer
     head, _, body = answer.partition(b'\r\n\r\n')
     lines = head.decode('latin-1').split('\r\n')
     assert lines[0] == 'HTTP/1.1 408 Request Timeout'
