@@ -4,9 +4,13 @@ The server below (a ThreadingHTTPServer on 127.0.0.1, port 0) speaks the archive
 HTTP API as pacifica-archiveinterface 0.4.2 does (see REFERENCE_BEHAVIOUR.md): HEAD 204 with
 X-Pacifica-Messsage (sic), X-Content-Length, Last-Modified in epoch seconds and
 X-Pacifica-File-Storage-Media; POST 200 with a JSON message; GET 200 streamed in chunks;
-a missing file is a 500 JSON error page with a traceback. A test can queue faults per
-(method, id): 404, 500, a hang, a body cut short or a body that stalls. The server records
-every request line's path and counts the connections it accepts. Every wait is bounded.
+a missing file is a 500 JSON error page whose traceback names the cause (a HEAD answer has no
+body). A test can queue faults per (method, id): 404, 500 (an HPSS archive that is busy), a
+hang, a body cut short or a body that stalls. The server records every request line's path and
+counts the connections it accepts. Every wait is bounded.
+
+How a missing file is told from a busy archive is tested against the real archive interface
+(the session's `archive`) and cartd_testkit.fakes.BusyArchive (the real one cannot be busy).
 """
 from __future__ import annotations
 
@@ -28,11 +32,14 @@ import pytest
 from pacifica.cartd.archive import ArchiveClient, ArchiveStatus, Download
 from pacifica.cartd.errors import ArchiveError, ArchiveFileMissing, ArchiveShortRead, HashMismatch
 
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.fakes import GENERIC_500, HPSS_BUSY, BusyArchive, archive_error_page
+
 MTIME = 1500000000.5
 HANG_S = 10.0          # the longest any handler waits (teardown releases a hang at once)
 CLIENT_TIMEOUT_S = 0.5
 HANDLER_TIMEOUT_S = 10  # an idle keep-alive connection is dropped by the server after this
-TRACEBACK = 'Traceback (most recent call last):\n  File "/opt/archive/backends/posix.py", line 42, in open\n'
+NO_SUCH_FILE = "Can't open posix file with error: [Errno 2] No such file or directory"  # as 0.4.2 says it
 
 
 @dataclasses.dataclass
@@ -95,17 +102,19 @@ class ArchiveHandler(http.server.BaseHTTPRequestHandler):
         if body:
             self.wfile.write(payload)
 
-    def _error_page(self, status: int, message: str, body: bool = True) -> None:
-        reason = {404: 'Not Found', 500: 'Internal Server Error'}[status]
-        self._json(status, {'status': f'{status} {reason}', 'message': message, 'traceback': TRACEBACK,
-                            'version': '18.10.0'}, body)
+    def _error_page(self, cause: str, body: bool = True) -> None:
+        self._json(500, archive_error_page(cause), body)
+
+    def _missing(self, archive_id: str, body: bool = True) -> None:
+        self._error_page(f"{NO_SUCH_FILE}: '/srv/archive/{archive_id}'", body)
 
     def _common_fault(self, fault: Optional[str], body: bool) -> bool:
         """Answer a fault every verb knows; tell whether one was answered."""
         if fault == '404':
-            self._error_page(404, 'Not Found', body)
+            self._json(404, {'status': '404 Not Found', 'message': 'Not Found', 'traceback': '',
+                             'version': '18.10.0'}, body)
         elif fault == '500':
-            self._error_page(500, 'The archive core server is slow to respond', body)
+            self._error_page(HPSS_BUSY, body)
         elif fault == 'hang':
             self.stub.release.wait(HANG_S)
             self.close_connection = True
@@ -118,7 +127,7 @@ class ArchiveHandler(http.server.BaseHTTPRequestHandler):
         if self._common_fault(fault, body=False):
             return
         if archive_id not in self.stub.files:
-            self._error_page(500, f'Failed to open file with error: no such file {archive_id}', body=False)
+            self._missing(archive_id, body=False)
             return
         self.send_response(204)
         if archive_id not in self.stub.bare:
@@ -141,7 +150,7 @@ class ArchiveHandler(http.server.BaseHTTPRequestHandler):
         if self._common_fault(fault, body=True):
             return
         if archive_id not in self.stub.files:
-            self._error_page(500, f'Failed to open file with error: no such file {archive_id}')
+            self._missing(archive_id)
             return
         self._json(200, {'message': 'File was staged', 'file': archive_id})
 
@@ -150,7 +159,7 @@ class ArchiveHandler(http.server.BaseHTTPRequestHandler):
         if self._common_fault(fault, body=True):
             return
         if archive_id not in self.stub.files:
-            self._error_page(500, f'Failed to open file with error: no such file {archive_id}')
+            self._missing(archive_id)
             return
         data = self.stub.files[archive_id]
         self.send_response(200)
@@ -383,16 +392,62 @@ def test_404_is_a_missing_file(stub_archive: Running, tmp_path: pathlib.Path, me
 
 
 @pytest.mark.parametrize('method', ['HEAD', 'POST', 'GET'])
-def test_500_error_page_gives_its_message_without_the_traceback(stub_archive: Running, tmp_path: pathlib.Path,
-                                                                method: str) -> None:
+def test_500_error_page_gives_its_cause_without_the_traceback(stub_archive: Running, tmp_path: pathlib.Path,
+                                                              method: str) -> None:
+    stub_archive.state.files['busy'] = b'there'
+    stub_archive.state.fault(method, 'busy', '500')
     with pytest.raises(ArchiveError) as raised:
-        _call(stub_archive.client(), method, 'no-such-file', tmp_path)  # the archive answers a missing file with 500
+        _call(stub_archive.client(), method, 'busy', tmp_path)
     assert not isinstance(raised.value, ArchiveFileMissing)
     text = str(raised.value)
-    # a HEAD answer has no body, so there the reason phrase is all there is
-    shown = 'Internal Server Error' if method == 'HEAD' else 'Failed to open file with error: no such file no-such-file'
+    # A HEAD answer has no body: the client asks for none of the file's bytes with a GET, to read
+    # why; here that GET succeeds (only HEAD was busy), so the reason phrase is all there is.
+    shown = 'Internal Server Error' if method == 'HEAD' else HPSS_BUSY
     assert text == f'archive {method} answered 500: {shown}'
-    assert 'Traceback' not in text and 'posix.py' not in text
+    assert 'Traceback' not in text and 'rest_generator.py' not in text and GENERIC_500 not in text
+    probes = [seen for seen in stub_archive.state.requests if seen == ('GET', '/busy?byte_range=0-0')]
+    assert len(probes) == (1 if method == 'HEAD' else 0), stub_archive.state.requests
+
+
+@pytest.mark.parametrize('method', ['HEAD', 'POST', 'GET'])
+def test_a_file_the_real_archive_does_not_have_is_missing_without_retries(archive: ArchiveServer,
+                                                                          tmp_path: pathlib.Path,
+                                                                          method: str) -> None:
+    """pacifica-archiveinterface 0.4.2 answers 500 for a missing file, the cause only in its page's traceback."""
+    waits: List[float] = []
+    client = ArchiveClient(archive.url, 10.0, 1024, 3, 0.25, sleep=waits.append)
+    with pytest.raises(ArchiveFileMissing) as raised:
+        client.with_retries(lambda: _call(client, method, 'never-put-in-the-archive', tmp_path))
+    assert str(raised.value) == f'archive {method} answered 500: {NO_SUCH_FILE}'  # the archive's path left out
+    assert waits == []
+    assert not (tmp_path / 'partial').exists()
+
+
+def test_a_file_the_real_archive_has_is_not_missing(archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
+    archive.put('present-for-the-client', b'here')
+    client = ArchiveClient(archive.url, 10.0, 1024, 0, 0.0, sleep=_no_sleep)
+    assert client.status('present-for-the-client').size == 4
+    client.stage('present-for-the-client')
+    client.download('present-for-the-client', tmp_path / 'partial', 'sha1', _sha1(b'here'), 4)
+
+
+@pytest.mark.parametrize('method', ['HEAD', 'POST', 'GET'])
+def test_a_busy_hpss_archive_is_transient_and_retried(tmp_path: pathlib.Path, method: str) -> None:
+    """HPSS answers 500 'slow to respond' while its core server is slow: retried, never taken for a missing file.
+
+    The real archive of these tests (POSIX backend) is never busy, so BusyArchive sends 0.4.2's page.
+    """
+    waits: List[float] = []
+    with BusyArchive() as busy:
+        client = ArchiveClient(busy.url, 5.0, 1024, 2, 0.1, sleep=waits.append)
+        with pytest.raises(ArchiveError) as raised:
+            client.with_retries(lambda: _call(client, method, '1234', tmp_path))
+        seen = list(busy.requests)
+    assert not isinstance(raised.value, ArchiveFileMissing)
+    assert str(raised.value) == f'archive {method} answered 500: {HPSS_BUSY}'
+    assert waits == [0.1, 0.2]
+    expected = [(method, '/1234')] + ([('GET', '/1234?byte_range=0-0')] if method == 'HEAD' else [])
+    assert seen == expected * 3
 
 
 def test_connection_refused_is_an_archive_error(refused_url: str, tmp_path: pathlib.Path) -> None:

@@ -88,12 +88,17 @@ class Case:
         return final
 
     def count(self, method: str) -> int:
-        """Requests of `method` the proxy received for this file."""
-        return self.proxy.count(method, self.archive_id)
+        """Requests of `method` the proxy received for this file (a GET: downloads, not probes)."""
+        return self.proxy.count(method, self.archive_id, query='')
+
+    def probes(self) -> int:
+        """GETs of no bytes, which the cart sends to learn why a HEAD answered 500 (a HEAD has no body)."""
+        return self.proxy.count('GET', self.archive_id, query='byte_range=0-0')
 
     def history(self) -> List[str]:
         """What the proxy saw for this file, for assertion messages."""
-        return [f'{event.method} {event.fault or "-"}: {event.answer}' for event in self.proxy.events(self.archive_id)]
+        return [f'{event.method}{"?" + event.query if event.query else ""} {event.fault or "-"}: {event.answer}'
+                for event in self.proxy.events(self.archive_id)]
 
     def assert_ready(self, final: requests.Response) -> None:
         """The cart is ready and its tar holds exactly the archive's bytes."""
@@ -128,7 +133,7 @@ class Case:
 def test_head_500_twice_then_ok_is_ready(faulty: Tuple[CartStack, FaultProxy]) -> None:
     case = Case(*faulty, 'head500x2').rule('status500', times=2, methods='HEAD')
     case.assert_ready(case.run())
-    assert case.count('HEAD') == 3 and case.count('GET') == 1, case.history()
+    assert case.count('HEAD') == 3 and case.count('GET') == 1 and case.probes() == 2, case.history()
 
 
 def test_get_500_twice_then_ok_is_ready(faulty: Tuple[CartStack, FaultProxy]) -> None:
@@ -148,7 +153,7 @@ def test_get_500_always_fails_naming_file_and_cause(faulty: Tuple[CartStack, Fau
 def test_head_500_always_fails(faulty: Tuple[CartStack, FaultProxy]) -> None:
     case = Case(*faulty, 'head500').rule('status500', times=None, methods='HEAD')
     case.assert_error(case.run(), 'archive HEAD answered 500')
-    assert case.count('HEAD') == ATTEMPTS and case.count('GET') == 0, case.history()
+    assert case.count('HEAD') == ATTEMPTS and case.count('GET') == 0 and case.probes() == ATTEMPTS, case.history()
 
 
 # ---- hangs ------------------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_file_missing_from_archive(stack: CartStack) -> None:
     final = stack.wait_final(uid)
     assert final.headers['X-Pacifica-Status'] == 'error'
     message = final.headers['X-Pacifica-Message']
-    assert 'ghost.dat' in message and 'archive HEAD answered 500' in message
+    assert message == f'file ghost.dat (archive id {uid}-not-there) is not in the archive'
     assert 'Traceback' not in message and len(message) < 1000
 
 

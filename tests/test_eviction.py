@@ -57,8 +57,9 @@ def _service(tmp_path: pathlib.Path, volume: pathlib.Path, files: Dict[str, byte
     return CartService(settings, queue, archive), archive, queue  # type: ignore[arg-type]
 
 
-def _cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, count: int,
-          age_minutes: float = 0) -> List[bytes]:
+def _make_cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, count: int,
+               age_minutes: float = 0, last_fails: bool = False) -> Tuple[int, List[bytes]]:
+    """A cart of `count` files, staged; with `last_fails`, the last file's media is 'error'."""
     datas = []
     entries = []
     for index in range(count):
@@ -67,12 +68,19 @@ def _cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str
         datas.append(data)
         entries.append({'id': f'{uid}-{index}', 'path': f'f{index}', 'hashtype': 'md5',
                         'hashsum': hashlib.md5(data).hexdigest()})
+    if last_fails:
+        archive.media[f'{uid}-{count - 1}'] = 'error'
     cart_id = service.create_cart(uid, {'fileids': entries})
     run_queue(service, queue)
     if age_minutes:
         Cart.update(updated_date=datetime.datetime.now() - datetime.timedelta(minutes=age_minutes)).where(
             Cart.id == cart_id).execute()
-    return datas
+    return cart_id, datas
+
+
+def _cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, count: int,
+          age_minutes: float = 0) -> List[bytes]:
+    return _make_cart(service, queue, archive, uid, count, age_minutes)[1]
 
 
 def test_lru_carts_make_room_and_protected_carts_stay(tmp_path: pathlib.Path, small_volume: pathlib.Path) -> None:
@@ -209,3 +217,66 @@ def test_bytes_written_in_place_into_a_sparse_tar_are_not_counted_again(tmp_path
         file = File.create(cart=cart, file_name='f', bundle_path='f', hash_type='md5', hash_value='0' * 32)
         reserve(cart.id, file.id, disk_bytes(size), tar, tar_offset=region_start)
         assert bytes_in_flight(excluding_file_id=0) == disk_bytes(size) - MIB // 2
+
+
+def _failed_cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, good: int,
+                 age_minutes: float = 0) -> int:
+    """A cart of `good` files that stage and then one whose media is 'error': it fails with the good ones on the volume.
+
+    Needs STAGE_CONCURRENCY 1 (files in order): a file not started when its cart failed is not pulled.
+    """
+    return _make_cart(service, queue, archive, uid, good + 1, age_minutes, last_fails=True)[0]
+
+
+def _staged_on_volume(volume: pathlib.Path, cart_id: int) -> int:
+    return sum(1 for path in (volume / str(cart_id)).rglob('f*') if path.is_file())
+
+
+def test_a_failed_carts_files_go_first_and_it_still_answers_error(tmp_path: pathlib.Path,
+                                                                   small_volume: pathlib.Path) -> None:
+    service, archive, queue = _service(tmp_path, small_volume, {}, LRU_BUFFER_TIME='600', STAGE_CONCURRENCY='1')
+    with database.connection():
+        _cart(service, queue, archive, 'ready-oldest', 2, age_minutes=300)
+        failed_id = _failed_cart(service, queue, archive, 'failed', 2, age_minutes=100)
+        _cart(service, queue, archive, 'ready-older', 2, age_minutes=200)
+        failed = service.status('failed')
+        assert failed.status == 'error' and 'media of the file as error' in failed.message
+        # the two verified files of the failed cart are on the volume and counted
+        assert _staged_on_volume(small_volume, failed_id) == 2
+        assert Cart.get_by_id(failed_id).files_staged == 2
+        assert service.volume.free_bytes() < 2 * FILE_SIZE
+
+        _cart(service, queue, archive, 'new', 2)
+        assert service.status('new').status == 'ready', service.status('new').message
+        # the failed cart's files went, though both ready carts were used longer ago; its row answers as before
+        assert not (small_volume / str(failed_id)).exists()
+        assert service.status('failed') == failed
+        assert service.status('ready-oldest').status == 'ready'
+        assert service.status('ready-older').status == 'ready'
+        row = Cart.get_by_id(failed_id)
+        assert (row.status, row.files_staged) == ('error', 0)
+        assert {file.status for file in File.select().where(File.cart == failed_id)} == {'waiting', 'error'}
+
+        _cart(service, queue, archive, 'newer', 2)
+        assert service.status('newer').status == 'ready', service.status('newer').message
+        # then the least recently used ready cart; the failed one is not taken again
+        with pytest.raises(CartNotFound):
+            service.status('ready-oldest')
+        assert service.status('ready-older').status == 'ready'
+        assert service.status('failed') == failed
+
+
+def test_a_recently_failed_cart_keeps_its_files(tmp_path: pathlib.Path, small_volume: pathlib.Path) -> None:
+    """Inside lru_buffer_time (and the in-use window) a failed cart is as protected as a ready one."""
+    service, archive, queue = _service(tmp_path, small_volume, {}, LRU_BUFFER_TIME='600', STAGE_CONCURRENCY='1')
+    with database.connection():
+        failed_id = _failed_cart(service, queue, archive, 'failed-now', 2, age_minutes=5)
+        _cart(service, queue, archive, 'ready-old', 2, age_minutes=300)
+        _cart(service, queue, archive, 'ready-less-old', 2, age_minutes=200)
+        _cart(service, queue, archive, 'new', 2)
+        assert service.status('new').status == 'ready', service.status('new').message
+        with pytest.raises(CartNotFound):
+            service.status('ready-old')
+        assert service.status('ready-less-old').status == 'ready'
+        assert _staged_on_volume(small_volume, failed_id) == 2
+        assert service.status('failed-now').status == 'error'

@@ -378,3 +378,41 @@ def test_cart_that_cannot_fit_fails_and_protected_carts_stay(buffered_stack: Car
     carts.assert_whole('used')
     assert not (buffered_stack.volume / 'cartuids' / carts.uid('toobig')).exists()
     carts.assert_volume_never_ran_out()
+
+
+def test_a_failed_carts_files_go_before_a_ready_cart(carts: Carts, proxy: FaultProxy) -> None:
+    """A failed cart's verified files are the first to go, though a ready cart was used longer ago.
+
+    Its row stays: HEAD answers the same error as before, GET 202; only its directory is gone.
+    """
+    # failed: part0 stages; part1 arrives with a byte flipped on every GET, so it fails after two downloads.
+    # part1's first HEAD waits 2 s, so part0 is staged before the cart fails (else its download may be
+    # stopped by the failure, and nothing is left to evict: seen once in CI)
+    proxy.rule(f'{carts.uid("failed")}-1', 'hang', times=1, methods='HEAD', seconds=2)
+    proxy.rule(f'{carts.uid("failed")}-1', 'flip', times=None)
+    carts.post('failed', [FILE_SIZE, FILE_SIZE])
+    before = carts.wait_final('failed')
+    assert (before.status_code, before.headers['X-Pacifica-Status']) == (500, 'error'), before.headers
+    failed = carts.row('failed')
+    assert failed.files_staged == 1, 'precondition: the failed cart kept its verified file on the volume'
+    assert (carts.stack.volume / str(failed.id) / carts.uid('failed') / 'part0.bin').is_file()
+    carts.age('failed', 60)
+    carts.ready('old', [FILE_SIZE], minutes_ago=300)
+
+    carts.leave_free(LEFT_FREE)
+    carts.post('new', [FILE_SIZE])  # needs one cart's room
+    answer = carts.wait_final('new')
+    assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (204, 'ready'), (
+        answer.headers.get('X-Pacifica-Message'), carts.stack.logs())
+    carts.assert_whole('new')
+    carts.assert_whole('old')
+
+    after = carts.stack.head(carts.uid('failed'))
+    assert (after.status_code, after.headers['X-Pacifica-Status'], after.headers['X-Pacifica-Message']) == \
+        (500, 'error', before.headers['X-Pacifica-Message'])
+    assert carts.stack.download(carts.uid('failed')).status_code == 202
+    row = carts.row('failed')
+    assert (row.status, row.files_staged) == ('error', 0)
+    assert not (carts.stack.volume / str(row.id)).exists()
+    assert carts.part_files() == []
+    carts.assert_volume_never_ran_out()

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import http.client
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
 from urllib.parse import quote, urlsplit
 
 from .errors import ArchiveError, ArchiveFileMissing, ArchiveShortRead, HashMismatch
@@ -66,14 +68,44 @@ def _int_header(value: Optional[str]) -> Optional[int]:
     return None if number is None else int(number)
 
 
-def _error_text(body: bytes, reason: str) -> str:
-    """The archive's own message from its JSON error page, without its traceback."""
+# pacifica-archiveinterface answers every failure of its backend with CherryPy's generic 500 page
+# ("The server encountered an unexpected condition ..."): the backend's own words are only in the
+# last line of the page's traceback, e.g. (0.4.2, POSIX backend, a missing file)
+#   pacifica.archiveinterface.exception.ArchiveInterfaceError: Can't open posix file with error:
+#   [Errno 2] No such file or directory: '/srv/archive/1234'
+# and an HPSS archive that is busy says "The archive core server is slow to respond ..." there.
+# It has no error codes of its own, so those words are what tells a missing file from a busy archive.
+_CAUSE = re.compile(r'^[A-Za-z_][\w.]*(?:Error|Exception)\w*: (?P<cause>.+)$')
+_QUOTED_PATH = re.compile(r":? *'/[^']*'")  # the archive's local paths stay out of the cart's messages
+# ENOENT: there is no file under that id. (Other causes, e.g. EISDIR or EACCES, stay transient.)
+_NO_SUCH_FILE = f'[Errno {errno.ENOENT}] '
+PROBE_QUERY = 'byte_range=0-0'  # a GET of no bytes: the file opened, nothing read
+
+
+def _error_page(body: bytes) -> Dict[str, Any]:
+    """The archive's JSON error page as a dict ({} when the body is empty or not one)."""
     try:
         page = json.loads(body)
-        message = page.get('message') if isinstance(page, dict) else None
     except ValueError:
-        message = None
-    return str(message or reason or '').strip()[:300]
+        return {}
+    return page if isinstance(page, dict) else {}
+
+
+def _archive_cause(page: Dict[str, Any]) -> str:
+    """The backend's own message: the last line of the page's traceback when it names an exception."""
+    lines = str(page.get('traceback') or '').strip().splitlines()
+    found = _CAUSE.match(lines[-1].strip()) if lines else None
+    return found.group('cause').strip() if found else ''
+
+
+def _error_text(page: Dict[str, Any], reason: str) -> str:
+    """What the archive said went wrong, without its traceback or its local paths."""
+    text = _archive_cause(page) or str(page.get('message') or reason or '')
+    return _QUOTED_PATH.sub('', text).strip()[:300]
+
+
+def _means_no_such_file(page: Dict[str, Any]) -> bool:
+    return _NO_SUCH_FILE in _archive_cause(page)
 
 
 def new_hash(hash_type: str) -> 'hashlib._Hash':
@@ -124,9 +156,9 @@ class ArchiveClient:
         """The archive URL of one file: base URL plus the id, percent-encoded."""
         return self.base_url + quote(archive_id, safe='/')
 
-    def _send(self, method: str, archive_id: str) -> http.client.HTTPResponse:
+    def _send(self, method: str, archive_id: str, query: str = '') -> http.client.HTTPResponse:
         """Send one request on this thread's connection (a fresh one if the kept one went stale) and read the head."""
-        target = self._prefix + quote(archive_id, safe='/')
+        target = self._prefix + quote(archive_id, safe='/') + (f'?{query}' if query else '')
         for attempt in (1, 2):
             reused = getattr(self._local, 'connection', None) is not None
             connection = self._connection()
@@ -146,19 +178,37 @@ class ArchiveClient:
         raise AssertionError('unreachable')
 
     def _request(self, method: str, archive_id: str) -> http.client.HTTPResponse:
+        """Send the request; an error answer raises ArchiveFileMissing (permanent) or ArchiveError (transient)."""
         response = self._send(method, archive_id)
         if response.status < 400:
             return response
+        page = self._read_error_page(response)
+        if method == 'HEAD' and response.status == 500 and not page:
+            # A HEAD answer has no body to say why: a GET of no bytes fails the same way, with its page.
+            page = self._probe(archive_id)
+        text = _error_text(page, response.reason)
+        if response.status in (404, 410) or response.status == 500 and _means_no_such_file(page):
+            raise ArchiveFileMissing(f'archive {method} answered {response.status}: {text}')
+        raise ArchiveError(f'archive {method} answered {response.status}: {text}')
+
+    def _read_error_page(self, response: http.client.HTTPResponse) -> Dict[str, Any]:
+        """Read an error answer's page (up to ERROR_PAGE_BYTES; past that the connection is dropped)."""
         try:
             body = response.read(ERROR_PAGE_BYTES + 1)
         except NETWORK_ERRORS:
             body = b''
         if len(body) > ERROR_PAGE_BYTES or not response.isclosed():
             self._drop_connection()  # the rest of a long error page is not read
-        text = _error_text(body[:ERROR_PAGE_BYTES], response.reason)
-        if response.status in (404, 410):
-            raise ArchiveFileMissing(f'archive {method} answered {response.status}: {text}')
-        raise ArchiveError(f'archive {method} answered {response.status}: {text}')
+        return _error_page(body[:ERROR_PAGE_BYTES])
+
+    def _probe(self, archive_id: str) -> Dict[str, Any]:
+        """The error page of a GET of no bytes of the file, or {} when that GET succeeds."""
+        response = self._send('GET', archive_id, PROBE_QUERY)
+        if response.status < 400:
+            # Not read: should something on the way ignore the byte range, this is the whole file.
+            self._drop_connection()
+            return {}
+        return self._read_error_page(response)
 
     def _finish(self, method: str, response: http.client.HTTPResponse) -> None:
         """Read what is left of a small answer, so the connection can carry the next request."""

@@ -1,4 +1,4 @@
-"""Room on the volume: bytes reserved by downloads in flight, and making room by evicting ready carts (LRU)."""
+"""Room on the volume: bytes reserved by downloads in flight, and making room by evicting failed, then ready carts."""
 from __future__ import annotations
 
 import contextlib
@@ -92,11 +92,14 @@ def release_cart(cart_id: int) -> None:
 
 
 def evict_one(lru_buffer_time: float) -> Optional[Cart]:
-    """Mark the least-recently-used evictable cart deleted and return it, or None if none may go.
+    """Claim the cart whose files go next and return it (its files to remove), or None if none may go.
 
-    Evictable: ready, and not used (created, finished or downloaded) within lru_buffer_time
-    or the in-use window that covers downloads in progress. Claimed by compare-and-set, so
-    two processes never evict the same cart twice.
+    Evictable: a failed cart with staged files still on the volume (the longest failed first;
+    its row stays, in error with its message), else a ready cart (least recently used first,
+    marked deleted). Either only when not used (created, failed, finished or downloaded)
+    within lru_buffer_time or the in-use window that covers downloads in progress (the
+    heartbeat of a failed cart's downloads still running keeps it inside). Claimed by
+    compare-and-set, so two processes never evict the same cart twice.
     """
     protect = max(lru_buffer_time, IN_USE_WINDOW_S)
     cutoff = now() - datetime.timedelta(seconds=protect)
@@ -106,11 +109,13 @@ def evict_one(lru_buffer_time: float) -> Optional[Cart]:
             return None
         if claim_eviction(candidate):
             return candidate
+    LOGGER.warning('no cart evicted: %d claims in a row lost (the last on cart %s, id %d, %s, used %s)',
+                   CLAIM_ATTEMPTS, candidate.cart_uid, candidate.id, candidate.status, candidate.updated_date)
     return None
 
 
 class SpaceKeeper:
-    """Admits downloads onto the volume: reserves their bytes, evicting ready carts when room is short."""
+    """Admits downloads onto the volume: reserves their bytes, evicting failed, then ready carts when room is short."""
 
     def __init__(self, settings: Settings, volume: CartVolume) -> None:
         """Keep room on `volume` as lru_purge and lru_buffer_time say."""
@@ -123,7 +128,8 @@ class SpaceKeeper:
 
         Reservations are serialised in the database (one at a time across all workers) and
         recorded in the reservation table until the file is staged. When room is short and
-        lru_purge is on, ready carts go in least-recently-used order until the file fits;
+        lru_purge is on, failed carts' files go (the longest failed first), then ready carts in
+        least-recently-used order, until the file fits;
         otherwise NoSpace fails this file (and so its cart) and no other cart is touched.
 
         Small files skip the database while the volume has a wide margin: all the small
@@ -156,8 +162,8 @@ class SpaceKeeper:
                 raise NoSpace(f'No space left on the volume for {size} bytes: {needed} bytes needed with the '
                               f'downloads in flight, {free} free{after}')
             evicted += 1
-            LOGGER.warning('evicted cart %s (id %d, last used %s) to make room for cart %s',
-                           victim.cart_uid, victim.id, victim.updated_date, cart.cart_uid)
+            LOGGER.warning('evicted %s cart %s (id %d, last used %s) to make room for cart %s',
+                           victim.status, victim.cart_uid, victim.id, victim.updated_date, cart.cart_uid)
         raise NoSpace(f'No space left on the volume for {size} bytes after evicting {evicted} carts')
 
     @contextlib.contextmanager

@@ -13,6 +13,7 @@ from peewee import (
     AutoField,
     BigIntegerField,
     BooleanField,
+    Case,
     CharField,
     DatabaseProxy,
     DateTimeField,
@@ -296,6 +297,12 @@ def count_staged(cart_id: int, count: int) -> bool:
                 .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))).execute())
 
 
+def count_staged_of_failed(cart_id: int, count: int) -> bool:
+    """Add files verified on the volume to a failed cart's counter (eviction frees them first); False unless failed."""
+    return bool(Cart.update(files_staged=Cart.files_staged + count)
+                .where((Cart.id == cart_id) & (Cart.status == CartStatus.ERROR.value)).execute())
+
+
 def claim_for_bundling(cart_id: int) -> bool:
     """Move a live cart whose files are all staged to bundling; True for the one caller that did it."""
     return bool(Cart.update(status=CartStatus.BUNDLING.value, updated_date=now())
@@ -368,14 +375,35 @@ def delete_cart_rows(cart_id: int) -> None:
 
 
 def oldest_evictable(used_before: datetime.datetime) -> Optional[Cart]:
-    """The ready cart least recently used, if it was last used before `used_before` (one ordered query)."""
-    return (Cart.select(Cart.id, Cart.cart_uid, Cart.updated_date)
-            .where((Cart.status == CartStatus.READY.value) & (Cart.updated_date < used_before))
-            .order_by(Cart.updated_date, Cart.id).first())
+    """The cart whose files go first, if it was last used before `used_before` (one ordered query).
+
+    First the failed carts that still have staged files on the volume, the longest failed
+    first (they can never be downloaded), then the ready carts, least recently used first.
+    """
+    failed_first = Case(None, [(Cart.status == CartStatus.ERROR.value, 0)], 1)
+    return (Cart.select(Cart.id, Cart.cart_uid, Cart.status, Cart.updated_date)
+            .where(((Cart.status == CartStatus.READY.value)
+                    | ((Cart.status == CartStatus.ERROR.value) & (Cart.files_staged > 0)))
+                   & (Cart.updated_date < used_before))
+            .order_by(failed_first, Cart.updated_date, Cart.id).first())
 
 
 def claim_eviction(cart: Cart) -> bool:
-    """Mark a ready cart deleted by eviction, unless it was used or changed since it was found."""
+    """Claim a cart found by oldest_evictable, unless it was used or changed since it was found.
+
+    A ready cart is marked deleted by eviction. A failed cart keeps its row, status and error
+    (HEAD answers as before); its files are recorded as no longer on the volume (waiting, the
+    counter 0, no reservations), so it is not found again.
+    """
+    if cart.status == CartStatus.ERROR.value:
+        claimed = bool(Cart.update(files_staged=0)
+                       .where((Cart.id == cart.id) & (Cart.status == CartStatus.ERROR.value)
+                              & (Cart.updated_date == cart.updated_date) & (Cart.files_staged > 0)).execute())
+        if claimed:
+            (File.update(status=FileStatus.WAITING.value)
+             .where((File.cart == cart.id) & (File.status == FileStatus.STAGED.value)).execute())
+            drop_cart_reservations(cart.id)
+        return claimed
     return bool(Cart.update(status=CartStatus.DELETED.value, deleted_date=now(),
                             error='evicted to make room on the volume')
                 .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)

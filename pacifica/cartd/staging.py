@@ -16,12 +16,13 @@ from .archive import MEDIA_ERROR, ArchiveClient, ArchiveStatus, Download
 from .bundling import Bundler
 from .cleanup import cart_went_away
 from .config import Settings
-from .errors import ArchiveMediaError, CartGone, FileStageError, HashMismatch
+from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageError, HashMismatch
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
-from .orm import (LIVE_STATUSES, Cart, CartStatus, File, FileStatus, cart_status, count_staged, fail_cart, fail_file,
-                  files_to_stage, get_cart, get_file, grow_bundle, mark_staged, not_staged, place_file, tar_place)
+from .orm import (LIVE_STATUSES, Cart, CartStatus, File, FileStatus, cart_status, count_staged, count_staged_of_failed,
+                  fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle, mark_staged, not_staged,
+                  place_file, tar_place)
 from .tarlayout import member_region
 from .volume import CartVolume
 
@@ -44,6 +45,11 @@ class StageOutcome:
 
 def _cart_message(file: File, cause: str) -> str:
     return f'Failed to pull file({file.bundle_path} (archive id {file.file_name}): {cause})'
+
+
+def _missing_message(file: File) -> str:
+    """The file's and its cart's error when the archive has no such file: nothing to retry, nothing to wait for."""
+    return f'file {file.bundle_path} (archive id {file.file_name}) is not in the archive'
 
 
 class Stager:
@@ -122,11 +128,16 @@ class Stager:
         """Stage one file in a pool thread; failures are recorded here, successes by the caller."""
         try:
             return self._stage_one(cart, file)
+        except ArchiveFileMissing as exc:
+            message = cart_error = _missing_message(file)
+            LOGGER.warning('cart %s: %s (%s)', cart.cart_uid, message, exc)
         except FileStageError as exc:
             message = exc.message
+            cart_error = _cart_message(file, message)
             LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
         except OSError as exc:
             message = f'cannot write to the volume: {exc.strerror or exc}'
+            cart_error = _cart_message(file, message)
             with database.connection():
                 live = cart_status(cart.id) in LIVE_STATUSES
             if not live:  # a DELETE removed the cart's directory under the download: the caller cleans up
@@ -136,7 +147,7 @@ class Stager:
             LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
         with database.connection(), database.atomic():
             if fail_file(file.id, message):
-                fail_cart(cart.id, _cart_message(file, message))
+                fail_cart(cart.id, cart_error)
         return StageOutcome(file.id, error=message)
 
     def _stage_one(self, cart: Cart, file: File) -> StageOutcome:
@@ -256,7 +267,9 @@ class Stager:
         """Mark files staged and count them, in one transaction; finish the cart if they were the last.
 
         Only files not already staged are counted, so a duplicated task never counts twice.
-        Raises CartGone (after cleaning up) when the cart stopped staging meanwhile.
+        Raises CartGone (after cleaning up) when the cart stopped staging meanwhile. A cart that
+        failed meanwhile keeps these files recorded: they are on the volume and verified (fixit
+        does not pull them again, eviction frees them before any ready cart's).
         """
         by_id = {outcome.file_id: outcome for outcome in outcomes}
         try:
@@ -271,8 +284,11 @@ class Stager:
                 release_files(list(by_id))
                 if not fresh:
                     return  # duplicates of work already recorded
-                if not count_staged(cart.id, len(fresh)):
+                live = count_staged(cart.id, len(fresh))
+                if not live and not count_staged_of_failed(cart.id, len(fresh)):
                     raise CartGone(f'cart id {cart.id} is no longer staging')
+            if not live:
+                raise CartGone(f'cart id {cart.id} failed')
         except CartGone:
             cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')
             raise

@@ -1,4 +1,5 @@
-"""Fakes of the cart's task queue and archive client, for unit tests of the service on a temp SQLite file.
+"""Fakes of the cart's task queue and archive client, for unit tests of the service on a temp SQLite file;
+and BusyArchive, an archive interface over HTTP that is always busy, as an HPSS one can be.
 
 The real archive interface (POSIX backend) always reports `disk` and always sends its
 headers, so tape recalls, `error` media and header-less answers cannot be produced by it:
@@ -9,8 +10,12 @@ was queued as a worker would.
 from __future__ import annotations
 
 import dataclasses
+import http.server
+import json
 import pathlib
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+import threading
+from types import TracebackType
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from pacifica.cartd.archive import ArchiveStatus, Download, new_hash
 from pacifica.cartd.errors import ArchiveError, HashMismatch
@@ -20,6 +25,94 @@ if TYPE_CHECKING:
 
 T = TypeVar('T')
 MAX_TASKS = 50  # run_queue's bound: a cart whose tasks keep requeueing fails the test
+
+# What pacifica-archiveinterface 0.4.2 sends when its backend raises: CherryPy's generic 500 page,
+# the backend's words only in the traceback's last line (measured on the POSIX backend).
+GENERIC_500 = 'The server encountered an unexpected condition which prevented it from fulfilling the request.'
+# The HPSS backend's words when its core server is slow (backends/hpss/extended.py, ping_core).
+HPSS_BUSY = 'The archive core server is slow to respond Latency is: 12.5 second(s)'
+
+
+def archive_error_page(cause: str, status: str = '500 Internal Server Error') -> Dict[str, str]:
+    """The archive interface's error page for a backend that raised ArchiveInterfaceError(cause)."""
+    traceback = ('Traceback (most recent call last):\n'
+                 '  File "/opt/pai/lib/python3.11/site-packages/pacifica/archiveinterface/rest_generator.py",'
+                 ' line 130, in HEAD\n    archivefile = self._archive.open(filepath, "r")\n'
+                 f'pacifica.archiveinterface.exception.ArchiveInterfaceError: {cause}\n')
+    return {'status': status, 'message': GENERIC_500, 'traceback': traceback, 'version': '18.10.0'}
+
+
+class BusyArchive:
+    """An HPSS archive interface whose core server is slow: every HEAD, POST and GET answers 500.
+
+    The real archive in the tests (POSIX backend) cannot be made busy, so this stands in for it:
+    the page is 0.4.2's (HPSS_BUSY in the traceback), and HEAD answers carry no body, as CherryPy
+    sends them. Listens on 127.0.0.1 and a free port; records each request's method and target.
+    """
+
+    def __init__(self) -> None:
+        """Nothing listens until start()."""
+        self.requests: List[Tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._server: Optional[http.server.ThreadingHTTPServer] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        """The base URL (ending in '/')."""
+        assert self._server is not None, 'BusyArchive was not started'
+        return f'http://127.0.0.1:{self._server.server_address[1]}/'
+
+    def start(self) -> 'BusyArchive':
+        """Serve from a daemon thread."""
+        owner = self
+        page = json.dumps(archive_error_page(HPSS_BUSY)).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+            timeout = 10
+
+            def log_message(self, format: str, *args: object) -> None:  # pylint: disable=redefined-builtin
+                """Quiet."""
+
+            def _busy(self) -> None:
+                with owner._lock:  # pylint: disable=protected-access
+                    owner.requests.append((self.command, self.path))
+                length = int(self.headers.get('Content-Length') or 0)
+                if length:
+                    self.rfile.read(length)
+                self.send_response(500)
+                self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(page)))
+                self.end_headers()
+                if self.command != 'HEAD':
+                    self.wfile.write(page)
+
+            do_HEAD = do_GET = do_POST = _busy  # noqa: N815
+
+        self._server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={'poll_interval': 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> 'BusyArchive':
+        """Start serving."""
+        return self.start()
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
+        """Stop serving."""
+        self.stop()
 
 
 class FakeQueue:

@@ -68,6 +68,7 @@ class Event:
     archive_id: str
     fault: str  # '' when passed through untouched
     at: float  # time.monotonic() on arrival
+    query: str = ''  # the URL's query, e.g. 'byte_range=0-0'
     answer: str = 'in progress'  # then e.g. 'HEAD 204 media=disk', 'GET 200 1234 bytes', '500'
 
 
@@ -162,7 +163,7 @@ class FaultProxy:
             self._rules.clear()
             self._events.clear()
 
-    def _arrived(self, method: str, archive_id: str) -> Tuple[Optional[Rule], Event]:
+    def _arrived(self, method: str, archive_id: str, query: str = '') -> Tuple[Optional[Rule], Event]:
         """Record a request on arrival and take the first rule for it that is not used up."""
         with self._lock:
             chosen: Optional[Rule] = None
@@ -173,7 +174,8 @@ class FaultProxy:
                     rule.used += 1
                     chosen = rule
                     break
-            event = Event(len(self._events), method, archive_id, chosen.fault if chosen else '', time.monotonic())
+            event = Event(len(self._events), method, archive_id, chosen.fault if chosen else '', time.monotonic(),
+                          query)
             self._events.append(event)
             return chosen, event
 
@@ -187,9 +189,10 @@ class FaultProxy:
             return [dataclasses.replace(event) for event in self._events
                     if archive_id is None or event.archive_id == archive_id]
 
-    def count(self, method: str, archive_id: str) -> int:
-        """How many `method` requests for `archive_id` the proxy received."""
-        return sum(1 for event in self.events(archive_id) if event.method == method.upper())
+    def count(self, method: str, archive_id: str, query: Optional[str] = None) -> int:
+        """How many `method` requests for `archive_id` (with exactly this query, unless None) the proxy received."""
+        return sum(1 for event in self.events(archive_id)
+                   if event.method == method.upper() and (query is None or event.query == query))
 
     def counts(self, archive_id: str) -> Dict[str, int]:
         """Requests received for `archive_id`, per method."""
@@ -225,12 +228,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         self.close_connection = True  # one request per connection: simple and bounded
-        archive_id = unquote(urlsplit(self.path).path.lstrip('/'))
+        target = urlsplit(self.path)
+        archive_id = unquote(target.path.lstrip('/'))
         length = int(self.headers.get('Content-Length') or 0)
         body = self.rfile.read(length) if length else b''
-        rule, event = self.owner._arrived(method, archive_id)  # pylint: disable=protected-access
+        rule, event = self.owner._arrived(method, archive_id, target.query)  # pylint: disable=protected-access
         try:
-            answer = self._answer(method, archive_id, body, rule)
+            answer = self._answer(method, archive_id, target.query, body, rule)
         except (BrokenPipeError, ConnectionResetError, socket.timeout) as exc:
             answer = f'client went away: {type(exc).__name__}'
         except Exception as exc:  # pylint: disable=broad-except
@@ -242,7 +246,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 pass
         self.owner._answered(event, answer)  # pylint: disable=protected-access
 
-    def _answer(self, method: str, archive_id: str, body: bytes, rule: Optional[Rule]) -> str:
+    def _answer(self, method: str, archive_id: str, query: str, body: bytes, rule: Optional[Rule]) -> str:
         params = rule.params if rule is not None else {}
         if rule is not None and rule.fault == 'status500':
             self._send_500(params.get('message', 'The archive core server is slow to respond'))
@@ -250,7 +254,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if rule is not None and rule.fault == 'hang':
             if self.owner._stopping.wait(float(params.get('seconds', 5))):  # pylint: disable=protected-access
                 return 'hang, then stopped'
-        upstream = requests.request(method, self.owner.upstream + archive_id.lstrip('/'), data=body or None,
+        url = self.owner.upstream + archive_id.lstrip('/') + (f'?{query}' if query else '')
+        upstream = requests.request(method, url, data=body or None,
                                     stream=(method == 'GET'), timeout=UPSTREAM_TIMEOUT)
         try:
             if method == 'HEAD':
