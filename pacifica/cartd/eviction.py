@@ -103,14 +103,15 @@ def evict_one(lru_buffer_time: float) -> Optional[Cart]:
     """
     protect = max(lru_buffer_time, IN_USE_WINDOW_S)
     cutoff = now() - datetime.timedelta(seconds=protect)
+    lost = []
     for _ in range(CLAIM_ATTEMPTS):
         candidate = oldest_evictable(cutoff)
         if candidate is None:
             return None
         if claim_eviction(candidate):
             return candidate
-    LOGGER.warning('no cart evicted: %d claims in a row lost (the last on cart %s, id %d, %s, used %s)',
-                   CLAIM_ATTEMPTS, candidate.cart_uid, candidate.id, candidate.status, candidate.updated_date)
+        lost.append(f'{candidate.cart_uid} (id {candidate.id}, {candidate.status}, used {candidate.updated_date})')
+    LOGGER.warning('no cart evicted: %d claims in a row lost, the last on %s', len(lost), lost[-1])
     return None
 
 
