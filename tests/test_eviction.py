@@ -254,7 +254,8 @@ def test_a_failed_carts_files_go_first_and_it_still_answers_error(tmp_path: path
         assert service.status('ready-oldest').status == 'ready'
         assert service.status('ready-older').status == 'ready'
         row = Cart.get_by_id(failed_id)
-        assert (row.status, row.files_staged) == ('error', 0)
+        # the counters never go down; deleted_date says its files left the volume
+        assert (row.status, row.files_staged, row.deleted_date is not None) == ('error', 2, True)
         assert {file.status for file in File.select().where(File.cart == failed_id)} == {'waiting', 'error'}
 
         _cart(service, queue, archive, 'newer', 2)

@@ -412,7 +412,8 @@ def test_a_failed_carts_files_go_before_a_ready_cart(carts: Carts, proxy: FaultP
         (500, 'error', before.headers['X-Pacifica-Message'])
     assert carts.stack.download(carts.uid('failed')).status_code == 202
     row = carts.row('failed')
-    assert (row.status, row.files_staged) == ('error', 0)
+    assert (row.status, row.files_staged, row.deleted_date is not None) == ('error', 1, True)  # counters never go down
+    assert after.headers['X-Pacifica-Files-Staged'] == '1'
     assert not (carts.stack.volume / str(row.id)).exists()
     assert carts.part_files() == []
     carts.assert_volume_never_ran_out()

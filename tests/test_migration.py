@@ -1,4 +1,4 @@
-"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.2).
+"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.3).
 
 On SQLite, PostgreSQL and MariaDB: the real 0.7.0 creates its schema and writes carts, files and
 tasks; our commands must see that schema as too old, the server must refuse it with one clear
@@ -41,9 +41,10 @@ ORIGINAL_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'file': ('id', 'cart_id', 'file_name', 'bundle_path', 'hash_type', 'hash_value', 'status', 'error'),
     'carttasks': ('id', 'cart_id', 'celery_task_id'),
 }
-# What schemas 2.1 and 2.2 add.
+# What schemas 2.1, 2.2 and 2.3 add.
+PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total', 'bytes_staged')
 ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
-    'cart': ('files_total', 'files_staged', 'bundle_size'),
+    'cart': ('files_total', 'files_staged', 'bundle_size') + PROGRESS_COLUMNS + ('ready_date',),
     'file': ('size', 'mtime', 'tar_offset'),
 }
 ORDER_BY = {'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
@@ -226,7 +227,7 @@ def _assert_server_refuses(site: Site) -> str:
 
 
 def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[str, str], Tuple[Any, ...]]:
-    """(table, column) -> (type, nullable, has a server default) for the columns 2.1 and 2.2 add."""
+    """(table, column) -> (type, nullable, has a server default) for the columns 2.1, 2.2 and 2.3 add."""
     shape = {}
     for table, names in ADDED_COLUMNS.items():
         for name in names:
@@ -236,7 +237,7 @@ def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[st
 
 
 def test_upgrade_published_0_7_0_database(site: Site) -> None:
-    """0.7.0 data survives dbsync 2.0 -> 2.2, counters get filled, and 0.7.0 can still write after."""
+    """0.7.0 data survives dbsync 2.0 -> 2.3, counters get filled, and 0.7.0 can still write after."""
     # 0.7.0 creates its schema and writes its rows.
     created = site.reference('dbsync')
     assert created.returncode == 0, f'0.7.0 dbsync failed:\n{created.stdout}\n{created.stderr}'
@@ -258,22 +259,22 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
     # Upgrade in place.
     synced = site.ours_ok('dbsync')
-    assert '2.2' in synced.stdout, synced.stdout
+    assert '2.3' in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 2}
+    assert site.version() == {'major': 2, 'minor': 3}
 
     # Every original row, column by column, is unchanged.
     after = site.dump(data_tables)
     assert after == before
 
-    # The new columns exist and have the shape a fresh 2.2 schema gives them.
+    # The new columns exist and have the shape a fresh 2.3 schema gives them.
     after_columns = site.columns()
     for table, names in ORIGINAL_COLUMNS.items():
         assert set(after_columns[table]) == set(names) | set(ADDED_COLUMNS.get(table, ())), table
     assert any(cols == ('cart_uid',) for cols in site.indexed_columns('cart')), site.indexed_columns('cart')
     shape = _new_column_shape(after_columns)
-    for counter in ('files_total', 'files_staged'):
+    for counter in ('files_total', 'files_staged') + PROGRESS_COLUMNS:
         # NOT NULL with a server-side default, or a 2.0 writer in strict SQL mode cannot insert a cart.
         assert shape[('cart', counter)][1:] == (False, True), (counter, shape)
     assert shape[('file', 'size')][1] is True and shape[('file', 'mtime')][1] is True, shape
@@ -286,25 +287,33 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
         (ids['deleted'], 'mig-deleted', 1, 0),
     ]
     assert {row for row in site.dump({'file': ('size', 'mtime')})['file']} == {(None, None)}
+    # ... and so do the progress counters (no sizes known yet); a ready cart was ready at its last update.
+    progress = site.dump({'cart': ('id',) + PROGRESS_COLUMNS})['cart']
+    assert progress == [(ids['ready'], 0, 0, 0, 0, 0), (ids['staging'], 0, 0, 0, 0, 0),
+                        (ids['deleted'], 1, 0, 0, 0, 0)]
+    ready_dates = site.dump({'cart': ('id', 'ready_date', 'updated_date')})['cart']
+    assert [(row[0], row[1] == row[2]) for row in ready_dates if row[1] is not None] == [(ids['ready'], True)]
 
     # A second dbsync changes nothing and still succeeds.
     everything = {table: cols + ADDED_COLUMNS.get(table, ()) for table, cols in ORIGINAL_COLUMNS.items()}
     snapshot = site.dump(everything)
     again = site.ours_ok('dbsync')
-    assert '2.2' in again.stdout, again.stdout
+    assert '2.3' in again.stdout, again.stdout
     assert site.dump(everything) == snapshot
     assert site.columns().keys() == after_columns.keys()
     site.ours_ok('dbchk', '--equal')
 
     # Rolling upgrade: 0.7.0 still accepts the schema and writes with server-side defaults.
     old_check = site.reference('dbchk')
-    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.2:\n{old_check.stdout}\n{old_check.stderr}'
+    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.3:\n{old_check.stdout}\n{old_check.stderr}'
     rolled = site.reference_script(ROLLING_SCRIPT)
     assert rolled['carts'] == sorted(['mig-ready', 'mig-staging', 'mig-deleted', 'mig-rolling'])
     assert [f['status'] for f in rolled['files']] == ['staged']
     new_cart = [row for row in site.dump({'cart': ('id', 'status', 'files_total', 'files_staged')})['cart']
                 if row[0] == rolled['cart']]
     assert new_cart == [(rolled['cart'], 'staging', 0, 0)]
+    new_progress = [row[1:] for row in site.dump({'cart': ('id',) + PROGRESS_COLUMNS})['cart'] if row[0] == rolled['cart']]
+    assert new_progress == [(0, 0, 0, 0, 0)]
     new_file = [row for row in site.dump({'file': ('id', 'cart_id', 'status', 'size', 'mtime')})['file']
                 if row[0] == rolled['file']]
     assert new_file == [(rolled['file'], rolled['cart'], 'staged', None, None)]
@@ -314,7 +323,7 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
 
 def test_fresh_database(site: Site) -> None:
-    """An empty database is refused, then dbsync creates exactly schema 2.2 (same as an upgraded one)."""
+    """An empty database is refused, then dbsync creates exactly schema 2.3 (same as an upgraded one)."""
     for args in (('dbchk',), ('dbchk', '--equal')):
         check = site.ours(*args)
         assert check.returncode != 0, f'{args} accepted an empty database:\n{check.stdout}\n{check.stderr}'
@@ -322,10 +331,10 @@ def test_fresh_database(site: Site) -> None:
     assert site.columns() == {}
 
     synced = site.ours_ok('dbsync')
-    assert '2.2' in synced.stdout, synced.stdout
+    assert '2.3' in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 2}
+    assert site.version() == {'major': 2, 'minor': 3}
     columns = site.columns()
     assert {table: set(cols) for table, cols in columns.items()} == {
         table: set(cols) | set(ADDED_COLUMNS.get(table, ())) for table, cols in ORIGINAL_COLUMNS.items()}
@@ -341,7 +350,7 @@ def test_fresh_database(site: Site) -> None:
 
 
 def test_upgraded_columns_match_fresh_schema(site: Site, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The columns 2.1 and 2.2 add have the same type, nullability and default whether upgraded or created."""
+    """The columns 2.1, 2.2 and 2.3 add have the same type, nullability and default whether upgraded or created."""
     assert site.reference('dbsync').returncode == 0
     site.ours_ok('dbsync')
     upgraded = _new_column_shape(site.columns())
@@ -387,7 +396,7 @@ def test_interrupted_upgrade_can_be_finished(site: Site) -> None:
         database.close()
     assert site.version() == {'major': 2, 'minor': 0}
     site.ours_ok('dbsync')
-    assert site.version() == {'major': 2, 'minor': 2}
+    assert site.version() == {'major': 2, 'minor': 3}
     assert site.ours('dbchk', '--equal').returncode == 0
     totals = sorted(row[0] for row in site.dump({'cart': ('files_total',)})['cart'])
     assert totals == [1, 2, 3]

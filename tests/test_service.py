@@ -20,7 +20,7 @@ from pacifica.cartd import database, schema
 from pacifica.cartd.archive import Download
 from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import ArchiveError, BadRequest, CartNotFound, CartNotReady
-from pacifica.cartd.orm import Cart, CartTasks, File
+from pacifica.cartd.orm import Cart, CartTasks, File, Progress
 from pacifica.cartd.service import CartService
 from pacifica.cartd.transport import response_body
 from pacifica.cartd.volume import CartVolume
@@ -364,3 +364,58 @@ def _tar_members_of(body: bytes) -> Dict[str, bytes]:
     import tarfile  # pylint: disable=import-outside-toplevel
     with tarfile.open(fileobj=io.BytesIO(body), mode='r:') as archive:
         return {member.name: archive.extractfile(member).read() for member in archive.getmembers() if member.isfile()}
+
+
+def _progress(service: CartService, uid: str) -> Progress:
+    return service.status(uid).progress
+
+
+def test_progress_counts_files_on_tape_sizes_and_bytes_once_each(make_service) -> None:
+    files = {'disk': b'd' * 100, 'cold1': b'c' * 2000, 'cold2': b'e' * 30}
+    service, archive, queue = make_service(files)
+    archive.media.update({'cold1': 'tape', 'cold2': 'tape'})
+    cart_id = service.create_cart('pr', {'fileids': _entries(files)})
+    fresh = _progress(service, 'pr')
+    assert fresh == Progress(files_total=3) and not fresh.bytes_known
+    assert service.status('pr').message == '0 of 3 files staged'
+
+    first_task = queue.staged[0]
+    service.requeue_tape_files(cart_id, service.stage_files(*first_task[:2]), 0)
+    waiting = _progress(service, 'pr')
+    assert waiting == Progress(files_total=3, files_staged=1, files_on_tape=2, files_sized=3,
+                               bytes_total=2130, bytes_staged=100)
+    assert service.status('pr').message == '1 of 3 files staged; 2 waiting on tape'
+    # the same files found on tape again are not counted again, nor are their sizes
+    service.stage_files(*first_task[:2])
+    assert _progress(service, 'pr') == waiting
+
+    archive.media.clear()
+    run_queue(service, queue)
+    done = service.status('pr')
+    assert (done.status, done.message) == ('ready', '')
+    assert done.progress == Progress(files_total=3, files_staged=3, files_sized=3, bytes_total=2130,
+                                     bytes_staged=2130)
+    # a duplicated task counts nothing twice
+    service.stage_files(*first_task[:2])
+    assert _progress(service, 'pr') == done.progress
+
+
+def test_progress_of_a_bundle_file_written_in_place_counts_its_size_once(make_service) -> None:
+    files = {'big': os.urandom(BIG), 'small': b'tiny'}
+    service, _archive, queue = make_service(files)
+    service.create_cart('pb', {'fileids': _entries(files), 'bundle': True})
+    run_queue(service, queue)
+    assert service.status('pb').progress == Progress(files_total=2, files_staged=2, files_sized=2,
+                                                     bytes_total=BIG + 4, bytes_staged=BIG + 4)
+
+
+def test_progress_of_a_failed_file(make_service) -> None:
+    files = {'good': b'good bytes', 'bad': b'bad bytes'}
+    service, _archive, queue = make_service(files)
+    entries = _entries(files)
+    entries[1]['hashsum'] = hashlib.sha1(b'other').hexdigest()
+    service.create_cart('pf', {'fileids': entries})
+    run_queue(service, queue)
+    state = service.status('pf')
+    assert state.status == 'error'
+    assert (state.progress.files_total, state.progress.files_failed, state.progress.files_on_tape) == (2, 1, 0)

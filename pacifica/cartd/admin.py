@@ -12,7 +12,7 @@ from .bundling import Bundler
 from .carts import CartState
 from .errors import CartNotFound
 from .orm import (Cart, CartStatus, carts_not_deleted, carts_unused_since, delete_cart_rows, file_rows_of, get_cart,
-                  mark_waiting, newest_live_cart, restart_cart, staged_count, staged_files, unstaged_file_ids)
+                  mark_waiting, newest_live_cart, restart_cart, staged_files, unstaged_file_ids)
 from .recovery import Recovery
 from .staging import Stager, StageOutcome
 from .volume import CartVolume
@@ -112,10 +112,9 @@ class Admin:
                 if not (file.tar_offset is not None and in_place_ok)
                 and not self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path).is_file()]
             mark_waiting(cart.id, lost)
-            staged = staged_count(cart.id)
             todo = unstaged_file_ids(cart.id)
             if todo or cart.status != CartStatus.READY.value:
-                restart_cart(cart.id, staged)
+                restart_cart(cart.id)
         return cart.id, todo
 
     def fixit_finish(self, cart_id: int) -> CartState:

@@ -13,8 +13,8 @@ from .config import Settings
 from .errors import CartNotFound, CartNotReady
 from .eviction import DOWNLOAD_HEARTBEAT_S, release_cart
 from .heartbeat import Heartbeat
-from .orm import (Cart, CartStatus, insert_cart, live_carts, mark_deleted, newest_live_cart, newest_live_state,
-                  task_ids_of, touch_cart)
+from .orm import (PROGRESS_FIELDS, Cart, CartStatus, Progress, StoredState, insert_cart, live_carts, mark_deleted,
+                  newest_live_cart, newest_live_state, task_ids_of, touch_cart)
 from .paths import check_cart_uid
 from .tarlayout import Piece, TarLayout, directories_size
 from .taskqueue import CartQueue
@@ -25,23 +25,41 @@ LOGGER = logging.getLogger(__name__)
 PIECE_BYTES = 4 << 20  # a download's file ranges are handed out this long at most, the cart marked used between
 
 
+def progress_in_words(progress: Progress) -> str:
+    """A staging cart's progress as a sentence, e.g. '12 of 40 files staged; 25 waiting on tape'."""
+    words = f'{progress.files_staged} of {progress.files_total} files staged'
+    if progress.files_on_tape:
+        words += f'; {progress.files_on_tape} waiting on tape'
+    if progress.files_failed:
+        words += f'; {progress.files_failed} failed'
+    return words
+
+
 @dataclasses.dataclass(frozen=True)
 class CartState:
-    """What HEAD reports: the wire status and message."""
+    """What HEAD reports: the wire status and message, and the cart's progress counters."""
 
     status: str
     message: str
+    progress: Progress = Progress()
 
     @classmethod
     def of(cls, cart: Cart) -> 'CartState':
         """The state a cart row shows on the wire (a ready cart has no message)."""
-        return cls.from_row(cart.status, cart.error)
+        progress = Progress(*(getattr(cart, field.name) or 0 for field in PROGRESS_FIELDS))
+        return cls.from_row(StoredState(cart.status, cart.error, progress))
 
     @classmethod
-    def from_row(cls, stored_status: str, error: str) -> 'CartState':
-        """The state a stored status and error show on the wire (a ready cart has no message)."""
-        status = CartStatus(stored_status)
-        return cls(status.wire, '' if status == CartStatus.READY else error)
+    def from_row(cls, stored: StoredState) -> 'CartState':
+        """The state a stored row shows on the wire: a ready cart has no message; a staging cart
+        with no note of its own says how far it is."""
+        status = CartStatus(stored.status)
+        message = stored.error
+        if status == CartStatus.READY:
+            message = ''
+        elif status.wire == CartStatus.STAGING.value and not message:
+            message = progress_in_words(stored.progress)
+        return cls(status.wire, message, stored.progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +122,7 @@ class Carts:
         state = newest_live_state(cart_uid)
         if state is None:
             raise CartNotFound(f'No cart with uid {cart_uid} found')
-        return CartState.from_row(*state)
+        return CartState.from_row(state)
 
     def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
         """Lay out the ready cart's tar under the top directory `top`; count it as a use."""

@@ -24,6 +24,7 @@ from peewee import (
     PostgresqlDatabase,
     TextField,
     chunked,
+    fn,
 )
 
 DB = DatabaseProxy()
@@ -52,6 +53,7 @@ class FileStatus(str, enum.Enum):
 
     WAITING = 'waiting'
     STAGING = 'staging'
+    RECALLING = 'recalling'  # schema 2.3: on tape, a recall asked for
     STAGED = 'staged'
     ERROR = 'error'
 
@@ -99,6 +101,13 @@ class Cart(BaseModel):
     files_staged = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
     # Added in schema 2.2: bytes of the bundle tar laid out so far (0: not written in place).
     bundle_size = BigIntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    # Added in schema 2.3: progress, kept on the row so HEAD stays one indexed query.
+    files_failed = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    files_on_tape = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    files_sized = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])  # files whose size is known
+    bytes_total = BigIntegerField(default=0, constraints=[SQL('DEFAULT 0')])  # the sum of the known sizes
+    bytes_staged = BigIntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    ready_date = DateTimeField(null=True)
 
     class Meta:
         """Table name of the published schema."""
@@ -170,6 +179,45 @@ STALE_AT_ONCE = datetime.datetime(2000, 1, 1)  # an updated_date the next reconc
 FileRow = Tuple[str, str, str, str]
 # A staged file as recorded: (file id, size, mtime).
 StagedRow = Tuple[int, int, Optional[float]]
+
+
+class Progress(NamedTuple):
+    """A cart's counters as HEAD reports them; files_staged, files_failed and bytes_staged never go down."""
+
+    files_total: int = 0
+    files_staged: int = 0
+    files_failed: int = 0
+    files_on_tape: int = 0
+    files_sized: int = 0
+    bytes_total: int = 0
+    bytes_staged: int = 0
+
+    @property
+    def bytes_known(self) -> bool:
+        """Whether every file's size is known, so bytes_total is the cart's size."""
+        return self.files_sized >= self.files_total
+
+
+PROGRESS_FIELDS = (Cart.files_total, Cart.files_staged, Cart.files_failed, Cart.files_on_tape, Cart.files_sized,
+                   Cart.bytes_total, Cart.bytes_staged)
+
+
+class StoredState(NamedTuple):
+    """What HEAD reads of the newest live cart of a uid."""
+
+    status: str
+    error: str
+    progress: Progress
+
+
+class StagedCount(NamedTuple):
+    """What a cart's counters gain when files are recorded staged."""
+
+    files: int = 0
+    from_tape: int = 0  # of them, files that were recalling
+    newly_sized: int = 0  # of them, files whose size was not known before
+    size_change: int = 0  # added to bytes_total (a size learnt, or changed since it was learnt)
+    bytes: int = 0  # added to bytes_staged
 
 
 # ---- carts ---------------------------------------------------------------------------
@@ -249,8 +297,8 @@ def newest_live_cart(cart_uid: str) -> Optional[Cart]:
     return carts[0] if carts else None
 
 
-def newest_live_state(cart_uid: str) -> Optional[Tuple[str, str]]:
-    """(status, error) of the newest cart with exactly this uid that is not deleted, or None.
+def newest_live_state(cart_uid: str) -> Optional[StoredState]:
+    """Status, error and counters of the newest cart with exactly this uid that is not deleted, or None.
 
     What every HEAD asks: one indexed query, its SQL made once per database, read straight
     off the cursor (a third of a HEAD's time went into building the query and its models).
@@ -260,14 +308,15 @@ def newest_live_state(cart_uid: str) -> Optional[Tuple[str, str]]:
     if statement is None:
         def name(field: Any) -> str:
             return f'{DB.obj.quote[0]}{field.column_name}{DB.obj.quote[1]}'
-        statement = (f'SELECT {name(Cart.cart_uid)}, {name(Cart.status)}, {name(Cart.error)} '
+        counters = ''.join(f', {name(field)}' for field in PROGRESS_FIELDS)
+        statement = (f'SELECT {name(Cart.cart_uid)}, {name(Cart.status)}, {name(Cart.error)}{counters} '
                      f'FROM {DB.obj.quote[0]}{Cart._meta.table_name}{DB.obj.quote[1]} '
                      f'WHERE {name(Cart.cart_uid)} = {DB.obj.param} AND {name(Cart.status)} <> {DB.obj.param} '
                      f'ORDER BY {name(Cart.creation_date)} DESC, {name(Cart.id)} DESC')
         _STATE_QUERIES[dialect] = statement
-    for uid, status, error in DB.execute_sql(statement, (cart_uid, CartStatus.DELETED.value)).fetchall():
+    for uid, status, error, *counters in DB.execute_sql(statement, (cart_uid, CartStatus.DELETED.value)).fetchall():
         if uid == cart_uid:  # MySQL's collation also matches other spellings (case, trailing spaces)
-            return str(status), str(error or '')
+            return StoredState(str(status), str(error or ''), Progress(*(int(value or 0) for value in counters)))
     return None
 
 
@@ -291,15 +340,23 @@ def mark_deleted(cart_ids: Sequence[int]) -> None:
         Cart.id.in_(list(cart_ids))).execute()
 
 
-def count_staged(cart_id: int, count: int) -> bool:
-    """Add newly staged files to a live cart's counter; False when the cart is no longer staging."""
-    return bool(Cart.update(files_staged=Cart.files_staged + count, updated_date=now())
+def _staged_counters(count: StagedCount) -> Dict[Any, Any]:
+    return {Cart.files_staged: Cart.files_staged + count.files,
+            Cart.files_on_tape: Cart.files_on_tape - count.from_tape,
+            Cart.files_sized: Cart.files_sized + count.newly_sized,
+            Cart.bytes_total: Cart.bytes_total + count.size_change,
+            Cart.bytes_staged: Cart.bytes_staged + count.bytes}
+
+
+def count_staged(cart_id: int, count: StagedCount) -> bool:
+    """Add newly staged files to a live cart's counters; False when the cart is no longer staging."""
+    return bool(Cart.update({**_staged_counters(count), Cart.updated_date: now()})
                 .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))).execute())
 
 
-def count_staged_of_failed(cart_id: int, count: int) -> bool:
-    """Add files verified on the volume to a failed cart's counter (eviction frees them first); False unless failed."""
-    return bool(Cart.update(files_staged=Cart.files_staged + count)
+def count_staged_of_failed(cart_id: int, count: StagedCount) -> bool:
+    """Add files verified on the volume to a failed cart's counters (eviction frees them first); False unless failed."""
+    return bool(Cart.update(_staged_counters(count))
                 .where((Cart.id == cart_id) & (Cart.status == CartStatus.ERROR.value)).execute())
 
 
@@ -313,7 +370,9 @@ def claim_for_bundling(cart_id: int) -> bool:
 
 def mark_ready(cart_id: int, bundle_path: str) -> bool:
     """Move a bundling cart to ready, served from `bundle_path`; False when it is no longer bundling."""
-    return bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=now(), error='')
+    moment = now()
+    return bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=moment,
+                            ready_date=moment, error='')
                 .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
 
 
@@ -336,10 +395,28 @@ def grow_bundle(cart_id: int, region: int) -> Optional[int]:
     return int(Cart.select(Cart.bundle_size).where(Cart.id == cart_id).scalar())
 
 
-def restart_cart(cart_id: int, files_staged: int) -> None:
-    """Put a cart back to staging with its counter set to the files really staged."""
-    Cart.update(status=CartStatus.STAGING.value, error='', files_staged=files_staged,
-                updated_date=now()).where(Cart.id == cart_id).execute()
+def counters_from_rows() -> Dict[Any, Any]:
+    """The progress counters of a cart as its file rows say (correlated subqueries on Cart.id)."""
+    def files(*where: Any) -> Any:
+        return File.select(fn.COUNT(File.id)).where(File.cart == Cart.id, *where)
+
+    def size_sum(*where: Any) -> Any:
+        return File.select(fn.COALESCE(fn.SUM(File.size), 0)).where(File.cart == Cart.id, *where)
+
+    staged = File.status == FileStatus.STAGED.value
+    return {Cart.files_total: files(), Cart.files_staged: files(staged),
+            Cart.files_failed: files(File.status == FileStatus.ERROR.value),
+            Cart.files_on_tape: files(File.status == FileStatus.RECALLING.value),
+            Cart.files_sized: files(File.size.is_null(False)),
+            Cart.bytes_total: size_sum(), Cart.bytes_staged: size_sum(staged)}
+
+
+def restart_cart(cart_id: int) -> None:
+    """Put a cart back to staging with its counters set from its file rows (an operator's repair:
+    the one place counters may go down)."""
+    Cart.update({**counters_from_rows(), Cart.status: CartStatus.STAGING.value, Cart.error: '',
+                 Cart.updated_date: now(), Cart.deleted_date: None, Cart.ready_date: None}).where(
+        Cart.id == cart_id).execute()
 
 
 def stalled_carts(before: datetime.datetime, limit: int) -> List[Cart]:
@@ -377,13 +454,15 @@ def delete_cart_rows(cart_id: int) -> None:
 def oldest_evictable(used_before: datetime.datetime) -> Optional[Cart]:
     """The cart whose files go first, if it was last used before `used_before` (one ordered query).
 
-    First the failed carts that still have staged files on the volume, the longest failed
-    first (they can never be downloaded), then the ready carts, least recently used first.
+    First the failed carts that still have staged files on the volume (deleted_date not set),
+    the longest failed first (they can never be downloaded), then the ready carts, least
+    recently used first.
     """
     failed_first = Case(None, [(Cart.status == CartStatus.ERROR.value, 0)], 1)
     return (Cart.select(Cart.id, Cart.cart_uid, Cart.status, Cart.updated_date)
             .where(((Cart.status == CartStatus.READY.value)
-                    | ((Cart.status == CartStatus.ERROR.value) & (Cart.files_staged > 0)))
+                    | ((Cart.status == CartStatus.ERROR.value) & (Cart.files_staged > 0)
+                       & Cart.deleted_date.is_null()))
                    & (Cart.updated_date < used_before))
             .order_by(failed_first, Cart.updated_date, Cart.id).first())
 
@@ -391,14 +470,15 @@ def oldest_evictable(used_before: datetime.datetime) -> Optional[Cart]:
 def claim_eviction(cart: Cart) -> bool:
     """Claim a cart found by oldest_evictable, unless it was used or changed since it was found.
 
-    A ready cart is marked deleted by eviction. A failed cart keeps its row, status and error
-    (HEAD answers as before); its files are recorded as no longer on the volume (waiting, the
-    counter 0, no reservations), so it is not found again.
+    A ready cart is marked deleted by eviction. A failed cart keeps its row, status, error and
+    counters (HEAD answers as before; counters never go down); deleted_date records that its
+    files left the volume (so it is not found again), its files go back to waiting and its
+    reservations are dropped.
     """
     if cart.status == CartStatus.ERROR.value:
-        claimed = bool(Cart.update(files_staged=0)
+        claimed = bool(Cart.update(deleted_date=now())
                        .where((Cart.id == cart.id) & (Cart.status == CartStatus.ERROR.value)
-                              & (Cart.updated_date == cart.updated_date) & (Cart.files_staged > 0)).execute())
+                              & (Cart.updated_date == cart.updated_date) & Cart.deleted_date.is_null()).execute())
         if claimed:
             (File.update(status=FileStatus.WAITING.value)
              .where((File.cart == cart.id) & (File.status == FileStatus.STAGED.value)).execute())
@@ -437,24 +517,71 @@ def get_file(file_id: int) -> Optional[File]:
     return File.get_or_none(File.id == file_id)
 
 
-def not_staged(file_ids: Sequence[int]) -> List[int]:
-    """Those of the listed files that are not staged."""
-    return [row.id for row in File.select(File.id).where(
-        File.id.in_(list(file_ids)) & (File.status != FileStatus.STAGED.value))]
+def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
+    """Record those of the files not staged yet as staged, with the size and mtime they arrived with.
+
+    Files already staged (by a duplicate task) are left alone and not counted.
+    """
+    if not rows:
+        return StagedCount()
+    before = {row.id: row for row in File.select(File.id, File.size, File.status).where(
+        File.id.in_([file_id for file_id, _, _ in rows]) & (File.status != FileStatus.STAGED.value))}
+    fresh = [row for row in rows if row[0] in before]
+    if not fresh:
+        return StagedCount()
+    File.bulk_update([File(id=file_id, status=FileStatus.STAGED.value, size=size, mtime=mtime, error='')
+                      for file_id, size, mtime in fresh],
+                     fields=[File.status, File.size, File.mtime, File.error], batch_size=INSERT_CHUNK)
+    return StagedCount(
+        files=len(fresh),
+        from_tape=sum(1 for file_id, _, _ in fresh if before[file_id].status == FileStatus.RECALLING.value),
+        newly_sized=sum(1 for file_id, _, _ in fresh if before[file_id].size is None),
+        size_change=sum(size - (before[file_id].size or 0) for file_id, size, _ in fresh),
+        bytes=sum(size for _, size, _ in fresh))
 
 
-def mark_staged(rows: Sequence[StagedRow]) -> None:
-    """Record files as staged, with the size and mtime they arrived with."""
-    if rows:
-        File.bulk_update([File(id=file_id, status=FileStatus.STAGED.value, size=size, mtime=mtime, error='')
-                          for file_id, size, mtime in rows],
-                         fields=[File.status, File.size, File.mtime, File.error], batch_size=INSERT_CHUNK)
+def fail_file(cart_id: int, file_id: int, cause: str) -> bool:
+    """Record a file's failure and count it on its cart; False when a duplicate task had already staged it."""
+    before = File.select(File.status).where(File.id == file_id).scalar()
+    if before is None or before == FileStatus.STAGED.value:
+        return False
+    changed = (File.update(status=FileStatus.ERROR.value, error=cause)
+               .where((File.id == file_id) & (File.status == before)).execute())
+    if changed and before != FileStatus.ERROR.value:
+        on_tape = 1 if before == FileStatus.RECALLING.value else 0
+        Cart.update(files_failed=Cart.files_failed + 1, files_on_tape=Cart.files_on_tape - on_tape).where(
+            Cart.id == cart_id).execute()
+    return bool(changed) or before == FileStatus.ERROR.value
 
 
-def fail_file(file_id: int, cause: str) -> bool:
-    """Record a file's failure; False when a duplicate task had already staged it."""
-    return bool(File.update(status=FileStatus.ERROR.value, error=cause)
-                .where((File.id == file_id) & (File.status != FileStatus.STAGED.value)).execute())
+def mark_recalling(cart_id: int, sizes: Dict[int, Optional[int]]) -> int:
+    """Record files found on tape (a recall asked for) as recalling, with the sizes the archive gave;
+    count those newly on tape on their cart. Returns how many were newly on tape."""
+    if not sizes:
+        return 0
+    learn_sizes(cart_id, {file_id: size for file_id, size in sizes.items() if size is not None})
+    newly = (File.update(status=FileStatus.RECALLING.value)
+             .where(File.id.in_(list(sizes)) & (File.status == FileStatus.WAITING.value)).execute())
+    if newly:
+        Cart.update(files_on_tape=Cart.files_on_tape + newly).where(Cart.id == cart_id).execute()
+    return int(newly)
+
+
+def learn_sizes(cart_id: int, sizes: Dict[int, int]) -> None:
+    """Record the archive's sizes of files not staged yet, and count them in the cart's bytes_total."""
+    if not sizes:
+        return
+    before = {row.id: row.size for row in File.select(File.id, File.size).where(
+        File.id.in_(list(sizes)) & (File.status != FileStatus.STAGED.value))}
+    changed = {file_id: size for file_id, size in sizes.items() if file_id in before and before[file_id] != size}
+    if not changed:
+        return
+    File.bulk_update([File(id=file_id, size=size) for file_id, size in changed.items()], fields=[File.size],
+                     batch_size=INSERT_CHUNK)
+    newly = sum(1 for file_id in changed if before[file_id] is None)
+    change = sum(size - (before[file_id] or 0) for file_id, size in changed.items())
+    Cart.update(files_sized=Cart.files_sized + newly, bytes_total=Cart.bytes_total + change).where(
+        Cart.id == cart_id).execute()
 
 
 def tar_place(file_id: int) -> Optional[Tuple[int, Optional[int]]]:
@@ -465,9 +592,10 @@ def tar_place(file_id: int) -> Optional[Tuple[int, Optional[int]]]:
     return int(known.tar_offset), known.size
 
 
-def place_file(file_id: int, tar_offset: int, size: int) -> None:
+def place_file(cart_id: int, file_id: int, tar_offset: int, size: int) -> None:
     """Record where in the bundle tar a file's `size` bytes go."""
-    File.update(tar_offset=tar_offset, size=size).where(File.id == file_id).execute()
+    learn_sizes(cart_id, {file_id: size})
+    File.update(tar_offset=tar_offset).where(File.id == file_id).execute()
 
 
 class TarRow(NamedTuple):
@@ -538,11 +666,6 @@ def mark_waiting(cart_id: int, file_ids: Sequence[int]) -> None:
         File.update(status=FileStatus.WAITING.value).where(File.id.in_(list(file_ids))).execute()
     File.update(status=FileStatus.WAITING.value, error='').where(
         (File.cart == cart_id) & (File.status == FileStatus.ERROR.value)).execute()
-
-
-def staged_count(cart_id: int) -> int:
-    """How many of the cart's files are staged."""
-    return int(File.select().where((File.cart == cart_id) & (File.status == FileStatus.STAGED.value)).count())
 
 
 def unstaged_file_ids(cart_id: int) -> List[int]:

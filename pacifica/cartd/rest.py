@@ -10,14 +10,14 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple, TypeVar
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, TypeVar
 from urllib.parse import quote, unquote_to_bytes
 
 import cherrypy
 
 from . import database
 from .byteranges import parse_range
-from .carts import CartDownload
+from .carts import CartDownload, Progress
 from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable, error_document
 from .paths import tar_top_name
 from .service import CartService
@@ -43,6 +43,21 @@ def header_safe(text: str) -> str:
     """Make text fit an HTTP header: one line, Latin-1 (others escaped as \\uXXXX)."""
     flat = ' '.join(text.splitlines())
     return flat.encode('latin-1', 'backslashreplace').decode('latin-1')
+
+
+def progress_headers(progress: Progress) -> List[Tuple[str, str]]:
+    """The progress headers of every HEAD answer for an existing cart, one integer each.
+
+    X-Pacifica-Bytes-Total only once every file's size is known (before, it would grow).
+    """
+    headers = [('X-Pacifica-Files-Total', str(progress.files_total)),
+               ('X-Pacifica-Files-Staged', str(progress.files_staged)),
+               ('X-Pacifica-Files-Failed', str(progress.files_failed)),
+               ('X-Pacifica-Files-On-Tape', str(progress.files_on_tape))]
+    if progress.bytes_known:
+        headers.append(('X-Pacifica-Bytes-Total', str(progress.bytes_total)))
+    headers.append(('X-Pacifica-Bytes-Staged', str(progress.bytes_staged)))
+    return headers
 
 
 def error_page(status: str, message: str, traceback: str, version: str) -> str:
@@ -256,6 +271,7 @@ class CartRoot:
         headers = cherrypy.response.headers
         headers[STATUS_HEADER] = state.status
         headers[MESSAGE_HEADER] = header_safe(state.message)
+        headers.update(progress_headers(state.progress))
         if state.status == 'error':
             raise cherrypy.HTTPError(500, state.message)
         cherrypy.response.status = 204
@@ -333,7 +349,8 @@ class HeadFastLane:
         start_response('204 No Content', [
             ('Content-Type', 'application/json'), ('Server', self.server),
             ('Date', email.utils.formatdate(usegmt=True)), ('Allow', ALLOWED_METHODS),
-            (STATUS_HEADER, state.status), (MESSAGE_HEADER, header_safe(state.message))])
+            (STATUS_HEADER, state.status), (MESSAGE_HEADER, header_safe(state.message)),
+            *progress_headers(state.progress)])
         self._log(environ)
         return []
 

@@ -8,16 +8,17 @@ from peewee import fn
 from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
-from .orm import DB, MODELS, Cart, CartSystem, File, FileStatus, SpaceReservation
+from .orm import DB, MODELS, Cart, CartStatus, CartSystem, File, FileStatus, SpaceReservation, counters_from_rows
 
 LOGGER = logging.getLogger(__name__)
 
 Version = Tuple[int, int]
 
 # 2.0 is the published 0.7.0 schema. 2.1 adds per-cart counters and per-file size/mtime;
-# 2.2 adds where a bundle's files are written in its tar. All new columns have server-side
-# defaults or are nullable, so a 0.7.0 process can still write to the database.
-SCHEMA_VERSION: Version = (2, 2)
+# 2.2 adds where a bundle's files are written in its tar; 2.3 adds the progress counters
+# HEAD reports and when a cart became ready. All new columns have server-side defaults or
+# are nullable, so a 0.7.0 process can still write to the database.
+SCHEMA_VERSION: Version = (2, 3)
 
 
 def current_version() -> Optional[Version]:
@@ -80,9 +81,30 @@ def _upgrade_2_1_to_2_2() -> None:
     migrate(*operations)
 
 
+PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total', 'bytes_staged')
+
+
+def _upgrade_2_2_to_2_3() -> None:
+    """Add the progress counters and ready_date, then fill the counters from the file rows (resumable).
+
+    A ready cart's ready_date is its last update, the best there is (it may have been downloaded since).
+    """
+    migrator = SchemaMigrator.from_database(DB.obj)
+    operations = _add_missing_columns(
+        migrator, [('cart', name, getattr(Cart, name)) for name in PROGRESS_COLUMNS] + [
+            ('cart', 'ready_date', Cart.ready_date)])
+    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side defaults
+        operations += [migrator.add_column_default('cart', name, 0) for name in PROGRESS_COLUMNS]
+    migrate(*operations)
+    Cart.update(counters_from_rows()).execute()
+    Cart.update(ready_date=Cart.updated_date).where(
+        (Cart.status == CartStatus.READY.value) & Cart.ready_date.is_null()).execute()
+
+
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
     ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
+    ((2, 2), (2, 3), _upgrade_2_2_to_2_3),
 ]
 
 

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from . import database
 from .archive import MEDIA_ERROR, ArchiveClient, ArchiveStatus, Download
@@ -21,7 +21,7 @@ from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
 from .orm import (LIVE_STATUSES, Cart, CartStatus, File, FileStatus, cart_status, count_staged, count_staged_of_failed,
-                  fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle, mark_staged, not_staged,
+                  fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle, mark_recalling, mark_staged,
                   place_file, tar_place)
 from .tarlayout import member_region
 from .volume import CartVolume
@@ -41,6 +41,7 @@ class StageOutcome:
     on_tape: bool = False
     error: Optional[str] = None
     download: Optional[Download] = None
+    size: Optional[int] = None  # of a file on tape, as the archive said
 
 
 def _cart_message(file: File, cause: str) -> str:
@@ -93,7 +94,7 @@ class Stager:
             return []
         pool = self._thread_pool()
         futures = [pool.submit(self._stage_in_thread, cart, file) for file in files]
-        on_tape: List[int] = []
+        on_tape: Dict[int, Optional[int]] = {}
         staged: List[StageOutcome] = []
         failed = False
         last_flush = time.monotonic()
@@ -102,7 +103,7 @@ class Stager:
                 outcome = future.result()
                 failed = failed or outcome.error is not None
                 if outcome.on_tape:
-                    on_tape.append(outcome.file_id)
+                    on_tape[outcome.file_id] = outcome.size
                 if outcome.download is not None:
                     staged.append(outcome)
                 if staged and (len(staged) >= FLUSH_FILES or time.monotonic() - last_flush >= FLUSH_SECONDS):
@@ -122,6 +123,9 @@ class Stager:
         # sibling's mkdir may have made the directory again after the DELETE removed it.
         if failed and cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging'):
             return []
+        if on_tape:
+            with database.atomic():
+                mark_recalling(cart.id, on_tape)
         return sorted(on_tape)
 
     def _stage_in_thread(self, cart: Cart, file: File) -> StageOutcome:
@@ -146,7 +150,7 @@ class Stager:
                 return StageOutcome(file.id, error=message)
             LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
         with database.connection(), database.atomic():
-            if fail_file(file.id, message):
+            if fail_file(cart.id, file.id, message):
                 fail_cart(cart.id, cart_error)
         return StageOutcome(file.id, error=message)
 
@@ -157,7 +161,7 @@ class Stager:
         if not status.on_disk:
             self.archive.with_retries(lambda: self.archive.stage(file.file_name))
             LOGGER.info('cart %s file %s is on %s: recall requested', cart.cart_uid, file.bundle_path, status.media)
-            return StageOutcome(file.id, on_tape=True)
+            return StageOutcome(file.id, on_tape=True, size=status.size)
         if cart.bundle and status.size is not None and status.size > SMALL_FILE:
             with database.connection():
                 offset = self.place_in_tar(cart, file, status.size)
@@ -185,7 +189,7 @@ class Stager:
             if end is None:
                 return None
             offset = end - region + header
-            place_file(file.id, offset, size)
+            place_file(cart.id, file.id, offset, size)
         return offset
 
     def _stage_in_place(self, cart: Cart, file: File, status: ArchiveStatus, offset: int) -> StageOutcome:
@@ -271,21 +275,18 @@ class Stager:
         failed meanwhile keeps these files recorded: they are on the volume and verified (fixit
         does not pull them again, eviction frees them before any ready cart's).
         """
-        by_id = {outcome.file_id: outcome for outcome in outcomes}
+        rows = []
+        for outcome in outcomes:
+            assert outcome.download is not None
+            rows.append((outcome.file_id, outcome.download.size, outcome.download.mtime))
         try:
             with database.atomic():
-                fresh = not_staged(list(by_id))
-                rows = []
-                for file_id in fresh:
-                    download = by_id[file_id].download
-                    assert download is not None
-                    rows.append((file_id, download.size, download.mtime))
-                mark_staged(rows)
-                release_files(list(by_id))
-                if not fresh:
+                fresh = mark_staged(rows)
+                release_files([outcome.file_id for outcome in outcomes])
+                if not fresh.files:
                     return  # duplicates of work already recorded
-                live = count_staged(cart.id, len(fresh))
-                if not live and not count_staged_of_failed(cart.id, len(fresh)):
+                live = count_staged(cart.id, fresh)
+                if not live and not count_staged_of_failed(cart.id, fresh):
                     raise CartGone(f'cart id {cart.id} is no longer staging')
             if not live:
                 raise CartGone(f'cart id {cart.id} failed')
