@@ -27,7 +27,8 @@ def test_fixit_restages_only_what_is_missing(sqlite_stack: CartStack) -> None:
                {'id': f'{uid}-late', 'path': 'sub/late.bin', 'hashtype': 'sha1',
                 'hashsum': hashlib.sha1(late).hexdigest()}]
     assert stack.post(uid, fileids).status_code == 201
-    assert stack.wait_final(uid).headers['X-Pacifica-Status'] == 'error'
+    failed = stack.wait_final(uid)
+    assert (failed.headers['X-Pacifica-Status'], failed.headers['X-Pacifica-Files-Failed']) == ('error', '1')
     good_path = next(stack.volume.glob(f'*/{uid}/good.bin'))
     good_mtime = good_path.stat().st_mtime_ns
     archive.put(f'{uid}-late', late)  # the operator puts the missing file back
@@ -37,6 +38,11 @@ def test_fixit_restages_only_what_is_missing(sqlite_stack: CartStack) -> None:
     assert good_path.stat().st_mtime_ns == good_mtime  # the verified file was not fetched again
     answer = stack.head(uid)
     assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (204, 'ready')
+    # fixit set the counters anew from the file rows: the failure is gone, both files counted once
+    assert {name: answer.headers[f'X-Pacifica-{name}'] for name in (
+        'Files-Total', 'Files-Staged', 'Files-Failed', 'Files-On-Tape', 'Bytes-Total', 'Bytes-Staged')} == {
+        'Files-Total': '2', 'Files-Staged': '2', 'Files-Failed': '0', 'Files-On-Tape': '0',
+        'Bytes-Total': '12000', 'Bytes-Staged': '12000'}
     assert tar_contents(stack.download(uid, 'f.tar').content) == {'f/good.bin': good, 'f/sub/late.bin': late}
 
 
