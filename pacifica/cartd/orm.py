@@ -517,6 +517,13 @@ def get_file(file_id: int) -> Optional[File]:
     return File.get_or_none(File.id == file_id)
 
 
+def _size_gain(known: Dict[int, Optional[int]], sizes: Dict[int, int]) -> Tuple[int, int]:
+    """(files newly sized, change of the cart's bytes_total) when files whose sizes were `known`
+    (None: not known) get these sizes."""
+    return (sum(1 for file_id in sizes if known[file_id] is None),
+            sum(size - (known[file_id] or 0) for file_id, size in sizes.items()))
+
+
 def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
     """Record those of the files not staged yet as staged, with the size and mtime they arrived with.
 
@@ -532,12 +539,12 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
     File.bulk_update([File(id=file_id, status=FileStatus.STAGED.value, size=size, mtime=mtime, error='')
                       for file_id, size, mtime in fresh],
                      fields=[File.status, File.size, File.mtime, File.error], batch_size=INSERT_CHUNK)
+    sizes = {file_id: size for file_id, size, _ in fresh}
+    newly_sized, size_change = _size_gain({file_id: row.size for file_id, row in before.items()}, sizes)
     return StagedCount(
         files=len(fresh),
-        from_tape=sum(1 for file_id, _, _ in fresh if before[file_id].status == FileStatus.RECALLING.value),
-        newly_sized=sum(1 for file_id, _, _ in fresh if before[file_id].size is None),
-        size_change=sum(size - (before[file_id].size or 0) for file_id, size, _ in fresh),
-        bytes=sum(size for _, size, _ in fresh))
+        from_tape=sum(1 for file_id in sizes if before[file_id].status == FileStatus.RECALLING.value),
+        newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()))
 
 
 def fail_file(cart_id: int, file_id: int, cause: str) -> bool:
@@ -578,8 +585,7 @@ def learn_sizes(cart_id: int, sizes: Dict[int, int]) -> None:
         return
     File.bulk_update([File(id=file_id, size=size) for file_id, size in changed.items()], fields=[File.size],
                      batch_size=INSERT_CHUNK)
-    newly = sum(1 for file_id in changed if before[file_id] is None)
-    change = sum(size - (before[file_id] or 0) for file_id, size in changed.items())
+    newly, change = _size_gain(before, changed)
     Cart.update(files_sized=Cart.files_sized + newly, bytes_total=Cart.bytes_total + change).where(
         Cart.id == cart_id).execute()
 
