@@ -6,7 +6,7 @@ import importlib.util
 import os
 import pathlib
 import sys
-from typing import Iterator, List
+from typing import Iterator, List, cast
 
 import pytest
 
@@ -44,6 +44,7 @@ def pytest_report_header() -> List[str]:
 
 from cartd_testkit.archive import ArchiveServer  # noqa: E402  (after the sys.path fix above; pip install -e ./testkit)
 from cartd_testkit.databases import fresh_database  # noqa: E402
+from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive  # noqa: E402
 from cartd_testkit.stack import CartStack, running  # noqa: E402
 
 DATABASE_KINDS = ('sqlite', 'postgres', 'mysql')
@@ -53,6 +54,14 @@ DATABASE_KINDS = ('sqlite', 'postgres', 'mysql')
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArchiveServer]:
     """The real archive interface (POSIX backend under gunicorn), one per test process."""
     with ArchiveServer(tmp_path_factory.mktemp('archive')) as server:
+        yield server
+
+
+@pytest.fixture(scope='module')
+def proxy(archive: ArchiveServer) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the real archive (cartd_testkit.faultproxy), one per test module,
+    so a test can keep a file on "tape" or make the archive fail."""
+    with FaultProxy(archive.url) as server:
         yield server
 
 
@@ -66,11 +75,14 @@ def served_stack(request: pytest.FixtureRequest, archive: ArchiveServer,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
     """A running cart (server + one celery worker) under each server and database in turn.
 
-    A module uses it in place of `stack` by defining `stack` as this fixture; STACK_OVERRIDES applies.
+    A module uses it in place of `stack` by defining `stack` as this fixture; STACK_OVERRIDES applies,
+    and with ARCHIVE_BEHIND_PROXY = True the cart reaches the archive through the module's `proxy`.
     """
     server, kind = request.param
     base = tmp_path_factory.mktemp(f'stack-{server}-{kind}')
     url = fresh_database(kind, base)
+    if getattr(request.module, 'ARCHIVE_BEHIND_PROXY', False):
+        archive = cast(ArchiveServer, ProxiedArchive(archive, request.getfixturevalue('proxy')))
     stack_under_test = CartStack(base, archive, url, workers=1, concurrency=2,
                                  overrides=getattr(request.module, 'STACK_OVERRIDES', None), server=server)
     with running(stack_under_test, kind, url) as cart:

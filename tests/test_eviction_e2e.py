@@ -57,13 +57,6 @@ def _mount_tmpfs(mount_point: pathlib.Path, size: str) -> None:
         pytest.skip(f'cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.strip()}')
 
 
-@pytest.fixture(scope='module')
-def proxy(archive: ArchiveServer) -> Iterator[FaultProxy]:
-    """A proxy in front of the real archive, so a test can keep a file on "tape"."""
-    with FaultProxy(archive.url) as server:
-        yield server
-
-
 @pytest.fixture(scope='module', params=KINDS)
 def stack(request: pytest.FixtureRequest, archive: ArchiveServer, proxy: FaultProxy,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:

@@ -11,46 +11,28 @@ import hashlib
 import os
 import time
 import uuid
-from typing import Dict, Iterator, List, Tuple, cast
+from typing import Dict, List, Tuple
 
 import pytest
 import requests
 
-from cartd_testkit.archive import ArchiveServer
-from cartd_testkit.databases import fresh_database, server_available
-from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive
-from cartd_testkit.stack import CartStack, running, tar_contents
+from cartd_testkit.faultproxy import FaultProxy
+from cartd_testkit.stack import CartStack, tar_contents
 
 pytestmark = [pytest.mark.integration]
 
-SERVED = [('cartd', 'sqlite'), ('cartd', 'postgres'), ('cartd', 'mysql'), ('uwsgi', 'sqlite')]
 FILES_HEADERS = ('X-Pacifica-Files-Total', 'X-Pacifica-Files-Staged', 'X-Pacifica-Files-Failed',
                  'X-Pacifica-Files-On-Tape')
 NEVER_DOWN = ('X-Pacifica-Files-Staged', 'X-Pacifica-Files-Failed', 'X-Pacifica-Bytes-Staged')
 TAPE_HEADS = 3  # HEADs of the held file the archive answers with "tape" before it is on disk
+ARCHIVE_BEHIND_PROXY = True  # conftest.served_stack: the archive through the fault proxy
+STACK_OVERRIDES = {'archiveinterface': {'tape_wait': '1', 'tape_wait_max': '1'}}  # a file on tape: looked at after 1 s
 
 
 @pytest.fixture(scope='module')
-def proxy(archive: ArchiveServer) -> Iterator[FaultProxy]:
-    """A proxy in front of the real archive, so a test can keep a file on "tape"."""
-    with FaultProxy(archive.url) as server:
-        yield server
-
-
-@pytest.fixture(scope='module', params=SERVED, ids=lambda served: '-'.join(served))
-def stack(request: pytest.FixtureRequest, archive: ArchiveServer, proxy: FaultProxy,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
-    """Server and one worker behind the proxy; a file on tape is looked at again after 1 s."""
-    server, kind = request.param
-    if not server_available(kind):
-        pytest.skip(f'the {kind} server is not answering on 127.0.0.1')
-    base = tmp_path_factory.mktemp(f'progress-{server}-{kind}')
-    url = fresh_database(kind, base)
-    proxied = cast(ArchiveServer, ProxiedArchive(archive, proxy))
-    cart = CartStack(base, proxied, url, workers=1, concurrency=2, server=server, overrides={
-        'archiveinterface': {'tape_wait': '1', 'tape_wait_max': '1'}})
-    with running(cart, kind, url):
-        yield cart
+def stack(served_stack: CartStack) -> CartStack:
+    """Under pacifica-cartd on each database and under uWSGI (conftest.served_stack), behind the proxy."""
+    return served_stack
 
 
 def _files(stack: CartStack, uid: str, sizes: List[int]) -> Tuple[List[dict], Dict[str, bytes]]:
