@@ -19,11 +19,13 @@ import pytest
 from pacifica.cartd import database, schema
 from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import CartNotFound
-from pacifica.cartd.eviction import bytes_in_flight, disk_bytes, reserve
+from pacifica.cartd.eviction import (MEASURE_ATTEMPTS, SpaceKeeper, bytes_in_flight, disk_bytes, hold_partial, reserve,
+                                     room_in_flight, track_partial)
 from pacifica.cartd.fileio import allocated_in
 from pacifica.cartd.orm import Cart, File
 from pacifica.cartd.service import CartService
 from pacifica.cartd.transport import response_body
+from pacifica.cartd.volume import CartVolume
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue
 
 MIB = 1024 * 1024
@@ -217,6 +219,85 @@ def test_bytes_written_in_place_into_a_sparse_tar_are_not_counted_again(tmp_path
         file = File.create(cart=cart, file_name='f', bundle_path='f', hash_type='md5', hash_value='0' * 32)
         reserve(cart.id, file.id, disk_bytes(size), tar, tar_offset=region_start)
         assert bytes_in_flight(excluding_file_id=0) == disk_bytes(size) - MIB // 2
+
+
+def _one_file_cart(tmp_path: pathlib.Path, volume: pathlib.Path) -> Tuple[CartVolume, Cart, File]:
+    settings = load_settings(str(tmp_path / 'none.ini'), environ={
+        'VOLUME_PATH': str(volume), 'PEEWEE_URL': f'sqliteext:///{tmp_path}/db.sqlite3'})
+    database.bind(settings)
+    with database.connection():
+        schema.sync()
+        cart = Cart.create(cart_uid='c', status='staging')
+        file = File.create(cart=cart, file_name='f', bundle_path='f', hash_type='md5', hash_value='0' * 32)
+    return CartVolume(volume), cart, file
+
+
+def test_a_reservation_makes_its_temp_file_and_one_whose_file_is_gone_has_ended(tmp_path: pathlib.Path,
+                                                                                small_volume: pathlib.Path) -> None:
+    """The temp file exists from the moment its bytes are reserved, so a missing one has ended.
+
+    Before, a reservation whose temp file was not there counted its whole size, though its
+    download had been renamed into place (its bytes already out of the free count) after
+    this reservation's row was read: counted twice, it evicted one cart too many (seen in CI
+    on MariaDB, whose snapshot kept showing the released row).
+    """
+    volume, cart, file = _one_file_cart(tmp_path, small_volume)
+    keeper = SpaceKeeper(load_settings(str(tmp_path / 'none.ini'), environ={}), volume)
+    partial = volume.partial_path(cart.id, file.id)
+    with database.connection():
+        assert keeper.reserve(cart, file, FILE_SIZE, partial) is True  # beyond SMALL_FILE: recorded
+        assert partial.is_file() and partial.stat().st_size == 0
+        assert bytes_in_flight(excluding_file_id=0) == disk_bytes(FILE_SIZE)  # made, nothing written yet
+        partial.write_bytes(bytes(FILE_SIZE // 2))
+        assert bytes_in_flight(excluding_file_id=0) == disk_bytes(FILE_SIZE) - FILE_SIZE // 2
+        final = volume.file_path(cart.id, 'c', 'f')
+        final.parent.mkdir()
+        os.replace(partial, final)  # renamed into place, row not yet released
+        assert bytes_in_flight(excluding_file_id=0) == 0
+
+        another = volume.partial_path(cart.id, file.id)
+        track_partial(file.id, another)  # the re-fetch after a hash mismatch writes a new temp file
+        assert another.is_file()
+        assert bytes_in_flight(excluding_file_id=0) == disk_bytes(FILE_SIZE)
+
+
+class _WritingVolume(CartVolume):
+    """A volume whose free count is read while a download writes: `chunks[i]` bytes land in
+    `partial` just before the i-th look at the free count. (Where a real download's writes fall
+    between two system calls cannot be arranged; this stands in for it.)"""
+
+    def __init__(self, root: pathlib.Path, partial: pathlib.Path, chunks: List[int]) -> None:
+        super().__init__(root)
+        object.__setattr__(self, 'partial', partial)
+        object.__setattr__(self, 'chunks', chunks)
+
+    def free_bytes(self) -> int:
+        chunks: List[int] = getattr(self, 'chunks')
+        if chunks:
+            with open(getattr(self, 'partial'), 'ab') as out:
+                out.write(bytes(chunks.pop(0)))
+                out.flush()
+                os.fsync(out.fileno())
+        return super().free_bytes()
+
+
+def test_bytes_written_while_the_free_count_is_read_are_not_counted_twice(tmp_path: pathlib.Path,
+                                                                         small_volume: pathlib.Path) -> None:
+    """In flight and free are measured at one moment, though a download writes between the two reads."""
+    volume, cart, file = _one_file_cart(tmp_path, small_volume)
+    partial = volume.partial_path(cart.id, file.id)
+    with database.connection():
+        hold_partial(partial, None)
+        reserve(cart.id, file.id, disk_bytes(FILE_SIZE), partial)
+        writing = _WritingVolume(volume.root, partial, [FILE_SIZE // 2])  # half the file lands during the first look
+        in_flight, free = room_in_flight(0, writing)
+        assert in_flight == disk_bytes(FILE_SIZE) - FILE_SIZE // 2  # as the free count already has that half
+        assert free == volume.free_bytes()  # the tmpfs is this test's alone: nothing else wrote since
+
+        # a download that writes on every look: the first sizes read count, which only overstates
+        endless = _WritingVolume(volume.root, partial, [4096] * (MEASURE_ATTEMPTS + 1))
+        in_flight, _ = room_in_flight(0, endless)
+        assert in_flight == disk_bytes(FILE_SIZE) - FILE_SIZE // 2 - 4096 * (MEASURE_ATTEMPTS - 1)
 
 
 def _failed_cart(service: CartService, queue: FakeQueue, archive: FakeArchive, uid: str, good: int,

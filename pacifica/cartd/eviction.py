@@ -6,14 +6,15 @@ import datetime
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from . import database
 from .config import Settings
 from .errors import CartGone, NoSpace
 from .fileio import allocated_in
-from .orm import (Cart, CartStatus, File, add_reservation, cart_status, claim_eviction, drop_cart_reservations,
-                  drop_reservations, now, oldest_evictable, reservations_in_flight, set_reservation_partial)
+from .orm import (Cart, CartStatus, File, SpaceReservation, add_reservation, cart_status, claim_eviction,
+                  drop_cart_reservations, drop_reservations, now, oldest_evictable, reservations_in_flight,
+                  set_reservation_partial)
 from .volume import CartVolume
 
 LOGGER = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ SMALL_FILE = 256 * 1024  # files this small are not reserved one by one ...
 SMALL_FILE_MARGIN = 256 * 1024 * 1024  # ... while the volume has this much more free
 MAX_EVICTIONS_PER_FILE = 1000
 CLAIM_ATTEMPTS = 10  # candidates tried when others keep claiming them first
+MEASURE_ATTEMPTS = 5  # rounds of looking at the downloads in flight and the free count together
 
 
 def disk_bytes(size: int) -> int:
@@ -42,15 +44,49 @@ def bytes_in_flight(excluding_file_id: int) -> int:
     The reservation table holds only the files in flight (a few per worker thread), so
     this stays cheap however many files the database holds.
     """
-    return sum(max(row.bytes - _written(row.partial, row.tar_offset, row.bytes), 0)
-               for row in reservations_in_flight(excluding_file_id))
+    rows = reservations_in_flight(excluding_file_id)
+    return _still_to_write(rows, _written_by(rows))
+
+
+def room_in_flight(excluding_file_id: int, volume: CartVolume) -> Tuple[int, int]:
+    """(bytes downloads in flight may still write, free bytes), the two measured at one moment.
+
+    Downloads in this and other processes go on writing while they are looked at: bytes
+    written between reading a download's size on disk and reading the free count would be
+    counted twice, as written and as still to write (a file of 512 KiB finishing in that
+    gap made a reservation evict one cart too many). So the sizes are read before and after
+    the free count until they agree; if downloads keep writing, the earlier sizes count,
+    which can only overstate what is in flight.
+    """
+    rows = reservations_in_flight(excluding_file_id)
+    written = _written_by(rows)
+    free = volume.free_bytes()
+    for _ in range(MEASURE_ATTEMPTS - 1):
+        again = _written_by(rows)
+        if again == written:
+            break
+        written = again
+        free = volume.free_bytes()
+    return _still_to_write(rows, written), free
+
+
+def _written_by(rows: Sequence[SpaceReservation]) -> List[int]:
+    return [_written(row.partial, row.tar_offset, row.bytes) for row in rows]
+
+
+def _still_to_write(rows: Sequence[SpaceReservation], written: Sequence[int]) -> int:
+    return sum(max(row.bytes - done, 0) for row, done in zip(rows, written, strict=True))
 
 
 def _written(partial: Optional[str], offset: Optional[int], length: int) -> int:
-    """Disk bytes a download has already written (they are already out of the free count).
+    """Disk bytes a download has already written (they are already out of the free count), or
+    all `length` bytes when its file is gone.
 
     A temp file's are its allocated blocks. A file written in place into the bundle tar
     (which is sparse until every file is in it) has written the data extents of its region.
+    The file is made when the reservation is recorded (see hold_partial), so one that is gone
+    has ended: renamed into place (its bytes in the free count) or removed (its bytes free
+    again). Either way it has nothing more to write.
     """
     if not partial:
         return 0
@@ -59,11 +95,18 @@ def _written(partial: Optional[str], offset: Optional[int], length: int) -> int:
             return os.stat(partial).st_blocks * 512
         return allocated_in(partial, offset, length - BLOCK)  # disk_bytes added a block or more to the size
     except OSError:
-        return 0
+        return length
+
+
+def hold_partial(partial: Path, tar_offset: Optional[int]) -> None:
+    """Make the file a reserved download will write, so that a reservation whose file is gone has ended."""
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if tar_offset is None else 0), 0o644))
 
 
 def track_partial(file_id: int, partial: Path) -> None:
-    """Say which temp file a reserved download is writing now (a new one for each attempt)."""
+    """Say which temp file a reserved download is writing now (a new one for each attempt, made here)."""
+    hold_partial(partial, None)
     set_reservation_partial(file_id, str(partial))
 
 
@@ -149,9 +192,11 @@ class SpaceKeeper:
                 state = cart_status(cart.id)
                 if state in (None, CartStatus.ERROR.value, CartStatus.DELETED.value):
                     raise CartGone(f'cart id {cart.id} is {state or "gone"}: its files are not pulled')
-                needed = wanted + bytes_in_flight(file.id)
-                free = self.volume.free_bytes()
+                in_flight, free = room_in_flight(file.id, self.volume)
+                needed = wanted + in_flight
                 if needed <= free:
+                    if partial is not None:
+                        hold_partial(partial, tar_offset)
                     reserve(cart.id, file.id, wanted, partial, tar_offset)
                     return True
                 victim = evict_one(self.settings.lru_buffer_time) if self.settings.lru_purge else None
@@ -173,13 +218,16 @@ class SpaceKeeper:
         """Reserve room for the file's download (see reserve) for as long as the block runs.
 
         Yields whether a reservation was recorded. If the block fails, the reservation is
-        released; on success the block releases it itself once every byte is on disk.
+        released (and the temp file it made removed); on success the block releases it itself
+        once every byte is on disk.
         """
         reserved = self.reserve(cart, file, size, partial, tar_offset)
         try:
             yield reserved
         except BaseException:
             if reserved:
+                if partial is not None and tar_offset is None:
+                    partial.unlink(missing_ok=True)
                 self.release(file.id)
             raise
 

@@ -265,7 +265,11 @@ class Stager:
             finally:
                 current.unlink(missing_ok=True)
 
-        return self._second_chance(cart, file, attempt)
+        try:
+            return self._second_chance(cart, file, attempt)
+        except BaseException:
+            partials[-1].unlink(missing_ok=True)  # made for an attempt that did not come
+            raise
 
     def _record_staged(self, cart: Cart, outcomes: Sequence[StageOutcome]) -> None:
         """Mark files staged and count them, in one transaction; finish the cart if they were the last.
