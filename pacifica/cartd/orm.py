@@ -6,6 +6,7 @@ import csv
 import datetime
 import enum
 import io
+import math
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 from peewee import (
@@ -54,6 +55,7 @@ class FileStatus(str, enum.Enum):
     WAITING = 'waiting'
     STAGING = 'staging'
     RECALLING = 'recalling'  # schema 2.3: on tape, a recall asked for
+    TRANSFERRING = 'transferring'  # schema 2.4: its download has started
     STAGED = 'staged'
     ERROR = 'error'
 
@@ -108,6 +110,10 @@ class Cart(BaseModel):
     bytes_total = BigIntegerField(default=0, constraints=[SQL('DEFAULT 0')])  # the sum of the known sizes
     bytes_staged = BigIntegerField(default=0, constraints=[SQL('DEFAULT 0')])
     ready_date = DateTimeField(null=True)
+    # Added in schema 2.4: files whose download has started (now, not ever: it goes down as they
+    # end), and the highest share of the cart's bytes shown staged (it never goes down).
+    files_transferring = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    percent_staged = DoubleField(default=0, constraints=[SQL('DEFAULT 0')])
 
     class Meta:
         """Table name of the published schema."""
@@ -143,6 +149,8 @@ class File(BaseModel):
     mtime = DoubleField(null=True)
     # Added in schema 2.2: where the file's bytes start in its cart's bundle tar.
     tar_offset = BigIntegerField(null=True)
+    # Added in schema 2.4: downloads of the file started so far (a retry and a re-fetch each count).
+    attempts = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
 
     class Meta:
         """Table name of the published schema."""
@@ -174,11 +182,12 @@ ACTIVE_STATUSES = LIVE_STATUSES + (CartStatus.BUNDLING.value,)
 INSERT_CHUNK = 200  # rows per INSERT or bulk UPDATE statement
 FILE_INSERT_ROWS = 500  # rows per INSERT of a new cart's files (7 parameters each; SQLite takes 32,766)
 STALE_AT_ONCE = datetime.datetime(2000, 1, 1)  # an updated_date the next reconcile treats as stalled
+MAX_PERCENT_STAGING = 99.9  # the percent a cart not ready yet shows at most
 
 # A requested file as the rows take it: (archive id, path in the cart, hash type, hash value).
 FileRow = Tuple[str, str, str, str]
-# A staged file as recorded: (file id, size, mtime).
-StagedRow = Tuple[int, int, Optional[float]]
+# A staged file as recorded: (file id, size, mtime, downloads of it started so far).
+StagedRow = Tuple[int, int, Optional[float], int]
 
 
 class Progress(NamedTuple):
@@ -191,15 +200,32 @@ class Progress(NamedTuple):
     files_sized: int = 0
     bytes_total: int = 0
     bytes_staged: int = 0
+    files_transferring: int = 0  # now, not ever: it goes down as downloads end
 
     @property
     def bytes_known(self) -> bool:
         """Whether every file's size is known, so bytes_total is the cart's size."""
         return self.files_sized >= self.files_total
 
+    def percent_estimate(self) -> float:
+        """Percent of the cart's bytes staged, to a tenth, below 100 (only a ready cart is at 100).
+
+        While some sizes are unknown, each such file counts as the mean of the known ones; with
+        none known (or a cart of empty files), files count instead of bytes. It can go down as
+        sizes become known: the cart keeps the highest value shown (percent_staged).
+        """
+        if self.files_total <= 0:
+            return 0.0
+        if self.files_sized > 0 and self.bytes_total > 0:
+            whole = self.bytes_total * self.files_total / min(self.files_sized, self.files_total)
+            share = self.bytes_staged / whole
+        else:
+            share = self.files_staged / self.files_total
+        return min(math.floor(share * 1000) / 10, MAX_PERCENT_STAGING)
+
 
 PROGRESS_FIELDS = (Cart.files_total, Cart.files_staged, Cart.files_failed, Cart.files_on_tape, Cart.files_sized,
-                   Cart.bytes_total, Cart.bytes_staged)
+                   Cart.bytes_total, Cart.bytes_staged, Cart.files_transferring)
 
 
 class StoredState(NamedTuple):
@@ -215,6 +241,7 @@ class StagedCount(NamedTuple):
 
     files: int = 0
     from_tape: int = 0  # of them, files that were recalling
+    from_transfer: int = 0  # of them, files recorded transferring
     newly_sized: int = 0  # of them, files whose size was not known before
     size_change: int = 0  # added to bytes_total (a size learnt, or changed since it was learnt)
     bytes: int = 0  # added to bytes_staged
@@ -323,6 +350,11 @@ def newest_live_state(cart_uid: str) -> Optional[StoredState]:
 _STATE_QUERIES: Dict[Tuple[str, str], str] = {}  # by quoting and parameter style
 
 
+def progress_of(cart: Cart) -> Progress:
+    """The progress counters of a cart row read whole."""
+    return Progress(*(int(getattr(cart, field.name) or 0) for field in PROGRESS_FIELDS))
+
+
 def touch_cart(cart_id: int) -> None:
     """Mark the cart used (or making progress) now."""
     Cart.update(updated_date=now()).where(Cart.id == cart_id).execute()
@@ -343,15 +375,26 @@ def mark_deleted(cart_ids: Sequence[int]) -> None:
 def _staged_counters(count: StagedCount) -> Dict[Any, Any]:
     return {Cart.files_staged: Cart.files_staged + count.files,
             Cart.files_on_tape: Cart.files_on_tape - count.from_tape,
+            Cart.files_transferring: Cart.files_transferring - count.from_transfer,
             Cart.files_sized: Cart.files_sized + count.newly_sized,
             Cart.bytes_total: Cart.bytes_total + count.size_change,
             Cart.bytes_staged: Cart.bytes_staged + count.bytes}
 
 
 def count_staged(cart_id: int, count: StagedCount) -> bool:
-    """Add newly staged files to a live cart's counters; False when the cart is no longer staging."""
-    return bool(Cart.update({**_staged_counters(count), Cart.updated_date: now()})
+    """Add newly staged files to a live cart's counters and raise its percent to match;
+    False when the cart is no longer staging."""
+    live = bool(Cart.update({**_staged_counters(count), Cart.updated_date: now()})
                 .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))).execute())
+    if live:
+        row = Cart.select(*PROGRESS_FIELDS, Cart.percent_staged).where(Cart.id == cart_id).tuples().first()
+        if row is not None:
+            *counters, shown = row
+            percent = Progress(*(int(value or 0) for value in counters)).percent_estimate()
+            if percent > float(shown or 0):
+                (Cart.update(percent_staged=percent)
+                 .where((Cart.id == cart_id) & (Cart.percent_staged < percent)).execute())
+    return live
 
 
 def count_staged_of_failed(cart_id: int, count: StagedCount) -> bool:
@@ -407,6 +450,7 @@ def counters_from_rows() -> Dict[Any, Any]:
     return {Cart.files_total: files(), Cart.files_staged: files(staged),
             Cart.files_failed: files(File.status == FileStatus.ERROR.value),
             Cart.files_on_tape: files(File.status == FileStatus.RECALLING.value),
+            Cart.files_transferring: files(File.status == FileStatus.TRANSFERRING.value),
             Cart.files_sized: files(File.size.is_null(False)),
             Cart.bytes_total: size_sum(), Cart.bytes_staged: size_sum(staged)}
 
@@ -532,32 +576,64 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
     if not rows:
         return StagedCount()
     before = {row.id: row for row in File.select(File.id, File.size, File.status).where(
-        File.id.in_([file_id for file_id, _, _ in rows]) & (File.status != FileStatus.STAGED.value))}
+        File.id.in_([row[0] for row in rows]) & (File.status != FileStatus.STAGED.value))}
     fresh = [row for row in rows if row[0] in before]
     if not fresh:
         return StagedCount()
-    File.bulk_update([File(id=file_id, status=FileStatus.STAGED.value, size=size, mtime=mtime, error='')
-                      for file_id, size, mtime in fresh],
-                     fields=[File.status, File.size, File.mtime, File.error], batch_size=INSERT_CHUNK)
-    sizes = {file_id: size for file_id, size, _ in fresh}
+    File.bulk_update([File(id=file_id, status=FileStatus.STAGED.value, size=size, mtime=mtime, error='',
+                           attempts=attempts)
+                      for file_id, size, mtime, attempts in fresh],
+                     fields=[File.status, File.size, File.mtime, File.error, File.attempts], batch_size=INSERT_CHUNK)
+    sizes = {row[0]: row[1] for row in fresh}
     newly_sized, size_change = _size_gain({file_id: row.size for file_id, row in before.items()}, sizes)
+
+    def were(status: FileStatus) -> int:
+        return sum(1 for file_id in sizes if before[file_id].status == status.value)
+
     return StagedCount(
-        files=len(fresh),
-        from_tape=sum(1 for file_id in sizes if before[file_id].status == FileStatus.RECALLING.value),
+        files=len(fresh), from_tape=were(FileStatus.RECALLING), from_transfer=were(FileStatus.TRANSFERRING),
         newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()))
 
 
-def fail_file(cart_id: int, file_id: int, cause: str) -> bool:
-    """Record a file's failure and count it on its cart; False when a duplicate task had already staged it."""
+def mark_transferring(cart_id: int, attempts: Dict[int, int]) -> int:
+    """Record that downloads of these files have started, with the downloads started so far of each.
+
+    Compare-and-set on each file's previous state, so a file staged or failed meanwhile (by its
+    own thread or a duplicate task) is left alone. A file that was recalling is no longer
+    counted on tape. Returns how many files were newly transferring.
+    """
+    if not attempts:
+        return 0
+    ended = (FileStatus.STAGED.value, FileStatus.ERROR.value)
+    groups: Dict[Tuple[str, int], List[int]] = {}
+    for row in File.select(File.id, File.status).where(File.id.in_(list(attempts)) & File.status.not_in(ended)):
+        groups.setdefault((str(row.status), attempts[row.id]), []).append(row.id)
+    newly = from_tape = 0
+    for (before, count), file_ids in groups.items():
+        changed = (File.update(status=FileStatus.TRANSFERRING.value, attempts=count)
+                   .where(File.id.in_(file_ids) & (File.status == before)).execute())
+        if before != FileStatus.TRANSFERRING.value:
+            newly += changed
+            from_tape += changed if before == FileStatus.RECALLING.value else 0
+    if newly:
+        Cart.update(files_transferring=Cart.files_transferring + newly,
+                    files_on_tape=Cart.files_on_tape - from_tape).where(Cart.id == cart_id).execute()
+    return newly
+
+
+def fail_file(cart_id: int, file_id: int, cause: str, attempts: int) -> bool:
+    """Record a file's failure (after `attempts` downloads started in all) and count it on its cart;
+    False when a duplicate task had already staged it."""
     before = File.select(File.status).where(File.id == file_id).scalar()
     if before is None or before == FileStatus.STAGED.value:
         return False
-    changed = (File.update(status=FileStatus.ERROR.value, error=cause)
+    changed = (File.update(status=FileStatus.ERROR.value, error=cause, attempts=attempts)
                .where((File.id == file_id) & (File.status == before)).execute())
     if changed and before != FileStatus.ERROR.value:
         on_tape = 1 if before == FileStatus.RECALLING.value else 0
-        Cart.update(files_failed=Cart.files_failed + 1, files_on_tape=Cart.files_on_tape - on_tape).where(
-            Cart.id == cart_id).execute()
+        transferring = 1 if before == FileStatus.TRANSFERRING.value else 0
+        Cart.update(files_failed=Cart.files_failed + 1, files_on_tape=Cart.files_on_tape - on_tape,
+                    files_transferring=Cart.files_transferring - transferring).where(Cart.id == cart_id).execute()
     return bool(changed) or before == FileStatus.ERROR.value
 
 
@@ -588,6 +664,15 @@ def learn_sizes(cart_id: int, sizes: Dict[int, int]) -> None:
     newly, change = _size_gain(before, changed)
     Cart.update(files_sized=Cart.files_sized + newly, bytes_total=Cart.bytes_total + change).where(
         Cart.id == cart_id).execute()
+
+
+def files_page(cart_id: int, errors_only: bool, limit: int, offset: int) -> List[Tuple[Any, ...]]:
+    """(archive id, path, size, status, attempts, error) of a page of the cart's files (or of those in error), by id."""
+    query = (File.select(File.file_name, File.bundle_path, File.size, File.status, File.attempts, File.error)
+             .where(File.cart == cart_id))
+    if errors_only:
+        query = query.where(File.status == FileStatus.ERROR.value)
+    return cast(List[Tuple[Any, ...]], list(query.order_by(File.id).limit(limit).offset(offset).tuples()))
 
 
 def tar_place(file_id: int) -> Optional[Tuple[int, Optional[int]]]:

@@ -16,9 +16,11 @@ Version = Tuple[int, int]
 
 # 2.0 is the published 0.7.0 schema. 2.1 adds per-cart counters and per-file size/mtime;
 # 2.2 adds where a bundle's files are written in its tar; 2.3 adds the progress counters
-# HEAD reports and when a cart became ready. All new columns have server-side defaults or
-# are nullable, so a 0.7.0 process can still write to the database.
-SCHEMA_VERSION: Version = (2, 3)
+# HEAD reports and when a cart became ready; 2.4 adds what GET /<uid>/status reports (the
+# downloads started per file, the files transferring and the high-water percent of a cart).
+# All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
+# write to the database.
+SCHEMA_VERSION: Version = (2, 4)
 
 
 def current_version() -> Optional[Version]:
@@ -96,15 +98,31 @@ def _upgrade_2_2_to_2_3() -> None:
     if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side defaults
         operations += [migrator.add_column_default('cart', name, 0) for name in PROGRESS_COLUMNS]
     migrate(*operations)
-    Cart.update(counters_from_rows()).execute()
+    Cart.update({field: value for field, value in counters_from_rows().items()
+                 if field.name != 'files_transferring'}).execute()  # a 2.4 column
     Cart.update(ready_date=Cart.updated_date).where(
         (Cart.status == CartStatus.READY.value) & Cart.ready_date.is_null()).execute()
+
+
+STATUS_COLUMNS = (('cart', Cart.files_transferring), ('cart', Cart.percent_staged), ('file', File.attempts))
+
+
+def _upgrade_2_3_to_2_4() -> None:
+    """Add the status document's columns (resumable). No file is transferring in an older database
+    (it had no such state) and no download count is known: both start at 0, as does the percent,
+    which the next staged file raises."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    operations = _add_missing_columns(migrator, [(table, field.column_name, field) for table, field in STATUS_COLUMNS])
+    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side defaults
+        operations += [migrator.add_column_default(table, field.column_name, 0) for table, field in STATUS_COLUMNS]
+    migrate(*operations)
 
 
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
     ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
     ((2, 2), (2, 3), _upgrade_2_2_to_2_3),
+    ((2, 3), (2, 4), _upgrade_2_3_to_2_4),
 ]
 
 

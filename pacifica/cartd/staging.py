@@ -6,10 +6,11 @@ import dataclasses
 import functools
 import logging
 import os
+import queue
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from . import database
 from .archive import MEDIA_ERROR, ArchiveClient, ArchiveStatus, Download
@@ -22,7 +23,7 @@ from .fileio import locked_region
 from .heartbeat import Heartbeat
 from .orm import (LIVE_STATUSES, Cart, CartStatus, File, FileStatus, cart_status, count_staged, count_staged_of_failed,
                   fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle, mark_recalling, mark_staged,
-                  place_file, tar_place)
+                  mark_transferring, place_file, tar_place)
 from .tarlayout import member_region
 from .volume import CartVolume
 
@@ -42,6 +43,40 @@ class StageOutcome:
     error: Optional[str] = None
     download: Optional[Download] = None
     size: Optional[int] = None  # of a file on tape, as the archive said
+    attempts: int = 0  # downloads of the file started so far, this task's and earlier ones
+
+
+class AttemptLog:
+    """Downloads started by one staging task, per file: counted by the threads, recorded by the task's thread.
+
+    Counts start from what the file rows say (downloads started by earlier tasks), so the
+    recorded count is the file's total. Only the newest count of each file waits to be
+    recorded, so a flush writes one row a file however often it was retried.
+    """
+
+    def __init__(self, files: Sequence[File]) -> None:
+        """Start from each file's recorded count."""
+        self._counts = {file.id: int(file.attempts or 0) for file in files}
+        self._unrecorded: Dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def started(self, file_id: int) -> None:
+        """A download of the file starts (a first try, a retry or a re-fetch)."""
+        with self._lock:
+            self._counts[file_id] = self._counts.get(file_id, 0) + 1
+            self._unrecorded[file_id] = self._counts[file_id]
+
+    def attempts(self, file_id: int) -> int:
+        """Downloads of the file started so far."""
+        with self._lock:
+            return self._counts.get(file_id, 0)
+
+    def take_unrecorded(self, ended: Set[int]) -> Dict[int, int]:
+        """The counts not recorded yet of files still downloading (an ended file's outcome records its own)."""
+        with self._lock:
+            taken = {file_id: count for file_id, count in self._unrecorded.items() if file_id not in ended}
+            self._unrecorded.clear()
+        return taken
 
 
 def _cart_message(file: File, cause: str) -> str:
@@ -93,21 +128,34 @@ class Stager:
             self.bundler.finish(cart_id)
             return []
         pool = self._thread_pool()
-        futures = [pool.submit(self._stage_in_thread, cart, file) for file in files]
+        log = AttemptLog(files)
+        finished: 'queue.SimpleQueue[concurrent.futures.Future[StageOutcome]]' = queue.SimpleQueue()
+        futures = [pool.submit(self._stage_in_thread, cart, file, log) for file in files]
+        for future in futures:
+            future.add_done_callback(finished.put)
         on_tape: Dict[int, Optional[int]] = {}
         staged: List[StageOutcome] = []
+        ended: Set[int] = set()
         failed = False
         last_flush = time.monotonic()
         try:
-            for future in concurrent.futures.as_completed(futures):
-                outcome = future.result()
+            for _ in futures:
+                while True:  # until the next file ends; downloads started meanwhile are recorded
+                    try:
+                        outcome = finished.get(timeout=FLUSH_SECONDS).result()
+                        break
+                    except queue.Empty:
+                        self._record_started(cart, log, ended)
+                ended.add(outcome.file_id)
                 failed = failed or outcome.error is not None
                 if outcome.on_tape:
                     on_tape[outcome.file_id] = outcome.size
                 if outcome.download is not None:
                     staged.append(outcome)
-                if staged and (len(staged) >= FLUSH_FILES or time.monotonic() - last_flush >= FLUSH_SECONDS):
-                    self._record_staged(cart, staged)
+                if time.monotonic() - last_flush >= FLUSH_SECONDS or len(staged) >= FLUSH_FILES:
+                    self._record_started(cart, log, ended)
+                    if staged:
+                        self._record_staged(cart, staged)
                     staged, last_flush = [], time.monotonic()
                 if on_done is not None:
                     on_done(outcome)
@@ -128,10 +176,18 @@ class Stager:
                 mark_recalling(cart.id, on_tape)
         return sorted(on_tape)
 
-    def _stage_in_thread(self, cart: Cart, file: File) -> StageOutcome:
+    @staticmethod
+    def _record_started(cart: Cart, log: AttemptLog, ended: Set[int]) -> None:
+        """Record the files whose downloads started since the last flush as transferring (one transaction)."""
+        started = log.take_unrecorded(ended)
+        if started:
+            with database.atomic():
+                mark_transferring(cart.id, started)
+
+    def _stage_in_thread(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:
         """Stage one file in a pool thread; failures are recorded here, successes by the caller."""
         try:
-            return self._stage_one(cart, file)
+            return self._stage_one(cart, file, log)
         except ArchiveFileMissing as exc:
             message = cart_error = _missing_message(file)
             LOGGER.warning('cart %s: %s (%s)', cart.cart_uid, message, exc)
@@ -150,11 +206,11 @@ class Stager:
                 return StageOutcome(file.id, error=message)
             LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
         with database.connection(), database.atomic():
-            if fail_file(cart.id, file.id, message):
+            if fail_file(cart.id, file.id, message, log.attempts(file.id)):
                 fail_cart(cart.id, cart_error)
-        return StageOutcome(file.id, error=message)
+        return StageOutcome(file.id, error=message, attempts=log.attempts(file.id))
 
-    def _stage_one(self, cart: Cart, file: File) -> StageOutcome:
+    def _stage_one(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:
         status: ArchiveStatus = self.archive.with_retries(lambda: self.archive.status(file.file_name))
         if status.media == MEDIA_ERROR:
             raise ArchiveMediaError(f'the archive reports the media of the file as error: {status.message}')
@@ -166,13 +222,13 @@ class Stager:
             with database.connection():
                 offset = self.place_in_tar(cart, file, status.size)
             if offset is not None:
-                return self._stage_in_place(cart, file, status, offset)
+                return self._stage_in_place(cart, file, status, offset, log)
         final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
         partial = self.volume.partial_path(cart.id, file.id)
         with self.space.reservation(cart, file, status.size, partial) as reserved:
             final.parent.mkdir(parents=True, exist_ok=True)
-            download = self._download_verified(cart, file, status, final, partial, reserved)
-        return StageOutcome(file.id, download=download)
+            download = self._download_verified(cart, file, status, final, partial, reserved, log)
+        return StageOutcome(file.id, download=download, attempts=log.attempts(file.id))
 
     def place_in_tar(self, cart: Cart, file: File, size: int) -> Optional[int]:
         """Where the file's bytes go in its cart's bundle tar: kept from an earlier attempt, or
@@ -192,7 +248,8 @@ class Stager:
             place_file(cart.id, file.id, offset, size)
         return offset
 
-    def _stage_in_place(self, cart: Cart, file: File, status: ArchiveStatus, offset: int) -> StageOutcome:
+    def _stage_in_place(self, cart: Cart, file: File, status: ArchiveStatus, offset: int,
+                        log: AttemptLog) -> StageOutcome:
         """Download a large file of a bundle cart straight into its place in the bundle tar.
 
         The region is locked while it is written, and the file is recorded staged before the
@@ -209,9 +266,10 @@ class Stager:
                     state = cart_status(cart.id)
                 if current is not None and current.status != FileStatus.STAGED.value and state in LIVE_STATUSES:
                     download = self._second_chance(
-                        cart, file, lambda: self._download_into(cart, file, status, staging, offset))
+                        cart, file, lambda: self._download_into(cart, file, status, staging, log, offset))
                     with database.connection():
-                        self._record_staged(cart, [StageOutcome(file.id, download=download)])
+                        self._record_staged(cart, [StageOutcome(file.id, download=download,
+                                                                attempts=log.attempts(file.id))])
             # A late task opened (and so made) the staging tar of a cart that moved on meanwhile.
             if state in (None, CartStatus.DELETED.value):
                 with database.connection():
@@ -220,13 +278,19 @@ class Stager:
                 staging.unlink(missing_ok=True)
         return StageOutcome(file.id)
 
-    def _download_into(self, cart: Cart, file: File, status: ArchiveStatus, target: Path,
+    def _download_into(self, cart: Cart, file: File, status: ArchiveStatus, target: Path, log: AttemptLog,
                        offset: Optional[int] = None) -> Download:
-        """One verified download (transient faults retried) into a temp file, or at offset into the tar."""
+        """One verified download (transient faults retried, each try counted in `log`) into a temp
+        file, or at offset into the tar."""
         heartbeat = Heartbeat(cart.id, min(HEARTBEAT_S, self.settings.stall_timeout / 3))
-        download = self.archive.with_retries(functools.partial(
-            self.archive.download, file.file_name, target, str(file.hash_type), str(file.hash_value),
-            status.size, heartbeat, offset=offset))
+        get = functools.partial(self.archive.download, file.file_name, target, str(file.hash_type),
+                                str(file.hash_value), status.size, heartbeat, offset=offset)
+
+        def counted() -> Download:
+            log.started(file.id)
+            return get()
+
+        download = self.archive.with_retries(counted)
         return Download(download.size, status.mtime if status.mtime is not None else download.mtime)
 
     @staticmethod
@@ -239,14 +303,14 @@ class Stager:
         return attempt()
 
     def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path, partial: Path,
-                           reserved: bool) -> Download:
+                           reserved: bool, log: AttemptLog) -> Download:
         """Download into a temp file until whole and matching, then rename it into place."""
         partials = [partial]
 
         def attempt() -> Download:
             current = partials[-1]
             try:
-                download = self._download_into(cart, file, status, current)
+                download = self._download_into(cart, file, status, current, log)
                 if download.mtime is not None:
                     os.utime(current, (download.mtime, download.mtime))
                 if reserved:
@@ -282,7 +346,7 @@ class Stager:
         rows = []
         for outcome in outcomes:
             assert outcome.download is not None
-            rows.append((outcome.file_id, outcome.download.size, outcome.download.mtime))
+            rows.append((outcome.file_id, outcome.download.size, outcome.download.mtime, outcome.attempts))
         try:
             with database.atomic():
                 fresh = mark_staged(rows)
