@@ -177,6 +177,7 @@ EXPECT: Dict[str, Expect] = {
     # usage.md
     'create': Expect(),
     'poll': Expect(),
+    'status': Expect(),
     'download': Expect(),
     'resume': Expect(),
     'range': Expect(),

@@ -18,6 +18,7 @@ import pytest
 
 from pacifica.cartd import database, schema
 from pacifica.cartd.archive import Download
+from pacifica.cartd.cartreport import FilesWanted
 from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import ArchiveError, BadRequest, CartNotFound, CartNotReady
 from pacifica.cartd.orm import Cart, CartTasks, File, Progress
@@ -419,3 +420,41 @@ def test_progress_of_a_failed_file(make_service) -> None:
     state = service.status('pf')
     assert state.status == 'error'
     assert (state.progress.files_total, state.progress.files_failed, state.progress.files_on_tape) == (2, 1, 0)
+    # the status document counts each file's downloads; none is left transferring
+    document = service.report('pf', FilesWanted('all'))
+    assert [(file['path'], file['state'], file['attempts']) for file in document['files']] == [
+        ('p/good', 'staged', 1), ('p/bad', 'error', 2)]  # the mismatch is fetched once more
+    assert document['progress']['files_transferring'] == 0
+    assert File.select().where(File.status == 'transferring').count() == 0
+
+
+def test_percent_never_goes_down_when_a_size_learnt_later_makes_the_cart_bigger(make_service) -> None:
+    """The first file staged looks like half the cart until the archive tells the second's size."""
+    files = {'small': b's' * 1000, 'cold': b'c' * 99000}
+    service, archive, queue = make_service(files)
+    archive.media['cold'] = 'tape'
+    cart_id = service.create_cart('pc', {'fileids': _entries(files)})
+    assert service.report('pc', FilesWanted('none'))['progress']['percent'] == 0
+    first_task = queue.staged[0]
+    service.requeue_tape_files(cart_id, service.stage_files(*first_task[:2]), 0)
+    progress = _progress(service, 'pc')
+    assert progress.percent_estimate() == 1.0  # 1000 of the 100,000 bytes now known
+    document = service.report('pc', FilesWanted('all'))
+    assert document['progress']['percent'] == 50.0  # shown when 'small' was staged and 'cold' had no size yet
+    assert (document['phase'], [file['state'] for file in document['files']]) == ('recalling', ['staged', 'recalling'])
+    archive.media.clear()
+    run_queue(service, queue)
+    document = service.report('pc', FilesWanted('all'))
+    assert (document['status'], document['progress']['percent']) == ('ready', 100.0)
+    assert [(file['state'], file['attempts']) for file in document['files']] == [('staged', 1), ('staged', 1)]
+
+
+@pytest.mark.parametrize('progress, percent', [
+    (Progress(), 0.0),
+    (Progress(files_total=4, files_staged=1), 25.0),  # no size known: by files
+    (Progress(files_total=3, files_staged=1, files_sized=1, bytes_total=10, bytes_staged=10), 33.3),
+    (Progress(files_total=2, files_staged=2, files_sized=2, bytes_total=10, bytes_staged=10), 99.9),  # not ready yet
+    (Progress(files_total=2, files_staged=2, files_sized=2), 99.9),  # empty files: by files
+])
+def test_percent_estimate(progress: Progress, percent: float) -> None:
+    assert progress.percent_estimate() == percent

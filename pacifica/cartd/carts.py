@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator
 
 from . import database
 from .bundling import Bundler
 from .cartlayout import download_layout
+from .cartreport import FilesWanted, cart_report
 from .cartrequest import parse_cart_request
 from .config import Settings
 from .errors import CartNotFound, CartNotReady
 from .eviction import DOWNLOAD_HEARTBEAT_S, release_cart
 from .heartbeat import Heartbeat
-from .orm import (PROGRESS_FIELDS, Cart, CartStatus, Progress, StoredState, insert_cart, live_carts, mark_deleted,
-                  newest_live_cart, newest_live_state, task_ids_of, touch_cart)
+from .orm import (Cart, CartStatus, Progress, StoredState, insert_cart, live_carts, mark_deleted, newest_live_cart,
+                  newest_live_state, progress_of, task_ids_of, touch_cart)
 from .paths import check_cart_uid
 from .tarlayout import Piece, TarLayout, directories_size
 from .taskqueue import CartQueue
@@ -46,8 +47,7 @@ class CartState:
     @classmethod
     def of(cls, cart: Cart) -> 'CartState':
         """The state a cart row shows on the wire (a ready cart has no message)."""
-        progress = Progress(*(getattr(cart, field.name) or 0 for field in PROGRESS_FIELDS))
-        return cls.from_row(StoredState(cart.status, cart.error, progress))
+        return cls.from_row(StoredState(cart.status, cart.error, progress_of(cart)))
 
     @classmethod
     def from_row(cls, stored: StoredState) -> 'CartState':
@@ -123,6 +123,11 @@ class Carts:
         if state is None:
             raise CartNotFound(f'No cart with uid {cart_uid} found')
         return CartState.from_row(state)
+
+    @staticmethod
+    def report(cart_uid: str, wanted: FilesWanted) -> Dict[str, Any]:
+        """The status document of the newest live cart (see cartreport), its message the one HEAD sends."""
+        return cart_report(cart_uid, wanted, lambda stored: CartState.from_row(stored).message)
 
     def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
         """Lay out the ready cart's tar under the top directory `top`; count it as a use."""

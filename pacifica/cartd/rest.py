@@ -17,6 +17,7 @@ import cherrypy
 
 from . import database
 from .byteranges import parse_range
+from .cartreport import FilesWanted
 from .carts import CartDownload, Progress
 from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable, error_document
 from .paths import tar_top_name
@@ -28,6 +29,8 @@ LOGGER = logging.getLogger(__name__)
 JSON_TYPES = ('application/json', 'text/javascript')
 STATUS_HEADER = 'X-Pacifica-Status'
 MESSAGE_HEADER = 'X-Pacifica-Message'
+STATUS_SEGMENT = 'status'  # GET /<uid>/status: a uid is one segment, so no uid is shadowed
+STATUS_ALLOWED_METHODS = 'GET, HEAD'
 UP_MESSAGE = 'Pacifica Cartd Interface Up and Running'
 UNEXPECTED_MESSAGE = 'The server encountered an unexpected condition which prevented it from fulfilling the request.'
 
@@ -97,6 +100,21 @@ def refuse_non_utf8_url() -> None:
         return  # a server that decoded them already
     if not _is_utf8(path) or not _is_utf8(query):
         _raise_http(400, 'the URL is not valid UTF-8 once %-decoded')
+
+
+def status_resource_methods() -> None:
+    """`/<uid>/status` answers GET and HEAD only: its Allow header says so, and other methods get 405."""
+    parts = cherrypy.request.path_info.split('/')
+    if len(parts) == 3 and parts[1] and parts[2] == STATUS_SEGMENT:
+        cherrypy.response.headers['Allow'] = STATUS_ALLOWED_METHODS
+        if cherrypy.request.method not in ('GET', 'HEAD'):
+            cherrypy.request.handler = cherrypy.HTTPError(405, 'Specified method is invalid for this resource')
+
+
+def on_start_resource() -> None:
+    """Checks of every request once it is dispatched, before its handler runs."""
+    refuse_non_utf8_url()
+    status_resource_methods()
 
 
 def translate_errors(handler: F) -> F:
@@ -239,8 +257,11 @@ class CartRoot:
 
     @translate_errors
     def GET(self, /, *path: str, **params: Any) -> Any:
-        """`GET /` says the service is up; `GET /<uid>[?filename=x.tar]` downloads a ready cart."""
+        """`GET /` says the service is up; `GET /<uid>[?filename=x.tar]` downloads a ready cart;
+        `GET /<uid>/status` answers the cart's status document."""
         uid, extra = _split(path)
+        if uid is not None and extra == (STATUS_SEGMENT,):
+            return self._report(uid, params)
         filename = params.get('filename')
         if filename is not None and not isinstance(filename, str):
             raise BadRequest('give the filename parameter once')
@@ -260,11 +281,19 @@ class CartRoot:
         return _send(download, settings.transfer_size)
     GET._cp_config = {'response.stream': True}  # type: ignore[attr-defined]
 
+    def _report(self, uid: str, params: Dict[str, Any]) -> bytes:
+        cherrypy.response.stream = False
+        report = self.service.report(uid, FilesWanted.from_query(params))
+        return json.dumps(report).encode('utf-8')
+
     @translate_errors
-    def HEAD(self, /, *path: str, **params: Any) -> None:
-        """`HEAD /<uid>`: 204 with the cart's status and message in X-Pacifica headers."""
-        del params
+    def HEAD(self, /, *path: str, **params: Any) -> Optional[bytes]:
+        """`HEAD /<uid>`: 204 with the cart's status and message in X-Pacifica headers;
+        `HEAD /<uid>/status`: the headers of the status document."""
         uid, extra = _split(path)
+        if uid is not None and extra == (STATUS_SEGMENT,):
+            return self._report(uid, params)
+        del params
         if uid is None or extra:
             raise BadRequest('HEAD needs a cart uid: /<uid>')
         state = self.service.status(uid)
@@ -275,6 +304,7 @@ class CartRoot:
         if state.status == 'error':
             raise cherrypy.HTTPError(500, state.message)
         cherrypy.response.status = 204
+        return None
 
     @translate_errors
     def POST(self, /, *path: str, **params: Any) -> bytes:
@@ -383,7 +413,7 @@ def app_config() -> Dict[str, Dict[str, Any]]:
             'request.dispatch': cherrypy.dispatch.MethodDispatcher(),
             'request.show_tracebacks': False,
             'request.process_request_body': False,
-            'hooks.on_start_resource': refuse_non_utf8_url,
+            'hooks.on_start_resource': on_start_resource,
             'tools.response_headers.on': True,
             'tools.response_headers.headers': [('Content-Type', 'application/json')],
             'error_page.default': error_page,

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .admin import Admin, FixitProgress, FixitResult
 from .archive import ArchiveClient
 from .bundling import Bundler
+from .cartreport import FilesWanted
 from .carts import CartDownload, Carts, CartState
 from .config import Settings
 from .eviction import SpaceKeeper
@@ -65,6 +66,10 @@ class CartService:
     def status(self, cart_uid: str) -> CartState:
         """See carts.Carts.status."""
         return self.carts.status(cart_uid)
+
+    def report(self, cart_uid: str, wanted: FilesWanted) -> Dict[str, Any]:
+        """See carts.Carts.report."""
+        return self.carts.report(cart_uid, wanted)
 
     def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
         """See carts.Carts.download."""

@@ -1,0 +1,141 @@
+"""The status document of a cart (`GET /<uid>/status`): its state, phase, times, progress and a page of its files."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from .errors import BadRequest, CartNotFound
+from .orm import Cart, CartStatus, FileStatus, Progress, StoredState, files_page, newest_live_cart, progress_of
+
+FILE_SELECTIONS = ('errors', 'all', 'none')
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10000
+
+# A file's state in the document, by its stored status.
+FILE_STATES = {
+    FileStatus.WAITING.value: 'queued',
+    FileStatus.STAGING.value: 'queued',  # 0.7.0's rows
+    FileStatus.RECALLING.value: 'recalling',
+    FileStatus.TRANSFERRING.value: 'transferring',
+    FileStatus.STAGED.value: 'staged',
+    FileStatus.ERROR.value: 'error',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FilesWanted:
+    """Which of a cart's files the document lists: `errors` (default), `all` or `none`, a page of them."""
+
+    selection: str = 'errors'
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+
+    @classmethod
+    def from_query(cls, params: Mapping[str, Any]) -> 'FilesWanted':
+        """Read ?files=, ?limit= and ?offset=; BadRequest (400) for a value that is not one of them."""
+        selection = _one(params, 'files', 'errors')
+        if selection not in FILE_SELECTIONS:
+            raise BadRequest(f'files must be one of {", ".join(FILE_SELECTIONS)}, not {selection!r}')
+        limit = _whole_number(params, 'limit', DEFAULT_LIMIT)
+        if not 1 <= limit <= MAX_LIMIT:
+            raise BadRequest(f'limit must be from 1 to {MAX_LIMIT}, not {limit}')
+        return cls(selection, limit, _whole_number(params, 'offset', 0))
+
+
+def _one(params: Mapping[str, Any], name: str, default: str) -> str:
+    value = params.get(name, default)
+    if not isinstance(value, str):
+        raise BadRequest(f'give the {name} parameter once')
+    return value
+
+
+def _whole_number(params: Mapping[str, Any], name: str, default: int) -> int:
+    text = _one(params, name, str(default))
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
+        raise BadRequest(f'{name} must be a whole number, not {text!r}')
+    return int(text)
+
+
+def phase_of(status: str, progress: Progress) -> str:
+    """The finer state of a cart: waiting, recalling, transferring, bundling, ready, error or deleted.
+
+    While staging: transferring when a download runs (or some file has arrived and none is on
+    tape), recalling when files wait on tape and nothing downloads, waiting before anything
+    has happened.
+    """
+    if status not in (CartStatus.WAITING.value, CartStatus.STAGING.value):
+        return status
+    if progress.files_transferring > 0:
+        return 'transferring'
+    if progress.files_on_tape > 0:
+        return 'recalling'
+    if progress.files_staged > 0 or progress.files_failed > 0:
+        return 'transferring'
+    return 'waiting'
+
+
+def rfc3339(moment: Optional[datetime.datetime]) -> Optional[str]:
+    """A stored time (naive, the server's local time) as RFC 3339 with its offset, or None."""
+    if moment is None:
+        return None
+    return moment.astimezone().isoformat(timespec='seconds')
+
+
+def percent_shown(status: str, stored: float) -> float:
+    """100 for a ready cart; otherwise the highest percent recorded (it never goes down)."""
+    if status == CartStatus.READY.value:
+        return 100.0
+    return float(stored or 0)
+
+
+def progress_document(status: str, progress: Progress, stored_percent: float) -> Dict[str, Any]:
+    """The `progress` object: the HEAD counters (bytes_total null until every size is known) and percent."""
+    return {'files_total': progress.files_total, 'files_staged': progress.files_staged,
+            'files_on_tape': progress.files_on_tape, 'files_failed': progress.files_failed,
+            'files_transferring': progress.files_transferring,
+            'bytes_total': progress.bytes_total if progress.bytes_known else None,
+            'bytes_staged': progress.bytes_staged, 'percent': percent_shown(status, stored_percent)}
+
+
+def files_document(cart: Cart, progress: Progress, wanted: FilesWanted) -> Dict[str, Any]:
+    """`files` (one page of the selected files, by id) and `files_page` (what was selected, how many in all)."""
+    page: Dict[str, Any] = {'files': wanted.selection, 'offset': wanted.offset, 'limit': wanted.limit}
+    if wanted.selection == 'none':
+        return {'files': [], 'files_page': {**page, 'count': 0, 'next_offset': None}}
+    errors_only = wanted.selection == 'errors'
+    # The counters say how many are selected (a failed file's row stays in error; fixit, which
+    # puts failed files back, sets files_failed anew from the rows): no count over the rows.
+    count = progress.files_failed if errors_only else progress.files_total
+    rows = files_page(cart.id, errors_only, wanted.limit, wanted.offset) if wanted.offset < count else []
+    files: List[Dict[str, Any]] = [
+        {'path': path, 'id': archive_id, 'size': size, 'state': FILE_STATES.get(status, 'queued'),
+         'attempts': int(attempts or 0), 'error': error or None}
+        for archive_id, path, size, status, attempts, error in rows]
+    following = wanted.offset + len(files)
+    return {'files': files, 'files_page': {**page, 'count': count,
+                                           'next_offset': following if following < count else None}}
+
+
+def cart_report(cart_uid: str, wanted: FilesWanted, message_of: Callable[[StoredState], str]) -> Dict[str, Any]:
+    """The status document of the newest live cart with this uid; CartNotFound (404) when there is none.
+
+    `message_of(StoredState)` gives the X-Pacifica-Message HEAD would send, so both say the same.
+    """
+    cart = newest_live_cart(cart_uid)
+    if cart is None:
+        raise CartNotFound(f'No cart with uid {cart_uid} found')
+    progress = progress_of(cart)
+    status = CartStatus(cart.status)
+    return {
+        'uid': cart.cart_uid,
+        'status': status.wire,
+        'phase': phase_of(status.value, progress),
+        'message': message_of(StoredState(cart.status, cart.error or '', progress)),
+        'created': rfc3339(cart.creation_date),
+        'updated': rfc3339(cart.updated_date),
+        'ready_at': rfc3339(cart.ready_date) if status == CartStatus.READY else None,
+        'expires_at': None,
+        'progress': progress_document(status.value, progress, cart.percent_staged),
+        **files_document(cart, progress, wanted),
+    }
