@@ -178,6 +178,7 @@ EXPECT: Dict[str, Expect] = {
     'create': Expect(),
     'poll': Expect(),
     'status': Expect(),
+    'lifetime': Expect(),
     'download': Expect(),
     'resume': Expect(),
     'range': Expect(),

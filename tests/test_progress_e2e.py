@@ -263,7 +263,7 @@ def test_the_status_document_refuses_bad_parameters(stack: CartStack, query: dic
     assert answer.json()['message'] == message
 
 
-def test_the_status_document_of_an_unknown_cart_is_404(stack: CartStack) -> None:
+def test_the_status_document_of_an_unknown_cart_is_404_and_of_a_deleted_one_a_tombstone(stack: CartStack) -> None:
     uid = f'status-{uuid.uuid4().hex[:10]}'
     answer = _status(stack, uid)
     assert answer.status_code == 404
@@ -271,7 +271,9 @@ def test_the_status_document_of_an_unknown_cart_is_404(stack: CartStack) -> None
     assert answer.json()['message'] == f'No cart with uid {uid} found'
     assert stack.post(uid, []).status_code == 201
     assert stack.delete(uid).status_code == 200
-    assert _status(stack, uid).status_code == 404
+    tombstone = _document(stack, uid)  # a deleted cart is still reported for tombstone_time (a week)
+    assert (tombstone['status'], tombstone['phase']) == ('error', 'deleted')
+    assert tombstone['message'].startswith('the cart was deleted at ')
 
 
 def test_the_status_resource_allows_get_and_head_only(stack: CartStack) -> None:

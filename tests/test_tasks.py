@@ -134,6 +134,7 @@ class ReconcileStub:
         self.reconciler = reconciler
         self.enough = enough
         self.calls = 0
+        self.sweeps = 0  # remove_expired calls: one after each reconcile that did not fail
         self.connected: List[bool] = []
 
     def reconcile(self) -> None:
@@ -143,6 +144,10 @@ class ReconcileStub:
             raise ConnectionError('broker unreachable')
         if self.calls >= self.enough:
             self.reconciler.stop.set()
+
+    def remove_expired(self) -> int:
+        self.sweeps += 1
+        return 0
 
 
 def run_loop(reconciler: tasks.Reconciler, interval: float) -> threading.Thread:
@@ -161,6 +166,7 @@ def test_the_reconcile_loop_survives_a_failed_pass(settings: Settings, monkeypat
     with caplog.at_level(logging.ERROR, logger='pacifica.cartd.tasks'):
         run_loop(reconciler, 0.001)
     assert service.calls == 3  # called again after the failure, until stopped
+    assert service.sweeps == 2  # expired carts are looked for in every pass that got that far
     assert service.connected == [True, True, True]
     failures = [record for record in caplog.records if 'reconcile pass failed' in record.getMessage()]
     assert len(failures) == 1

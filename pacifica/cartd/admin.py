@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 
 from . import database
 from .bundling import Bundler
-from .carts import CartState
+from .cartstate import CartState
 from .errors import CartNotFound
 from .orm import (Cart, CartStatus, carts_not_deleted, carts_unused_since, delete_cart_rows, file_rows_of, get_cart,
                   mark_waiting, newest_live_cart, restart_cart, staged_files, unstaged_file_ids)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 from .errors import BadRequest, CartNotFound
-from .orm import Cart, CartStatus, FileStatus, Progress, StoredState, files_page, newest_live_cart, progress_of
+from .cartstate import CartState
+from .expiry import out_of_sight, rfc3339
+from .orm import (Cart, CartStatus, FileStatus, Progress, files_page, newest_deleted_cart, newest_live_cart, now,
+                  progress_of)
 
 FILE_SELECTIONS = ('errors', 'all', 'none')
 DEFAULT_LIMIT = 1000
@@ -58,7 +61,7 @@ def _whole_number(params: Mapping[str, Any], name: str, default: int) -> int:
 
 
 def phase_of(status: str, progress: Progress) -> str:
-    """The finer state of a cart: waiting, recalling, transferring, bundling, ready, error or deleted.
+    """The finer state of a live cart that has not expired: waiting, recalling, transferring, bundling, ready or error.
 
     While staging: transferring when a download runs (or some file has arrived and none is on
     tape), recalling when files wait on tape and nothing downloads, waiting before anything
@@ -75,27 +78,21 @@ def phase_of(status: str, progress: Progress) -> str:
     return 'waiting'
 
 
-def rfc3339(moment: Optional[datetime.datetime]) -> Optional[str]:
-    """A stored time (naive, the server's local time) as RFC 3339 with its offset, or None."""
-    if moment is None:
-        return None
-    return moment.astimezone().isoformat(timespec='seconds')
-
-
-def percent_shown(status: str, stored: float) -> float:
-    """100 for a ready cart; otherwise the highest percent recorded (it never goes down)."""
-    if status == CartStatus.READY.value:
+def percent_shown(cart: Cart) -> float:
+    """100 for a cart that became ready (also once expired or deleted); otherwise the highest percent
+    recorded (it never goes down)."""
+    if cart.ready_date is not None and cart.status != CartStatus.ERROR.value:
         return 100.0
-    return float(stored or 0)
+    return float(cart.percent_staged or 0)
 
 
-def progress_document(status: str, progress: Progress, stored_percent: float) -> Dict[str, Any]:
+def progress_document(cart: Cart, progress: Progress) -> Dict[str, Any]:
     """The `progress` object: the HEAD counters (bytes_total null until every size is known) and percent."""
     return {'files_total': progress.files_total, 'files_staged': progress.files_staged,
             'files_on_tape': progress.files_on_tape, 'files_failed': progress.files_failed,
             'files_transferring': progress.files_transferring,
             'bytes_total': progress.bytes_total if progress.bytes_known else None,
-            'bytes_staged': progress.bytes_staged, 'percent': percent_shown(status, stored_percent)}
+            'bytes_staged': progress.bytes_staged, 'percent': percent_shown(cart)}
 
 
 def files_document(cart: Cart, progress: Progress, wanted: FilesWanted) -> Dict[str, Any]:
@@ -117,25 +114,38 @@ def files_document(cart: Cart, progress: Progress, wanted: FilesWanted) -> Dict[
                                            'next_offset': following if following < count else None}}
 
 
-def cart_report(cart_uid: str, wanted: FilesWanted, message_of: Callable[[StoredState], str]) -> Dict[str, Any]:
-    """The status document of the newest live cart with this uid; CartNotFound (404) when there is none.
+def cart_report(cart_uid: str, wanted: FilesWanted, tombstone_time: float) -> Dict[str, Any]:
+    """The status document of the cart HEAD answers for (the newest live one with this uid), else of
+    the one deleted last if that was less than tombstone_time ago; CartNotFound (404) otherwise.
 
-    `message_of(StoredState)` gives the X-Pacifica-Message HEAD would send, so both say the same.
+    An expired cart is reported (phase `expired`) for tombstone_time after it expired, as HEAD answers 410.
     """
+    moment = now()
     cart = newest_live_cart(cart_uid)
-    if cart is None:
+    if cart is not None and not out_of_sight(cart.status, cart.expires_date, moment, tombstone_time):
+        state = CartState.of(cart, moment)
+        phase = 'expired' if state.expired else phase_of(cart.status, state.progress)
+        return _document(cart, state.status, phase, state.message, wanted)
+    deleted = newest_deleted_cart(cart_uid)
+    if deleted is None or deleted.deleted_date is None or \
+            deleted.deleted_date + datetime.timedelta(seconds=tombstone_time) < moment:
         raise CartNotFound(f'No cart with uid {cart_uid} found')
+    why = f' ({deleted.error})' if deleted.error else ''
+    return _document(deleted, CartStatus.ERROR.value, CartStatus.DELETED.value,
+                     f'the cart was deleted at {rfc3339(deleted.deleted_date)}{why}', wanted)
+
+
+def _document(cart: Cart, status: str, phase: str, message: str, wanted: FilesWanted) -> Dict[str, Any]:
     progress = progress_of(cart)
-    status = CartStatus(cart.status)
     return {
         'uid': cart.cart_uid,
-        'status': status.wire,
-        'phase': phase_of(status.value, progress),
-        'message': message_of(StoredState(cart.status, cart.error or '', progress)),
+        'status': status,
+        'phase': phase,
+        'message': message,
         'created': rfc3339(cart.creation_date),
         'updated': rfc3339(cart.updated_date),
-        'ready_at': rfc3339(cart.ready_date) if status == CartStatus.READY else None,
-        'expires_at': None,
-        'progress': progress_document(status.value, progress, cart.percent_staged),
+        'ready_at': rfc3339(cart.ready_date),
+        'expires_at': rfc3339(cart.expires_date),
+        'progress': progress_document(cart, progress),
         **files_document(cart, progress, wanted),
     }

@@ -14,6 +14,7 @@ from .paths import cart_relative_path, path_conflicts
 
 HASH_TYPES = frozenset(name.lower() for name in hashlib.algorithms_available if not name.lower().startswith('shake'))
 MAX_ARCHIVE_ID_CHARS = 255  # the published schema stores archive ids in VARCHAR(255)
+MAX_LIFETIME = 100 * 365 * 24 * 3600  # seconds: a century, far beyond any cart's use
 
 CART_REQUEST_SCHEMA: Dict[str, Any] = {
     'type': 'object',
@@ -33,6 +34,7 @@ CART_REQUEST_SCHEMA: Dict[str, Any] = {
             },
         },
         'bundle': {'type': 'boolean'},
+        'lifetime': {'type': 'integer', 'minimum': 0, 'maximum': MAX_LIFETIME},
     },
 }
 _VALIDATOR = jsonschema.Draft7Validator(CART_REQUEST_SCHEMA)
@@ -56,6 +58,7 @@ class CartRequest:
 
     files: Tuple[FileRequest, ...]
     bundle: Optional[bool]
+    lifetime: Optional[int] = None  # seconds a ready cart is kept; None: the configured default
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -72,6 +75,8 @@ def _plainly_follows_schema(body: Any) -> bool:
     if type(body) is not dict or type(body.get('fileids')) is not list:
         return False
     if 'bundle' in body and type(body['bundle']) is not bool:
+        return False
+    if 'lifetime' in body and not (type(body['lifetime']) is int and 0 <= body['lifetime'] <= MAX_LIFETIME):
         return False
     for entry in body['fileids']:
         if type(entry) is not dict or type(entry.get('id')) not in (int, str):
@@ -116,4 +121,6 @@ def parse_cart_request(body: Any) -> CartRequest:
     conflict = path_conflicts(file.path for file in files)
     if conflict is not None:
         raise BadRequest(f'invalid cart request: path {conflict!r} is given twice (or as a file and a directory)')
-    return CartRequest(files=tuple(files), bundle=body.get('bundle'))
+    lifetime = body.get('lifetime')
+    return CartRequest(files=tuple(files), bundle=body.get('bundle'),
+                       lifetime=None if lifetime is None else int(lifetime))

@@ -10,12 +10,14 @@ from .bundling import Bundler
 from .cartlayout import download_layout
 from .cartreport import FilesWanted, cart_report
 from .cartrequest import parse_cart_request
+from .cartstate import CartState
 from .config import Settings
-from .errors import CartNotFound, CartNotReady
+from .errors import CartExpired, CartNotFound, CartNotReady
+from .expiry import effective_lifetime, expired_message, has_expired, out_of_sight
 from .eviction import DOWNLOAD_HEARTBEAT_S, release_cart
 from .heartbeat import Heartbeat
-from .orm import (Cart, CartStatus, Progress, StoredState, insert_cart, live_carts, mark_deleted, newest_live_cart,
-                  newest_live_state, progress_of, task_ids_of, touch_cart)
+from .orm import Cart, CartStatus, insert_cart, live_carts, mark_deleted, newest_live_cart, newest_live_state, now, \
+    task_ids_of, touch_cart
 from .paths import check_cart_uid
 from .tarlayout import Piece, TarLayout, directories_size
 from .taskqueue import CartQueue
@@ -24,42 +26,6 @@ from .volume import CartVolume
 LOGGER = logging.getLogger(__name__)
 
 PIECE_BYTES = 4 << 20  # a download's file ranges are handed out this long at most, the cart marked used between
-
-
-def progress_in_words(progress: Progress) -> str:
-    """A staging cart's progress as a sentence, e.g. '12 of 40 files staged; 25 waiting on tape'."""
-    words = f'{progress.files_staged} of {progress.files_total} files staged'
-    if progress.files_on_tape:
-        words += f'; {progress.files_on_tape} waiting on tape'
-    if progress.files_failed:
-        words += f'; {progress.files_failed} failed'
-    return words
-
-
-@dataclasses.dataclass(frozen=True)
-class CartState:
-    """What HEAD reports: the wire status and message, and the cart's progress counters."""
-
-    status: str
-    message: str
-    progress: Progress = Progress()
-
-    @classmethod
-    def of(cls, cart: Cart) -> 'CartState':
-        """The state a cart row shows on the wire (a ready cart has no message)."""
-        return cls.from_row(StoredState(cart.status, cart.error, progress_of(cart)))
-
-    @classmethod
-    def from_row(cls, stored: StoredState) -> 'CartState':
-        """The state a stored row shows on the wire: a ready cart has no message; a staging cart
-        with no note of its own says how far it is."""
-        status = CartStatus(stored.status)
-        message = stored.error
-        if status == CartStatus.READY:
-            message = ''
-        elif status.wire == CartStatus.STAGING.value and not message:
-            message = progress_in_words(stored.progress)
-        return cls(status.wire, message, stored.progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +73,9 @@ class Carts:
         paths = [item.path for item in request.files]
         # A bundle's tar starts with its directories; files are then placed after them.
         start = directories_size(cart_uid, paths) if bundle else 0
+        lifetime = effective_lifetime(request.lifetime, self.settings)
         with database.atomic():
-            cart_id, file_ids = insert_cart(cart_uid, bundle, request.files, start)
+            cart_id, file_ids = insert_cart(cart_uid, bundle, request.files, start, lifetime)
         LOGGER.info('cart %s (id %d): %d files, bundle %s', cart_uid, cart_id, len(file_ids), bundle)
         if not file_ids:
             self.bundler.finish(cart_id)
@@ -116,24 +83,31 @@ class Carts:
         self.queue.stage(cart_id, file_ids)
         return cart_id
 
-    @staticmethod
-    def status(cart_uid: str) -> CartState:
-        """The newest live cart's wire status and message (one indexed query)."""
-        state = newest_live_state(cart_uid)
-        if state is None:
+    def status(self, cart_uid: str) -> CartState:
+        """The newest live cart's wire status and message (one indexed query); an expired cart is
+        answered as gone once it expired longer than tombstone_time ago."""
+        stored = newest_live_state(cart_uid)
+        moment = now()
+        if stored is None or out_of_sight(stored.status, stored.expires, moment, self.settings.tombstone_time):
             raise CartNotFound(f'No cart with uid {cart_uid} found')
-        return CartState.from_row(state)
+        return CartState.from_row(stored, moment)
 
-    @staticmethod
-    def report(cart_uid: str, wanted: FilesWanted) -> Dict[str, Any]:
-        """The status document of the newest live cart (see cartreport), its message the one HEAD sends."""
-        return cart_report(cart_uid, wanted, lambda stored: CartState.from_row(stored).message)
+    def report(self, cart_uid: str, wanted: FilesWanted) -> Dict[str, Any]:
+        """The status document of the cart HEAD answers for, or of a deleted one's tombstone (see cartreport)."""
+        return cart_report(cart_uid, wanted, self.settings.tombstone_time)
 
     def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
-        """Lay out the ready cart's tar under the top directory `top`; count it as a use."""
+        """Lay out the ready cart's tar under the top directory `top`; count it as a use.
+
+        An expired cart is not served (410), but a download that started before is not cut off:
+        its reads mark the cart used, and the workers do not remove a cart's files while it is.
+        """
         cart = newest_live_cart(cart_uid)
-        if cart is None:
+        moment = now()
+        if cart is None or out_of_sight(cart.status, cart.expires_date, moment, self.settings.tombstone_time):
             raise CartNotFound('The cart does not exist or has already been deleted')
+        if has_expired(cart.status, cart.expires_date, moment):
+            raise CartExpired(expired_message(cart.expires_date))
         if cart.status != CartStatus.READY.value:
             raise CartNotReady('The cart is not ready for download.')
         layout = download_layout(self.volume, cart, top)

@@ -49,6 +49,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option('cartd', 'stall_timeout', 'STALL_TIMEOUT', '600'),
     Option('cartd', 'reconcile_interval', 'RECONCILE_INTERVAL', '60'),
     Option('cartd', 'x_accel_redirect', 'X_ACCEL_REDIRECT', ''),
+    Option('cartd', 'cart_lifetime', 'CART_LIFETIME', '0'),
+    Option('cartd', 'max_cart_lifetime', 'MAX_CART_LIFETIME', '0'),
+    Option('cartd', 'tombstone_time', 'TOMBSTONE_TIME', '604800'),
     Option('archiveinterface', 'url', 'ARCHIVE_INTERFACE_URL', 'http://127.0.0.1:8080/'),
     Option('archiveinterface', 'timeout', 'ARCHIVE_INTERFACE_TIMEOUT', '60'),
     Option('archiveinterface', 'retries', 'ARCHIVE_INTERFACE_RETRIES', '4'),
@@ -169,6 +172,9 @@ class Settings:
     stall_timeout: float
     reconcile_interval: float
     x_accel_redirect: str
+    cart_lifetime: int
+    max_cart_lifetime: int
+    tombstone_time: float
     archive_url: str
     archive_timeout: float
     archive_retries: int
@@ -198,6 +204,9 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('cartd', 'stall_timeout'): ('stall_timeout', _non_negative(float)),
     ('cartd', 'reconcile_interval'): ('reconcile_interval', _non_negative(float)),
     ('cartd', 'x_accel_redirect'): ('x_accel_redirect', _uri_prefix),
+    ('cartd', 'cart_lifetime'): ('cart_lifetime', _non_negative(int)),
+    ('cartd', 'max_cart_lifetime'): ('max_cart_lifetime', _non_negative(int)),
+    ('cartd', 'tombstone_time'): ('tombstone_time', _non_negative(float)),
     ('archiveinterface', 'url'): ('archive_url', _url_with_slash),
     ('archiveinterface', 'timeout'): ('archive_timeout', _non_negative(float)),
     ('archiveinterface', 'retries'): ('archive_retries', _non_negative(int)),

@@ -49,6 +49,12 @@ class CartNotReady(CartError):
     http_status = 202
 
 
+class CartExpired(CartError):
+    """The cart outlived its lifetime: its files are gone or going; it can be posted again."""
+
+    http_status = 410
+
+
 class RangeNotSatisfiable(CartError):
     """A Range header asks for bytes outside the tar."""
 

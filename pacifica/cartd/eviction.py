@@ -1,4 +1,5 @@
-"""Room on the volume: bytes reserved by downloads in flight, and making room by evicting failed, then ready carts."""
+"""Room on the volume: bytes reserved by downloads in flight, making room by evicting failed, then ready carts,
+and removing the files of carts past their lifetime."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,8 @@ from .config import Settings
 from .errors import CartGone, NoSpace
 from .fileio import allocated_in
 from .orm import (Cart, CartStatus, File, SpaceReservation, add_reservation, cart_status, claim_eviction,
-                  drop_cart_reservations, drop_reservations, now, oldest_evictable, reservations_in_flight,
-                  set_reservation_partial)
+                  claim_expiry, drop_cart_reservations, drop_reservations, expired_unused, now, oldest_evictable,
+                  reservations_in_flight, set_reservation_partial)
 from .volume import CartVolume
 
 LOGGER = logging.getLogger(__name__)
@@ -156,6 +157,33 @@ def evict_one(lru_buffer_time: float) -> Optional[Cart]:
         lost.append(f'{candidate.cart_uid} (id {candidate.id}, {candidate.status}, used {candidate.updated_date})')
     LOGGER.warning('no cart evicted: %d claims in a row lost, the last on %s', len(lost), lost[-1])
     return None
+
+
+EXPIRY_BATCH = 100  # expired carts removed per sweep at most
+
+
+def remove_expired(volume: CartVolume) -> int:
+    """Remove the files of ready carts past their lifetime that nobody is downloading; return how many.
+
+    Each is claimed by compare-and-set (marked expired, its row kept for HEAD's 410 and the
+    status document), then its directory and cartuids link go, as an evicted cart's do. A cart
+    used within the in-use window (a download in progress marks it every DOWNLOAD_HEARTBEAT_S)
+    waits for a later sweep, so no download is cut off.
+    """
+    moment = now()
+    removed = 0
+    for cart in expired_unused(moment, moment - datetime.timedelta(seconds=IN_USE_WINDOW_S), EXPIRY_BATCH):
+        with database.atomic():
+            claimed = claim_expiry(cart)
+            if claimed:
+                drop_cart_reservations(cart.id)
+        if not claimed:
+            continue
+        volume.remove_cart_and_link(cart.cart_uid, cart.id)
+        removed += 1
+        LOGGER.info('cart %s (id %d) expired at %s: its files were removed', cart.cart_uid, cart.id,
+                    cart.expires_date)
+    return removed
 
 
 class SpaceKeeper:

@@ -40,12 +40,15 @@ class CartStatus(str, enum.Enum):
     READY = 'ready'
     ERROR = 'error'
     DELETED = 'deleted'
+    EXPIRED = 'expired'  # schema 2.5: a ready cart past its lifetime whose files the workers removed
 
     @property
     def wire(self) -> str:
         """The X-Pacifica-Status value: clients only ever see staging until ready or error."""
         if self in (CartStatus.WAITING, CartStatus.BUNDLING):
             return CartStatus.STAGING.value
+        if self == CartStatus.EXPIRED:
+            return CartStatus.ERROR.value
         return self.value
 
 
@@ -114,6 +117,9 @@ class Cart(BaseModel):
     # end), and the highest share of the cart's bytes shown staged (it never goes down).
     files_transferring = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
     percent_staged = DoubleField(default=0, constraints=[SQL('DEFAULT 0')])
+    # Added in schema 2.5: seconds the cart is kept once ready (0: for ever), and when it expires.
+    lifetime = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    expires_date = DateTimeField(null=True)
 
     class Meta:
         """Table name of the published schema."""
@@ -234,6 +240,7 @@ class StoredState(NamedTuple):
     status: str
     error: str
     progress: Progress
+    expires: Optional[datetime.datetime] = None
 
 
 class StagedCount(NamedTuple):
@@ -249,10 +256,12 @@ class StagedCount(NamedTuple):
 
 # ---- carts ---------------------------------------------------------------------------
 
-def insert_cart(cart_uid: str, bundle: bool, files: Sequence[FileRow], bundle_size: int) -> Tuple[int, List[int]]:
-    """Insert a staging cart and its waiting files; return the cart's id and its files' ids in order."""
+def insert_cart(cart_uid: str, bundle: bool, files: Sequence[FileRow], bundle_size: int,
+                lifetime: int = 0) -> Tuple[int, List[int]]:
+    """Insert a staging cart (kept `lifetime` seconds once ready, 0: for ever) and its waiting files;
+    return the cart's id and its files' ids in order."""
     cart = Cart.create(cart_uid=cart_uid, status=CartStatus.STAGING.value, bundle=bundle,
-                       files_total=len(files), bundle_size=bundle_size)
+                       files_total=len(files), bundle_size=bundle_size, lifetime=lifetime)
     _insert_files(cart.id, files)
     return cart.id, _file_ids_of(cart.id)
 
@@ -336,15 +345,25 @@ def newest_live_state(cart_uid: str) -> Optional[StoredState]:
         def name(field: Any) -> str:
             return f'{DB.obj.quote[0]}{field.column_name}{DB.obj.quote[1]}'
         counters = ''.join(f', {name(field)}' for field in PROGRESS_FIELDS)
-        statement = (f'SELECT {name(Cart.cart_uid)}, {name(Cart.status)}, {name(Cart.error)}{counters} '
+        statement = (f'SELECT {name(Cart.cart_uid)}, {name(Cart.status)}, {name(Cart.error)}, '
+                     f'{name(Cart.expires_date)}{counters} '
                      f'FROM {DB.obj.quote[0]}{Cart._meta.table_name}{DB.obj.quote[1]} '
                      f'WHERE {name(Cart.cart_uid)} = {DB.obj.param} AND {name(Cart.status)} <> {DB.obj.param} '
                      f'ORDER BY {name(Cart.creation_date)} DESC, {name(Cart.id)} DESC')
         _STATE_QUERIES[dialect] = statement
-    for uid, status, error, *counters in DB.execute_sql(statement, (cart_uid, CartStatus.DELETED.value)).fetchall():
+    rows = DB.execute_sql(statement, (cart_uid, CartStatus.DELETED.value)).fetchall()
+    for uid, status, error, expires, *counters in rows:
         if uid == cart_uid:  # MySQL's collation also matches other spellings (case, trailing spaces)
-            return StoredState(str(status), str(error or ''), Progress(*(int(value or 0) for value in counters)))
+            return StoredState(str(status), str(error or ''), Progress(*(int(value or 0) for value in counters)),
+                               _as_datetime(expires))
     return None
+
+
+def _as_datetime(value: Any) -> Optional[datetime.datetime]:
+    """A DATETIME read straight off a cursor: SQLite gives its text."""
+    if value is None or isinstance(value, datetime.datetime):
+        return value
+    return datetime.datetime.fromisoformat(str(value))
 
 
 _STATE_QUERIES: Dict[Tuple[str, str], str] = {}  # by quoting and parameter style
@@ -412,10 +431,13 @@ def claim_for_bundling(cart_id: int) -> bool:
 
 
 def mark_ready(cart_id: int, bundle_path: str) -> bool:
-    """Move a bundling cart to ready, served from `bundle_path`; False when it is no longer bundling."""
+    """Move a bundling cart to ready, served from `bundle_path`, its lifetime counted from now;
+    False when it is no longer bundling."""
     moment = now()
+    lifetime = int(Cart.select(Cart.lifetime).where(Cart.id == cart_id).scalar() or 0)
+    expires = moment + datetime.timedelta(seconds=lifetime) if lifetime > 0 else None
     return bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=moment,
-                            ready_date=moment, error='')
+                            ready_date=moment, expires_date=expires, error='')
                 .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
 
 
@@ -457,10 +479,10 @@ def counters_from_rows() -> Dict[Any, Any]:
 
 def restart_cart(cart_id: int) -> None:
     """Put a cart back to staging with its counters set from its file rows (an operator's repair:
-    the one place counters may go down)."""
+    the one place counters may go down); its lifetime starts again when it is ready again."""
     Cart.update({**counters_from_rows(), Cart.status: CartStatus.STAGING.value, Cart.error: '',
-                 Cart.updated_date: now(), Cart.deleted_date: None, Cart.ready_date: None}).where(
-        Cart.id == cart_id).execute()
+                 Cart.updated_date: now(), Cart.deleted_date: None, Cart.ready_date: None,
+                 Cart.expires_date: None}).where(Cart.id == cart_id).execute()
 
 
 def stalled_carts(before: datetime.datetime, limit: int) -> List[Cart]:
@@ -498,17 +520,42 @@ def delete_cart_rows(cart_id: int) -> None:
 def oldest_evictable(used_before: datetime.datetime) -> Optional[Cart]:
     """The cart whose files go first, if it was last used before `used_before` (one ordered query).
 
-    First the failed carts that still have staged files on the volume (deleted_date not set),
+    First the ready carts past their lifetime (the workers' sweep would remove them anyway),
+    then the failed carts that still have staged files on the volume (deleted_date not set),
     the longest failed first (they can never be downloaded), then the ready carts, least
     recently used first.
     """
-    failed_first = Case(None, [(Cart.status == CartStatus.ERROR.value, 0)], 1)
+    moment = now()
+    first = Case(None, [((Cart.status == CartStatus.READY.value) & (Cart.expires_date <= moment), 0),
+                        (Cart.status == CartStatus.ERROR.value, 1)], 2)
     return (Cart.select(Cart.id, Cart.cart_uid, Cart.status, Cart.updated_date)
             .where(((Cart.status == CartStatus.READY.value)
                     | ((Cart.status == CartStatus.ERROR.value) & (Cart.files_staged > 0)
                        & Cart.deleted_date.is_null()))
                    & (Cart.updated_date < used_before))
-            .order_by(failed_first, Cart.updated_date, Cart.id).first())
+            .order_by(first, Cart.updated_date, Cart.id).first())
+
+
+def expired_unused(moment: datetime.datetime, used_before: datetime.datetime, limit: int) -> List[Cart]:
+    """Ready carts past their lifetime at `moment` and not used since `used_before`, the longest expired first."""
+    return list(Cart.select(Cart.id, Cart.cart_uid, Cart.status, Cart.updated_date, Cart.expires_date)
+                .where((Cart.status == CartStatus.READY.value) & (Cart.expires_date <= moment)
+                       & (Cart.updated_date < used_before))
+                .order_by(Cart.expires_date, Cart.id).limit(limit))
+
+
+def claim_expiry(cart: Cart) -> bool:
+    """Mark a cart found by expired_unused expired (its files to remove), unless it was used or changed since."""
+    return bool(Cart.update(status=CartStatus.EXPIRED.value, deleted_date=now())
+                .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
+                       & (Cart.updated_date == cart.updated_date)).execute())
+
+
+def newest_deleted_cart(cart_uid: str) -> Optional[Cart]:
+    """The cart with exactly this uid deleted last (a tombstone for the status document), or None."""
+    candidates = (Cart.select().where((Cart.cart_uid == cart_uid) & (Cart.status == CartStatus.DELETED.value))
+                  .order_by(Cart.deleted_date.desc(), Cart.id.desc()).limit(20))
+    return next((cart for cart in candidates if cart.cart_uid == cart_uid), None)
 
 
 def claim_eviction(cart: Cart) -> bool:

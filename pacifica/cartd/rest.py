@@ -18,8 +18,10 @@ import cherrypy
 from . import database
 from .byteranges import parse_range
 from .cartreport import FilesWanted
-from .carts import CartDownload, Progress
+from .carts import CartDownload
+from .cartstate import CartState
 from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable, error_document
+from .expiry import http_date
 from .paths import tar_top_name
 from .service import CartService
 from .transport import SENDFILE_ENVIRON_KEY, response_body
@@ -29,6 +31,7 @@ LOGGER = logging.getLogger(__name__)
 JSON_TYPES = ('application/json', 'text/javascript')
 STATUS_HEADER = 'X-Pacifica-Status'
 MESSAGE_HEADER = 'X-Pacifica-Message'
+EXPIRES_HEADER = 'X-Pacifica-Expires'
 STATUS_SEGMENT = 'status'  # GET /<uid>/status: a uid is one segment, so no uid is shadowed
 STATUS_ALLOWED_METHODS = 'GET, HEAD'
 UP_MESSAGE = 'Pacifica Cartd Interface Up and Running'
@@ -48,11 +51,13 @@ def header_safe(text: str) -> str:
     return flat.encode('latin-1', 'backslashreplace').decode('latin-1')
 
 
-def progress_headers(progress: Progress) -> List[Tuple[str, str]]:
-    """The progress headers of every HEAD answer for an existing cart, one integer each.
+def state_headers(state: CartState) -> List[Tuple[str, str]]:
+    """The progress headers of every HEAD answer for an existing cart, one integer each, and
+    X-Pacifica-Expires (an HTTP date) for a ready cart with a lifetime.
 
     X-Pacifica-Bytes-Total only once every file's size is known (before, it would grow).
     """
+    progress = state.progress
     headers = [('X-Pacifica-Files-Total', str(progress.files_total)),
                ('X-Pacifica-Files-Staged', str(progress.files_staged)),
                ('X-Pacifica-Files-Failed', str(progress.files_failed)),
@@ -60,6 +65,8 @@ def progress_headers(progress: Progress) -> List[Tuple[str, str]]:
     if progress.bytes_known:
         headers.append(('X-Pacifica-Bytes-Total', str(progress.bytes_total)))
     headers.append(('X-Pacifica-Bytes-Staged', str(progress.bytes_staged)))
+    if state.expires is not None:
+        headers.append((EXPIRES_HEADER, http_date(state.expires)))
     return headers
 
 
@@ -300,7 +307,9 @@ class CartRoot:
         headers = cherrypy.response.headers
         headers[STATUS_HEADER] = state.status
         headers[MESSAGE_HEADER] = header_safe(state.message)
-        headers.update(progress_headers(state.progress))
+        headers.update(state_headers(state))
+        if state.expired:
+            raise cherrypy.HTTPError(410, state.message)
         if state.status == 'error':
             raise cherrypy.HTTPError(500, state.message)
         cherrypy.response.status = 204
@@ -380,7 +389,7 @@ class HeadFastLane:
             ('Content-Type', 'application/json'), ('Server', self.server),
             ('Date', email.utils.formatdate(usegmt=True)), ('Allow', ALLOWED_METHODS),
             (STATUS_HEADER, state.status), (MESSAGE_HEADER, header_safe(state.message)),
-            *progress_headers(state.progress)])
+            *state_headers(state)])
         self._log(environ)
         return []
 

@@ -17,10 +17,10 @@ Version = Tuple[int, int]
 # 2.0 is the published 0.7.0 schema. 2.1 adds per-cart counters and per-file size/mtime;
 # 2.2 adds where a bundle's files are written in its tar; 2.3 adds the progress counters
 # HEAD reports and when a cart became ready; 2.4 adds what GET /<uid>/status reports (the
-# downloads started per file, the files transferring and the high-water percent of a cart).
-# All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
-# write to the database.
-SCHEMA_VERSION: Version = (2, 4)
+# downloads started per file, the files transferring and the high-water percent of a cart);
+# 2.5 adds a cart's lifetime and when it expires. All new columns have server-side defaults
+# or are nullable, so a 0.7.0 process can still write to the database.
+SCHEMA_VERSION: Version = (2, 5)
 
 
 def current_version() -> Optional[Version]:
@@ -118,11 +118,22 @@ def _upgrade_2_3_to_2_4() -> None:
     migrate(*operations)
 
 
+def _upgrade_2_4_to_2_5() -> None:
+    """Add the lifetime columns (resumable). Existing carts keep lifetime 0: they never expire, as before."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    operations = _add_missing_columns(migrator, [('cart', 'lifetime', Cart.lifetime),
+                                                 ('cart', 'expires_date', Cart.expires_date)])
+    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side default
+        operations.append(migrator.add_column_default('cart', 'lifetime', 0))
+    migrate(*operations)
+
+
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
     ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
     ((2, 2), (2, 3), _upgrade_2_2_to_2_3),
     ((2, 3), (2, 4), _upgrade_2_3_to_2_4),
+    ((2, 4), (2, 5), _upgrade_2_4_to_2_5),
 ]
 
 

@@ -13,9 +13,10 @@ from .admin import Admin, FixitProgress, FixitResult
 from .archive import ArchiveClient
 from .bundling import Bundler
 from .cartreport import FilesWanted
-from .carts import CartDownload, Carts, CartState
+from .carts import CartDownload, Carts
+from .cartstate import CartState
 from .config import Settings
-from .eviction import SpaceKeeper
+from .eviction import SpaceKeeper, remove_expired
 from .recovery import Recovery
 from .staging import Stager, StageOutcome
 from .taskqueue import CartQueue, TaskQueue
@@ -101,6 +102,10 @@ class CartService:
     def reconcile(self) -> int:
         """See recovery.Recovery.reconcile."""
         return self.recovery.reconcile()
+
+    def remove_expired(self) -> int:
+        """See eviction.remove_expired."""
+        return remove_expired(self.volume)
 
     # ---- operators
     def dump(self) -> List[Dict[str, Any]]:

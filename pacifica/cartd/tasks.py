@@ -28,7 +28,8 @@ def _reset_after_fork(**_kwargs: Any) -> None:
 
 
 class Reconciler:
-    """A thread in each worker's main process that re-drives stalled carts every reconcile_interval."""
+    """A thread in each worker's main process that, every reconcile_interval, re-drives stalled carts
+    and removes the files of carts past their lifetime."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -50,6 +51,7 @@ class Reconciler:
                 service = worker_service()
                 with database.connection():
                     service.reconcile()
+                    service.remove_expired()
             except Exception:  # a database or broker outage must not end the loop
                 LOGGER.exception('reconcile pass failed; trying again in %g s', interval)
 
