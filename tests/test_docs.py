@@ -179,6 +179,7 @@ EXPECT: Dict[str, Expect] = {
     'poll': Expect(),
     'status': Expect(),
     'lifetime': Expect(),
+    'skip': Expect(),
     'download': Expect(),
     'resume': Expect(),
     'range': Expect(),

@@ -362,3 +362,17 @@ def test_a_recently_failed_cart_keeps_its_files(tmp_path: pathlib.Path, small_vo
         assert service.status('ready-less-old').status == 'ready'
         assert _staged_on_volume(small_volume, failed_id) == 2
         assert service.status('failed-now').status == 'error'
+
+
+def test_no_room_on_the_volume_fails_a_cart_that_skips_failed_files(tmp_path: pathlib.Path,
+                                                                    small_volume: pathlib.Path) -> None:
+    """NoSpace is not the file's fault: skipping it would hand out a cart short of files for want of disk."""
+    data = os.urandom(5 * MIB)  # more than the whole volume
+    service, _archive, queue = _service(tmp_path, small_volume, {'huge': data})
+    with database.connection():
+        service.create_cart('room', {'fileids': [{'id': 'huge', 'path': 'h', 'hashtype': 'md5',
+                                                  'hashsum': hashlib.md5(data).hexdigest()}],
+                                     'on_file_error': 'skip'})
+        run_queue(service, queue)
+        state = service.status('room')
+        assert state.status == 'error' and 'No space left on the volume' in state.message

@@ -130,9 +130,16 @@ class Carts:
             answer = self.stack.head(self.uid(name))
             if answer.headers.get('X-Pacifica-Status') != 'staging':
                 return answer
-            assert time.monotonic() < deadline, f'{name} still staging after {deadline_s} s\n{self.stack.logs()}'
+            assert time.monotonic() < deadline, (
+                f'{name} still staging after {deadline_s} s, saying {answer.headers.get("X-Pacifica-Message")!r}; '
+                f'status document {self._document(name)}\n{self.stack.logs()}')
             tick()
             time.sleep(0.1)
+
+    def _document(self, name: str) -> object:
+        """The cart's status document with every file (for a failure's message)."""
+        answer = requests.get(f'{self.stack.url}/{self.uid(name)}/status', params={'files': 'all'}, timeout=30)
+        return answer.json() if answer.status_code == 200 else answer.status_code
 
     def ready(self, name: str, sizes: Sequence[int], minutes_ago: float) -> None:
         """Make a cart, wait until it is ready, then make its last use `minutes_ago` minutes old."""

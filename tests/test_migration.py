@@ -1,4 +1,4 @@
-"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.5).
+"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.6).
 
 On SQLite, PostgreSQL and MariaDB: the real 0.7.0 creates its schema and writes carts, files and
 tasks; our commands must see that schema as too old, the server must refuse it with one clear
@@ -41,11 +41,11 @@ ORIGINAL_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'file': ('id', 'cart_id', 'file_name', 'bundle_path', 'hash_type', 'hash_value', 'status', 'error'),
     'carttasks': ('id', 'cart_id', 'celery_task_id'),
 }
-# What schemas 2.1 to 2.5 add.
+# What schemas 2.1 to 2.6 add.
 PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total', 'bytes_staged')
 ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'cart': ('files_total', 'files_staged', 'bundle_size') + PROGRESS_COLUMNS + ('ready_date',)
-    + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date'),
+    + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error'),
     'file': ('size', 'mtime', 'tar_offset', 'attempts'),
 }
 ORDER_BY = {'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
@@ -228,7 +228,7 @@ def _assert_server_refuses(site: Site) -> str:
 
 
 def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[str, str], Tuple[Any, ...]]:
-    """(table, column) -> (type, nullable, has a server default) for the columns 2.1 to 2.5 add."""
+    """(table, column) -> (type, nullable, has a server default) for the columns 2.1 to 2.6 add."""
     shape = {}
     for table, names in ADDED_COLUMNS.items():
         for name in names:
@@ -238,7 +238,7 @@ def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[st
 
 
 def test_upgrade_published_0_7_0_database(site: Site) -> None:
-    """0.7.0 data survives dbsync 2.0 -> 2.5, counters get filled, and 0.7.0 can still write after."""
+    """0.7.0 data survives dbsync 2.0 -> 2.6, counters get filled, and 0.7.0 can still write after."""
     # 0.7.0 creates its schema and writes its rows.
     created = site.reference('dbsync')
     assert created.returncode == 0, f'0.7.0 dbsync failed:\n{created.stdout}\n{created.stderr}'
@@ -260,23 +260,23 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
     # Upgrade in place.
     synced = site.ours_ok('dbsync')
-    assert '2.5' in synced.stdout, synced.stdout
+    assert '2.6' in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 5}
+    assert site.version() == {'major': 2, 'minor': 6}
 
     # Every original row, column by column, is unchanged.
     after = site.dump(data_tables)
     assert after == before
 
-    # The new columns exist and have the shape a fresh 2.5 schema gives them.
+    # The new columns exist and have the shape a fresh 2.6 schema gives them.
     after_columns = site.columns()
     for table, names in ORIGINAL_COLUMNS.items():
         assert set(after_columns[table]) == set(names) | set(ADDED_COLUMNS.get(table, ())), table
     assert any(cols == ('cart_uid',) for cols in site.indexed_columns('cart')), site.indexed_columns('cart')
     shape = _new_column_shape(after_columns)
     for counter in ('files_total', 'files_staged') + PROGRESS_COLUMNS + ('files_transferring', 'percent_staged',
-                                                                       'lifetime'):
+                                                                       'lifetime', 'on_file_error'):
         # NOT NULL with a server-side default, or a 2.0 writer in strict SQL mode cannot insert a cart.
         assert shape[('cart', counter)][1:] == (False, True), (counter, shape)
     assert shape[('file', 'size')][1] is True and shape[('file', 'mtime')][1] is True, shape
@@ -297,8 +297,9 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     # No file was transferring in 0.7.0 and no download count or percent is known: all start at 0.
     assert {row[1:] for row in site.dump({'cart': ('id', 'files_transferring', 'percent_staged')})['cart']} == {(0, 0)}
     assert {row for row in site.dump({'file': ('attempts',)})['file']} == {(0,)}
-    # 0.7.0's carts never expire.
-    assert {row[1:] for row in site.dump({'cart': ('id', 'lifetime', 'expires_date')})['cart']} == {(0, None)}
+    # 0.7.0's carts never expire, and a file that cannot be staged fails them.
+    assert {row[1:] for row in site.dump({'cart': ('id', 'lifetime', 'expires_date', 'on_file_error')})['cart']} \
+        == {(0, None, 'fail')}
     ready_dates = site.dump({'cart': ('id', 'ready_date', 'updated_date')})['cart']
     assert [(row[0], row[1] == row[2]) for row in ready_dates if row[1] is not None] == [(ids['ready'], True)]
 
@@ -306,14 +307,14 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     everything = {table: cols + ADDED_COLUMNS.get(table, ()) for table, cols in ORIGINAL_COLUMNS.items()}
     snapshot = site.dump(everything)
     again = site.ours_ok('dbsync')
-    assert '2.5' in again.stdout, again.stdout
+    assert '2.6' in again.stdout, again.stdout
     assert site.dump(everything) == snapshot
     assert site.columns().keys() == after_columns.keys()
     site.ours_ok('dbchk', '--equal')
 
     # Rolling upgrade: 0.7.0 still accepts the schema and writes with server-side defaults.
     old_check = site.reference('dbchk')
-    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.5:\n{old_check.stdout}\n{old_check.stderr}'
+    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.6:\n{old_check.stdout}\n{old_check.stderr}'
     rolled = site.reference_script(ROLLING_SCRIPT)
     assert rolled['carts'] == sorted(['mig-ready', 'mig-staging', 'mig-deleted', 'mig-rolling'])
     assert [f['status'] for f in rolled['files']] == ['staged']
@@ -322,6 +323,8 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     assert new_cart == [(rolled['cart'], 'staging', 0, 0)]
     new_progress = [row[1:] for row in site.dump({'cart': ('id',) + PROGRESS_COLUMNS})['cart'] if row[0] == rolled['cart']]
     assert new_progress == [(0, 0, 0, 0, 0)]
+    assert [row[1:] for row in site.dump({'cart': ('id', 'on_file_error')})['cart'] if row[0] == rolled['cart']] \
+        == [('fail',)]
     assert [row[1:] for row in site.dump({'file': ('id', 'attempts')})['file'] if row[0] == rolled['file']] == [(0,)]
     new_file = [row for row in site.dump({'file': ('id', 'cart_id', 'status', 'size', 'mtime')})['file']
                 if row[0] == rolled['file']]
@@ -332,7 +335,7 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
 
 def test_fresh_database(site: Site) -> None:
-    """An empty database is refused, then dbsync creates exactly schema 2.5 (same as an upgraded one)."""
+    """An empty database is refused, then dbsync creates exactly schema 2.6 (same as an upgraded one)."""
     for args in (('dbchk',), ('dbchk', '--equal')):
         check = site.ours(*args)
         assert check.returncode != 0, f'{args} accepted an empty database:\n{check.stdout}\n{check.stderr}'
@@ -340,10 +343,10 @@ def test_fresh_database(site: Site) -> None:
     assert site.columns() == {}
 
     synced = site.ours_ok('dbsync')
-    assert '2.5' in synced.stdout, synced.stdout
+    assert '2.6' in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 5}
+    assert site.version() == {'major': 2, 'minor': 6}
     columns = site.columns()
     assert {table: set(cols) for table, cols in columns.items()} == {
         table: set(cols) | set(ADDED_COLUMNS.get(table, ())) for table, cols in ORIGINAL_COLUMNS.items()}
@@ -359,7 +362,7 @@ def test_fresh_database(site: Site) -> None:
 
 
 def test_upgraded_columns_match_fresh_schema(site: Site, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The columns 2.1 to 2.5 add have the same type, nullability and default whether upgraded or created."""
+    """The columns 2.1 to 2.6 add have the same type, nullability and default whether upgraded or created."""
     assert site.reference('dbsync').returncode == 0
     site.ours_ok('dbsync')
     upgraded = _new_column_shape(site.columns())
@@ -405,7 +408,7 @@ def test_interrupted_upgrade_can_be_finished(site: Site) -> None:
         database.close()
     assert site.version() == {'major': 2, 'minor': 0}
     site.ours_ok('dbsync')
-    assert site.version() == {'major': 2, 'minor': 5}
+    assert site.version() == {'major': 2, 'minor': 6}
     assert site.ours('dbchk', '--equal').returncode == 0
     totals = sorted(row[0] for row in site.dump({'cart': ('files_total',)})['cart'])
     assert totals == [1, 2, 3]

@@ -5,10 +5,10 @@ import logging
 import os
 from pathlib import Path
 
-from .cartlayout import bundle_members, tar_created
+from .cartlayout import bundle_members, missing_list, missing_members, missing_message, skipped_any, tar_created
 from .cleanup import cart_went_away
 from .eviction import release_cart
-from .orm import Cart, CartStatus, claim_for_bundling, files_in_tar_order, get_cart, mark_ready
+from .orm import Cart, CartStatus, claim_for_bundling, failed_files, files_in_tar_order, get_cart, mark_ready
 from .tarlayout import TarLayout
 from .volume import CartVolume
 
@@ -35,11 +35,14 @@ class Bundler:
             return
         files_dir = self.volume.files_dir(cart.id, cart.cart_uid)
         target = files_dir
+        message = ''
         try:
             files_dir.mkdir(parents=True, exist_ok=True)
             # Downloads killed with their worker leave temp files; every file is staged now.
             self.volume.remove_partials(cart.id)
             release_cart(cart.id)
+            if skipped_any(cart):
+                message = self._write_missing_list(cart)
             if cart.bundle:
                 target = self.volume.tar_path(cart.id, cart.cart_uid)
                 self._write_bundle(cart, target)
@@ -50,7 +53,7 @@ class Bundler:
             if cart_went_away(self.volume, cart.id, cart.cart_uid, 'bundling'):
                 return
             raise
-        if not mark_ready(cart.id, str(target)):
+        if not mark_ready(cart.id, str(target), message):
             cart_went_away(self.volume, cart.id, cart.cart_uid, 'bundling')
             return
         self.volume.link_ready_cart(cart.cart_uid, target)
@@ -58,6 +61,16 @@ class Bundler:
         # run its unlink, which found no link yet: the link goes again.
         if not cart_went_away(self.volume, cart.id, cart.cart_uid, 'becoming ready'):
             LOGGER.info('cart %s (id %d) is ready', cart.cart_uid, cart.id)
+
+    def _write_missing_list(self, cart: Cart) -> str:
+        """Write MISSING_FILES.txt of a cart that left out files (renamed into place whole); return its message."""
+        failed = failed_files(cart.id)
+        partial = self.volume.partial_path(cart.id, 0)
+        partial.write_bytes(missing_list(failed))
+        os.replace(partial, self.volume.missing_list_path(cart.id))
+        LOGGER.warning('cart %s (id %d) is ready without %d of its %d files', cart.cart_uid, cart.id, len(failed),
+                       cart.files_total)
+        return missing_message(failed, cart.files_total)
 
     def _write_bundle(self, cart: Cart, target: Path) -> None:
         """Write the cart's tar to `target`.
@@ -69,7 +82,8 @@ class Bundler:
         """
         files = files_in_tar_order(cart.id)
         staging = self.volume.bundle_staging_path(cart.id)
-        layout = TarLayout(cart.cart_uid, bundle_members(self.volume, cart, files, staging), tar_created(cart))
+        layout = TarLayout(cart.cart_uid, missing_members(self.volume, cart) + bundle_members(self.volume, cart, files,
+                                                                                           staging), tar_created(cart))
         if staging.is_file() and layout.places_in(staging):
             layout.complete_in(staging)
             os.replace(staging, target)

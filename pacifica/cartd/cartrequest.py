@@ -10,11 +10,12 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import jsonschema
 
 from .errors import BadRequest
-from .paths import cart_relative_path, path_conflicts
+from .paths import MISSING_FILES_NAME, cart_relative_path, path_conflicts
 
 HASH_TYPES = frozenset(name.lower() for name in hashlib.algorithms_available if not name.lower().startswith('shake'))
 MAX_ARCHIVE_ID_CHARS = 255  # the published schema stores archive ids in VARCHAR(255)
 MAX_LIFETIME = 100 * 365 * 24 * 3600  # seconds: a century, far beyond any cart's use
+ON_FILE_ERROR = ('fail', 'skip')  # a file that cannot be staged fails its cart, or is left out and listed
 
 CART_REQUEST_SCHEMA: Dict[str, Any] = {
     'type': 'object',
@@ -35,6 +36,7 @@ CART_REQUEST_SCHEMA: Dict[str, Any] = {
         },
         'bundle': {'type': 'boolean'},
         'lifetime': {'type': 'integer', 'minimum': 0, 'maximum': MAX_LIFETIME},
+        'on_file_error': {'type': 'string', 'enum': list(ON_FILE_ERROR)},
     },
 }
 _VALIDATOR = jsonschema.Draft7Validator(CART_REQUEST_SCHEMA)
@@ -59,6 +61,7 @@ class CartRequest:
     files: Tuple[FileRequest, ...]
     bundle: Optional[bool]
     lifetime: Optional[int] = None  # seconds a ready cart is kept; None: the configured default
+    skip_failed_files: bool = False  # "on_file_error": "skip"
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -77,6 +80,8 @@ def _plainly_follows_schema(body: Any) -> bool:
     if 'bundle' in body and type(body['bundle']) is not bool:
         return False
     if 'lifetime' in body and not (type(body['lifetime']) is int and 0 <= body['lifetime'] <= MAX_LIFETIME):
+        return False
+    if 'on_file_error' in body and body['on_file_error'] not in ON_FILE_ERROR:
         return False
     for entry in body['fileids']:
         if type(entry) is not dict or type(entry.get('id')) not in (int, str):
@@ -98,6 +103,7 @@ def parse_cart_request(body: Any) -> CartRequest:
         error = next(iter(sorted(_VALIDATOR.iter_errors(body), key=lambda err: list(err.absolute_path))), None)
         if error is not None:
             raise BadRequest(f'invalid cart request: {_where(error)}: {error.message}')
+    skipping = body.get('on_file_error') == 'skip'
     files: List[FileRequest] = []
     for index, entry in enumerate(body['fileids']):
         archive_id = str(entry['id'])
@@ -117,10 +123,13 @@ def parse_cart_request(body: Any) -> CartRequest:
             path = cart_relative_path(entry['path'])
         except BadRequest as exc:
             raise BadRequest(f'invalid cart request: fileids[{index}].path: {exc.message}') from exc
+        if skipping and (path == MISSING_FILES_NAME or path.startswith(MISSING_FILES_NAME + '/')):
+            raise BadRequest(f'invalid cart request: fileids[{index}].path: {path!r} is where a cart with '
+                             f'"on_file_error": "skip" lists the files it could not stage')
         files.append(FileRequest(archive_id, path, hash_type, hash_value))
     conflict = path_conflicts(file.path for file in files)
     if conflict is not None:
         raise BadRequest(f'invalid cart request: path {conflict!r} is given twice (or as a file and a directory)')
     lifetime = body.get('lifetime')
     return CartRequest(files=tuple(files), bundle=body.get('bundle'),
-                       lifetime=None if lifetime is None else int(lifetime))
+                       lifetime=None if lifetime is None else int(lifetime), skip_failed_files=skipping)

@@ -75,7 +75,8 @@ class Carts:
         start = directories_size(cart_uid, paths) if bundle else 0
         lifetime = effective_lifetime(request.lifetime, self.settings)
         with database.atomic():
-            cart_id, file_ids = insert_cart(cart_uid, bundle, request.files, start, lifetime)
+            cart_id, file_ids = insert_cart(cart_uid, bundle, request.files, start, lifetime,
+                                            request.skip_failed_files)
         LOGGER.info('cart %s (id %d): %d files, bundle %s', cart_uid, cart_id, len(file_ids), bundle)
         if not file_ids:
             self.bundler.finish(cart_id)

@@ -45,8 +45,8 @@ class CartState:
                        expired=True)
         status = CartStatus(stored.status)
         message = stored.error
-        if status == CartStatus.READY:
-            message = ''
+        if status == CartStatus.READY and not stored.progress.files_failed:
+            message = ''  # as 0.7.0; a cart that left out files it could not stage says which
         elif status.wire == CartStatus.STAGING.value and not message:
             message = progress_in_words(stored.progress)
         return cls(status.wire, message, stored.progress, stored.expires)

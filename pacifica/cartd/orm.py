@@ -120,6 +120,9 @@ class Cart(BaseModel):
     # Added in schema 2.5: seconds the cart is kept once ready (0: for ever), and when it expires.
     lifetime = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
     expires_date = DateTimeField(null=True)
+    # Added in schema 2.6: 'skip' when a file that cannot be staged is left out of the tar
+    # (listed in its MISSING_FILES.txt) instead of failing the cart.
+    on_file_error = CharField(max_length=8, default='fail', constraints=[SQL("DEFAULT 'fail'")])
 
     class Meta:
         """Table name of the published schema."""
@@ -188,6 +191,7 @@ ACTIVE_STATUSES = LIVE_STATUSES + (CartStatus.BUNDLING.value,)
 INSERT_CHUNK = 200  # rows per INSERT or bulk UPDATE statement
 FILE_INSERT_ROWS = 500  # rows per INSERT of a new cart's files (7 parameters each; SQLite takes 32,766)
 STALE_AT_ONCE = datetime.datetime(2000, 1, 1)  # an updated_date the next reconcile treats as stalled
+SKIP = 'skip'  # Cart.on_file_error of a cart that leaves out the files it cannot stage
 MAX_PERCENT_STAGING = 99.9  # the percent a cart not ready yet shows at most
 
 # A requested file as the rows take it: (archive id, path in the cart, hash type, hash value).
@@ -257,11 +261,13 @@ class StagedCount(NamedTuple):
 # ---- carts ---------------------------------------------------------------------------
 
 def insert_cart(cart_uid: str, bundle: bool, files: Sequence[FileRow], bundle_size: int,
-                lifetime: int = 0) -> Tuple[int, List[int]]:
-    """Insert a staging cart (kept `lifetime` seconds once ready, 0: for ever) and its waiting files;
-    return the cart's id and its files' ids in order."""
+                lifetime: int = 0, skip_failed_files: bool = False) -> Tuple[int, List[int]]:
+    """Insert a staging cart (kept `lifetime` seconds once ready, 0: for ever; leaving out files that
+    cannot be staged with `skip_failed_files`) and its waiting files; return the cart's id and its
+    files' ids in order."""
     cart = Cart.create(cart_uid=cart_uid, status=CartStatus.STAGING.value, bundle=bundle,
-                       files_total=len(files), bundle_size=bundle_size, lifetime=lifetime)
+                       files_total=len(files), bundle_size=bundle_size, lifetime=lifetime,
+                       on_file_error=SKIP if skip_failed_files else 'fail')
     _insert_files(cart.id, files)
     return cart.id, _file_ids_of(cart.id)
 
@@ -423,21 +429,22 @@ def count_staged_of_failed(cart_id: int, count: StagedCount) -> bool:
 
 
 def claim_for_bundling(cart_id: int) -> bool:
-    """Move a live cart whose files are all staged to bundling; True for the one caller that did it."""
+    """Move a live cart whose files are all staged (or, for a cart that skips failed files, staged or
+    failed) to bundling; True for the one caller that did it."""
+    done = Cart.files_staged + Case(None, [(Cart.on_file_error == SKIP, Cart.files_failed)], 0)
     return bool(Cart.update(status=CartStatus.BUNDLING.value, updated_date=now())
-                .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES))
-                       & (Cart.files_staged >= Cart.files_total))
+                .where((Cart.id == cart_id) & (Cart.status.in_(LIVE_STATUSES)) & (done >= Cart.files_total))
                 .execute())
 
 
-def mark_ready(cart_id: int, bundle_path: str) -> bool:
-    """Move a bundling cart to ready, served from `bundle_path`, its lifetime counted from now;
-    False when it is no longer bundling."""
+def mark_ready(cart_id: int, bundle_path: str, message: str = '') -> bool:
+    """Move a bundling cart to ready, served from `bundle_path`, its lifetime counted from now, with
+    `message` (a cart that skipped files lists them); False when it is no longer bundling."""
     moment = now()
     lifetime = int(Cart.select(Cart.lifetime).where(Cart.id == cart_id).scalar() or 0)
     expires = moment + datetime.timedelta(seconds=lifetime) if lifetime > 0 else None
     return bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=moment,
-                            ready_date=moment, expires_date=expires, error='')
+                            ready_date=moment, expires_date=expires, error=message[:2000])
                 .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
 
 
@@ -757,7 +764,8 @@ class TarColumns(NamedTuple):
 
 
 def _rows_in_tar_order(cart_id: int) -> List[Tuple[Any, ...]]:
-    """(path, size, mtime, id, tar_offset) of a cart's files: those placed in the bundle tar by place, then by id.
+    """(path, size, mtime, id, tar_offset) of the files in a cart's tar (all but those that failed, which a
+    cart that skips failed files leaves out): those placed in the bundle tar by place, then by id.
 
     Read straight off the cursor (no model per row): a 100,000-file cart's download starts with it.
     """
@@ -767,9 +775,9 @@ def _rows_in_tar_order(cart_id: int) -> List[Tuple[Any, ...]]:
     cursor = DB.execute_sql(
         f'SELECT {name(File.bundle_path)}, COALESCE({name(File.size)}, 0), COALESCE({name(File.mtime)}, 0), '
         f'{name(File.id)}, {name(File.tar_offset)} FROM {DB.obj.quote[0]}{File._meta.table_name}{DB.obj.quote[1]} '
-        f'WHERE {name(File.cart)} = {DB.obj.param} '
+        f'WHERE {name(File.cart)} = {DB.obj.param} AND {name(File.status)} <> {DB.obj.param} '
         f'ORDER BY CASE WHEN {name(File.tar_offset)} IS NULL THEN 1 ELSE 0 END, {name(File.tar_offset)}, '
-        f'{name(File.id)}', (cart_id,))
+        f'{name(File.id)}', (cart_id, FileStatus.ERROR.value))
     return cursor.fetchall()
 
 
@@ -784,6 +792,13 @@ def tar_columns(cart_id: int) -> TarColumns:
     if not rows:
         return TarColumns((), (), (), (), ())
     return TarColumns(*zip(*rows, strict=True))
+
+
+def failed_files(cart_id: int) -> List[Tuple[str, str, str]]:
+    """(path, archive id, error) of the cart's files in error, by id."""
+    return [(str(row.bundle_path), str(row.file_name), str(row.error or '')) for row in
+            File.select(File.bundle_path, File.file_name, File.error)
+            .where((File.cart == cart_id) & (File.status == FileStatus.ERROR.value)).order_by(File.id)]
 
 
 def unfinished_file_ids(cart_id: int) -> List[int]:

@@ -13,6 +13,8 @@ MAX_SEGMENT_BYTES = 255  # NAME_MAX on the filesystems the volume lives on
 _CONTROL = re.compile('[\x00-\x1f\x7f]')
 _NOT_PLAIN_SEGMENTS = frozenset(('', '.', '..'))
 
+MISSING_FILES_NAME = 'MISSING_FILES.txt'  # at the top of the tar of a cart that skipped files: those left out
+
 
 def has_control(text: str) -> bool:
     """Whether the text holds NUL, another C0 control character or DEL."""

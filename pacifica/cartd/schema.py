@@ -18,9 +18,10 @@ Version = Tuple[int, int]
 # 2.2 adds where a bundle's files are written in its tar; 2.3 adds the progress counters
 # HEAD reports and when a cart became ready; 2.4 adds what GET /<uid>/status reports (the
 # downloads started per file, the files transferring and the high-water percent of a cart);
-# 2.5 adds a cart's lifetime and when it expires. All new columns have server-side defaults
-# or are nullable, so a 0.7.0 process can still write to the database.
-SCHEMA_VERSION: Version = (2, 5)
+# 2.5 adds a cart's lifetime and when it expires; 2.6 whether it skips files it cannot stage.
+# All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
+# write to the database.
+SCHEMA_VERSION: Version = (2, 6)
 
 
 def current_version() -> Optional[Version]:
@@ -128,12 +129,22 @@ def _upgrade_2_4_to_2_5() -> None:
     migrate(*operations)
 
 
+def _upgrade_2_5_to_2_6() -> None:
+    """Add on_file_error (resumable). Existing carts keep 'fail': a file that cannot be staged fails its cart."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    operations = _add_missing_columns(migrator, [('cart', 'on_file_error', Cart.on_file_error)])
+    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side default
+        operations.append(migrator.add_column_default('cart', 'on_file_error', 'fail'))
+    migrate(*operations)
+
+
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
     ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
     ((2, 2), (2, 3), _upgrade_2_2_to_2_3),
     ((2, 3), (2, 4), _upgrade_2_3_to_2_4),
     ((2, 4), (2, 5), _upgrade_2_4_to_2_5),
+    ((2, 5), (2, 6), _upgrade_2_5_to_2_6),
 ]
 
 

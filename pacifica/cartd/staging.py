@@ -17,13 +17,13 @@ from .archive import MEDIA_ERROR, ArchiveClient, ArchiveStatus, Download
 from .bundling import Bundler
 from .cleanup import cart_went_away
 from .config import Settings
-from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageError, HashMismatch
+from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageError, HashMismatch, NoSpace
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
-from .orm import (LIVE_STATUSES, Cart, CartStatus, File, FileStatus, cart_status, count_staged, count_staged_of_failed,
-                  fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle, mark_recalling, mark_staged,
-                  mark_transferring, place_file, tar_place)
+from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_staged,
+                  count_staged_of_failed, fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle,
+                  mark_recalling, mark_staged, mark_transferring, place_file, tar_place)
 from .tarlayout import member_region
 from .volume import CartVolume
 
@@ -185,15 +185,24 @@ class Stager:
                 mark_transferring(cart.id, started)
 
     def _stage_in_thread(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:
-        """Stage one file in a pool thread; failures are recorded here, successes by the caller."""
+        """Stage one file in a pool thread; failures are recorded here, successes by the caller.
+
+        A failure fails the cart, unless the cart skips failed files and the failure is the
+        file's own (the archive lacks it, refuses it, or keeps sending other bytes or too few
+        after the retries): then the file is left out and the cart goes on. Room on the volume
+        and writing to it are the cart service's failures: they fail the cart in either case.
+        """
+        skippable = False
         try:
             return self._stage_one(cart, file, log)
         except ArchiveFileMissing as exc:
             message = cart_error = _missing_message(file)
+            skippable = True
             LOGGER.warning('cart %s: %s (%s)', cart.cart_uid, message, exc)
         except FileStageError as exc:
             message = exc.message
             cart_error = _cart_message(file, message)
+            skippable = not isinstance(exc, NoSpace)
             LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
         except OSError as exc:
             message = f'cannot write to the volume: {exc.strerror or exc}'
@@ -205,9 +214,15 @@ class Stager:
                             file.bundle_path)
                 return StageOutcome(file.id, error=message)
             LOGGER.error('cart %s file %s: %s', cart.cart_uid, file.bundle_path, message)
-        with database.connection(), database.atomic():
-            if fail_file(cart.id, file.id, message, log.attempts(file.id)):
-                fail_cart(cart.id, cart_error)
+        skip = skippable and cart.on_file_error == SKIP
+        with database.connection():
+            with database.atomic():
+                if fail_file(cart.id, file.id, message, log.attempts(file.id)) and not skip:
+                    fail_cart(cart.id, cart_error)
+            if skip:
+                LOGGER.warning('cart %s: file %s left out (on_file_error skip)', cart.cart_uid, file.bundle_path)
+                self.bundler.finish(cart.id)  # it may have been the last file
+                return StageOutcome(file.id, attempts=log.attempts(file.id))
         return StageOutcome(file.id, error=message, attempts=log.attempts(file.id))
 
     def _stage_one(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:

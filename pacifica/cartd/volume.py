@@ -62,6 +62,14 @@ class CartVolume:
         """`<volume>/<cart id>/<uid>.tar`: the bundle written when bundle_task is on."""
         return self.cart_dir(cart_id) / f'{cart_uid}.tar'
 
+    def missing_list_path(self, cart_id: int) -> Path:
+        """`<volume>/<cart id>/.missing-files.txt`: MISSING_FILES.txt of a cart that skipped files.
+
+        Beside `<uid>/`, not in it, so it stays when a bundle cart's staged files go (a uid never
+        starts with '.').
+        """
+        return self.cart_dir(cart_id) / '.missing-files.txt'
+
     def link_path(self, cart_uid: str) -> Path:
         """`<volume>/cartuids/<uid>`: the link other services follow to a ready cart."""
         return self.root / LINKS_DIR / cart_uid
