@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import pathlib
-import subprocess
 import tarfile
 from typing import Dict, Iterator, List, Tuple
 
@@ -27,6 +26,7 @@ from pacifica.cartd.service import CartService
 from pacifica.cartd.transport import response_body
 from pacifica.cartd.volume import CartVolume
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue
+from cartd_testkit.tmpfs import mounted_tmpfs
 
 MIB = 1024 * 1024
 FILE_SIZE = 600 * 1024
@@ -35,16 +35,8 @@ FILE_SIZE = 600 * 1024
 @pytest.fixture
 def small_volume(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
     """A 4400 KiB tmpfs: room for six 600 KiB files and one more in flight, not seven."""
-    mount_point = tmp_path / 'volume'
-    mount_point.mkdir()
-    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4400k', 'tmpfs', str(mount_point)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}')
-    try:
+    with mounted_tmpfs(tmp_path / 'volume', '4400k') as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(['umount', '-l', str(mount_point)], check=False)
 
 
 def _service(tmp_path: pathlib.Path, volume: pathlib.Path, files: Dict[str, bytes],

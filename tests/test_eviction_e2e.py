@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
-import subprocess
 import time
 import uuid
 from typing import Callable, Dict, Iterator, List, Sequence, cast
@@ -36,6 +35,7 @@ from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.databases import KINDS, fresh_database, server_available
 from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive
 from cartd_testkit.stack import CartStack, running, tar_contents
+from cartd_testkit.tmpfs import mounted_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,14 +49,6 @@ NO_SPACE = 'No space left on the volume'
 EVICTED = 'evicted to make room on the volume'
 
 
-def _mount_tmpfs(mount_point: pathlib.Path, size: str) -> None:
-    mount_point.mkdir(parents=True)
-    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(mount_point)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f'cannot mount a size-limited tmpfs here (needs root): {mounted.stderr.strip()}')
-
-
 @pytest.fixture(scope='module', params=KINDS)
 def stack(request: pytest.FixtureRequest, archive: ArchiveServer, proxy: FaultProxy,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
@@ -65,8 +57,7 @@ def stack(request: pytest.FixtureRequest, archive: ArchiveServer, proxy: FaultPr
     if not server_available(kind):
         pytest.skip(f'the {kind} server is not answering on 127.0.0.1')
     base = tmp_path_factory.mktemp(f'evict-{kind}')
-    _mount_tmpfs(base / 'volume', VOLUME_SIZE)
-    try:
+    with mounted_tmpfs(base / 'volume', VOLUME_SIZE):
         url = fresh_database(kind, base)
         # tape_wait 60: a cart held on tape is looked at again (and marked alive) only after the test
         # is done with it; no reconciler, so nothing but the test and the carts' own work touches a cart.
@@ -76,8 +67,6 @@ def stack(request: pytest.FixtureRequest, archive: ArchiveServer, proxy: FaultPr
             'archiveinterface': {'tape_wait': '60', 'tape_wait_max': '60'}})
         with running(cart, kind, url):
             yield cart
-    finally:
-        subprocess.run(['umount', '-l', str(base / 'volume')], check=False)
 
 
 def restart_worker(stack: CartStack, lru_buffer_seconds: int) -> None:
