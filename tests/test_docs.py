@@ -186,6 +186,8 @@ EXPECT: Dict[str, Expect] = {
     'delete': Expect(),
     'errors': Expect(),
     'failed-cart': Expect(),
+    # deployment.md
+    'ready': Expect(),
     # admin.md
     'exit-codes': Expect(),
     'dbsync': Expect(pattern=SCHEMA_OK),

@@ -9,7 +9,7 @@ from typing import Optional
 import cherrypy
 
 from .config import Settings
-from .rest import CartRoot, HeadFastLane, QuietRequest, app_config, error_page
+from .rest import CartRoot, HeadFastLane, OpsLane, QuietRequest, app_config, error_page
 from .wiring import server_service
 
 LOGGER = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ def mount(settings: Settings, cpconfig: Optional[str]) -> cherrypy._cptree.Appli
     service = server_service(settings)
     application = cherrypy.tree.mount(CartRoot(service), '/', app_config())
     application.request_class = QuietRequest
+    application.wsgiapp.pipeline.append(('ops_lane', functools.partial(OpsLane, service_factory=service)))
     application.wsgiapp.pipeline.append(('head_fast_lane', functools.partial(HeadFastLane, service_factory=service)))
     if cpconfig and os.path.isfile(cpconfig):
         application.merge(cpconfig)

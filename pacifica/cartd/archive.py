@@ -223,6 +223,23 @@ class ArchiveClient:
         if response.will_close:
             self._drop_connection()
 
+    def problem(self, timeout: float = 2.0) -> Optional[str]:
+        """None when the archive answers HTTP on its base URL now (any status), else why not.
+
+        A connection of its own, with its own timeout: the threads' keep-alive connections
+        are not touched.
+        """
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        connection = kind(self._host, self._port, timeout=timeout)
+        try:
+            connection.request('HEAD', self._prefix)
+            connection.getresponse().read()
+        except (OSError, http.client.HTTPException) as exc:
+            return f'the archive does not answer at {self.base_url}: {type(exc).__name__}: {exc}'
+        finally:
+            connection.close()
+        return None
+
     def with_retries(self, action: Callable[[], T]) -> T:
         """Run action, retrying transient archive errors with a doubling wait, a bounded number of times."""
         for attempt in range(self.retries + 1):

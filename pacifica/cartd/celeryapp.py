@@ -6,7 +6,7 @@ settings the first time Celery needs its configuration, never at import.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 from celery import Celery
 
@@ -21,6 +21,7 @@ app = Celery('pacifica.cartd')
 # Publishing gives up after about a second when the broker is down (the cart's rows are
 # committed and the reconciler queues it later); ignore_result keeps send_task from
 # declaring a result queue, which would retry for ever.
+BROKER_CHECK_TIMEOUT_S = 2.0  # readiness: how long a connection to the broker may take
 PUBLISH_RETRY = {'max_retries': 2, 'interval_start': 0.2, 'interval_step': 0.3, 'interval_max': 0.5}
 
 # How often a worker on the filesystem broker lists its folder for new messages (kombu's default is 1 s).
@@ -109,3 +110,12 @@ class CeleryTaskQueue:
     def revoke(self, task_ids: Sequence[str]) -> None:
         """Tell the workers to drop these tasks if they have not run yet."""
         self.app.control.revoke(list(task_ids))
+
+    def broker_problem(self) -> Optional[str]:
+        """None when the broker takes a connection now (one try, BROKER_CHECK_TIMEOUT_S at most), else why not."""
+        try:
+            with self.app.connection_for_write(connect_timeout=BROKER_CHECK_TIMEOUT_S) as connection:
+                connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+        except Exception as exc:  # any transport error: the broker is what is wrong
+            return f'the broker does not answer: {type(exc).__name__}: {" ".join(str(exc).split())}'
+        return None

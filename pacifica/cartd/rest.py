@@ -22,6 +22,7 @@ from .carts import CartDownload
 from .cartstate import CartState
 from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable, error_document
 from .expiry import http_date
+from .health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
 from .paths import tar_top_name
 from .service import CartService
 from .transport import SENDFILE_ENVIRON_KEY, response_body
@@ -390,19 +391,59 @@ class HeadFastLane:
             ('Date', email.utils.formatdate(usegmt=True)), ('Allow', ALLOWED_METHODS),
             (STATUS_HEADER, state.status), (MESSAGE_HEADER, header_safe(state.message)),
             *state_headers(state)])
-        self._log(environ)
+        access_log(environ, 204, None)
         return []
 
-    @staticmethod
-    def _log(environ: Dict[str, Any]) -> None:
-        logger = cherrypy.log.access_log
-        if not logger.handlers and not logger.propagate:
-            return
-        line = '{} - - [{}] "HEAD {} {}" 204 - "{}" "{}"'.format(
-            environ.get('REMOTE_ADDR', ''), time.strftime('%d/%b/%Y:%H:%M:%S'), environ.get('REQUEST_URI') or
-            environ.get('PATH_INFO', ''), environ.get('SERVER_PROTOCOL', ''), environ.get('HTTP_REFERER', ''),
-            environ.get('HTTP_USER_AGENT', ''))
-        logger.log(logging.INFO, line)
+
+def access_log(environ: Dict[str, Any], status: int, length: Optional[int]) -> None:
+    """An access-log line like CherryPy's, for an answer given in front of it."""
+    logger = cherrypy.log.access_log
+    if not logger.handlers and not logger.propagate:
+        return
+    line = '{} - - [{}] "{} {} {}" {} {} "{}" "{}"'.format(
+        environ.get('REMOTE_ADDR', ''), time.strftime('%d/%b/%Y:%H:%M:%S'), environ.get('REQUEST_METHOD', ''),
+        environ.get('REQUEST_URI') or environ.get('PATH_INFO', ''), environ.get('SERVER_PROTOCOL', ''), status,
+        '-' if length is None else length, environ.get('HTTP_REFERER', ''), environ.get('HTTP_USER_AGENT', ''))
+    logger.log(logging.INFO, line)
+
+
+OPS_PATHS = ('/-/healthy', '/-/ready')  # two segments: no cart uid is shadowed (a uid is one segment)
+REASONS = {200: 'OK', 405: 'Method Not Allowed', 503: 'Service Unavailable'}
+
+
+class OpsLane:
+    """WSGI middleware: `GET /-/healthy` and `GET /-/ready` (and HEAD of them) for load balancers and
+    orchestrators, answered in front of CherryPy with no request machinery and, for /-/healthy,
+    without the database; everything else goes on to CherryPy."""
+
+    def __init__(self, nextapp: Callable[..., Any], service_factory: Callable[[], CartService]) -> None:
+        """Answer in front of `nextapp` (the CherryPy application)."""
+        self.nextapp = nextapp
+        self.service_factory = service_factory
+        self.server = f'CherryPy/{cherrypy.__version__}'
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        """Answer the two paths, or pass the request on."""
+        path = environ.get('PATH_INFO', '')
+        if path not in OPS_PATHS:
+            return self.nextapp(environ, start_response)
+        method = environ.get('REQUEST_METHOD', '')
+        headers = [('Server', self.server), ('Date', email.utils.formatdate(usegmt=True)),
+                   ('Allow', STATUS_ALLOWED_METHODS), ('Cache-Control', 'no-store')]
+        if method not in ('GET', 'HEAD'):
+            status, body = 405, error_document('405 Method Not Allowed',
+                                               'Specified method is invalid for this resource', cherrypy.__version__)
+            headers.append(('Content-Type', 'application/json'))
+        else:
+            health = self.service_factory().health
+            status, document = (200, health.healthy()) if path == OPS_PATHS[0] else health.ready()
+            body = json.dumps(document)
+            headers.append(('Content-Type', HEALTH_CONTENT_TYPE))
+        payload = body.encode('utf-8')
+        headers.append(('Content-Length', str(len(payload))))
+        start_response(f'{status} {REASONS[status]}', headers)
+        access_log(environ, status, len(payload))
+        return [] if method == 'HEAD' else [payload]
 
 
 class QuietRequest(cherrypy._cprequest.Request):

@@ -17,6 +17,7 @@ from .carts import CartDownload, Carts
 from .cartstate import CartState
 from .config import Settings
 from .eviction import SpaceKeeper, remove_expired
+from .health import Health
 from .recovery import Recovery
 from .staging import Stager, StageOutcome
 from .taskqueue import CartQueue, TaskQueue
@@ -46,6 +47,8 @@ class CartService:
         self.stager = Stager(settings, self.volume, self.archive, SpaceKeeper(settings, self.volume), self.bundler)
         self.carts = Carts(settings, self.volume, cart_queue, self.bundler)
         self.recovery = Recovery(settings, cart_queue)
+        broker = getattr(self._queue, 'broker_problem', None)  # a queue that cannot tell (a test's) has no probe
+        self.health = Health(self.volume, broker, self.archive.problem)
         self.admin = Admin(self.volume, self.stager, self.bundler, self.recovery,
                            **({'sleep': self._sleep} if self._sleep is not None else {}))
 

@@ -152,6 +152,10 @@ class FakeArchive:
         """Mirrors ArchiveClient.with_retries, without retrying."""
         return action()
 
+    def problem(self) -> Optional[str]:
+        """Mirrors ArchiveClient.problem: a fake archive always answers."""
+        return None
+
     def status(self, archive_id: str) -> ArchiveStatus:
         media = self.media.get(archive_id, 'disk')
         if media == 'no-headers':
