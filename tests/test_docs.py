@@ -166,7 +166,8 @@ def _check_install(workdir: pathlib.Path, output: str) -> None:
     assert 'venv/bin/pacifica-cartd-cmd' in output
 
 
-SCHEMA_OK = r'database schema is \d+\.\d+\ndatabase schema (\d+\.\d+), this version needs \1: ok'
+SCHEMA_OK = (r'database schema is \d+\.\d+ \(sqlite /[^)]+\)\n'
+             r'database schema (\d+\.\d+), this version needs \1: ok \(sqlite /[^)]+\)')
 
 EXPECT: Dict[str, Expect] = {
     # installation.md
@@ -190,6 +191,7 @@ EXPECT: Dict[str, Expect] = {
     'ready': Expect(),
     # admin.md
     'exit-codes': Expect(),
+    'no-database': Expect(),
     'dbsync': Expect(pattern=SCHEMA_OK),
     'fixit': Expect(),
     'dump': Expect(check=_check_dump),

@@ -308,3 +308,34 @@ def test_engine_lines_on_the_console_once(tmp_path: pathlib.Path, synced: Dict[s
     # one access line for the one request, in CherryPy's access format
     access = [line for line in lines if '"GET / HTTP/1.1" 200' in line]
     assert len(access) == 1, '\n'.join(lines)
+
+
+# ---- pacifica-cartd-cmd says which database it works on ------------------------------------
+
+
+@pytest.mark.parametrize('command', [['dump'], ['dbchk'], ['purge'], ['fixit', '--cartid', 'c1']])
+def test_a_command_without_a_config_opens_no_empty_database(tmp_path: pathlib.Path, command: Sequence[str]) -> None:
+    """Before, the default peewee_url made an empty ./db.sqlite3 and the command advised dbsync."""
+    result, _ = _run([binary('pacifica-cartd-cmd'), *command], _clean_env(tmp_path), tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line == (f'pacifica-cartd-cmd: error: the database {tmp_path}/db.sqlite3 does not exist (no config file '
+                    f'at {tmp_path}/.pacifica-cartd/config.ini, peewee_url sqliteext:///db.sqlite3); give -c with the '
+                    "config that names the cart's database (or set PEEWEE_URL), or create it there with "
+                    '`pacifica-cartd-cmd dbsync`')
+    assert not (tmp_path / 'db.sqlite3').exists()
+
+
+def test_dbsync_and_dbchk_name_the_database(tmp_path: pathlib.Path, synced: Dict[str, str]) -> None:
+    config = write_config(tmp_path / 'named.cfg', {'database': {'peewee_url': synced['peewee_url']}})
+    checked, _ = _run([binary('pacifica-cartd-cmd'), '-c', str(config), 'dbchk'], _clean_env(tmp_path), tmp_path)
+    path = synced['peewee_url'].split(':///', 1)[1]
+    assert checked.stdout == f'database schema 2.6, this version needs 2.6: ok (sqlite {path})\n', checked.stdout
+    fresh, _ = _run([binary('pacifica-cartd-cmd'), 'dbsync'], _clean_env(tmp_path), tmp_path)  # no config: made here
+    assert fresh.stdout == f'database schema is 2.6 (sqlite {tmp_path}/db.sqlite3)\n', fresh.stdout + fresh.stderr
+
+
+def test_fixit_asks_for_uids(tmp_path: pathlib.Path) -> None:
+    result, _ = _run([binary('pacifica-cartd-cmd'), 'fixit', '--help'], _clean_env(tmp_path), tmp_path)
+    assert '--cartid UID [UID ...]' in result.stdout and 'Cart IDs' not in result.stdout
+    assert "the carts' uids" in ' '.join(result.stdout.split())

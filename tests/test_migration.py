@@ -423,4 +423,4 @@ def test_database_errors_are_one_line(site: Site) -> None:
         database.close()
     result = site.ours('dump')
     assert result.returncode != 0
-    assert 'Traceback' not in result.stderr and result.stderr.strip().startswith('pacifica-cartd: error:')
+    assert 'Traceback' not in result.stderr and result.stderr.strip().startswith('pacifica-cartd-cmd: error:')

@@ -26,9 +26,12 @@ LISTEN_BACKLOG = 1024  # server.socket_queue_size unless the cpconfig file sets 
 THREAD_POOL = 200  # server.thread_pool unless the cpconfig file sets it: downloads at once, plus short requests
 
 
-def _fail(message: str) -> int:
-    print(f'pacifica-cartd: error: {message}', file=sys.stderr)
+def _fail(message: str, prog: str = 'pacifica-cartd') -> int:
+    print(f'{prog}: error: {message}', file=sys.stderr)
     return 1
+
+
+CMD = 'pacifica-cartd-cmd'
 
 
 def config_parent(default: Optional[str] = None) -> argparse.ArgumentParser:
@@ -104,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def cmd_parser() -> argparse.ArgumentParser:
     """The `pacifica-cartd-cmd` arguments and subcommands."""
-    parser = argparse.ArgumentParser(prog='pacifica-cartd-cmd', description='Cart admin tool.',
+    parser = argparse.ArgumentParser(prog=CMD, description='Cart admin tool.',
                                      parents=[config_parent()])
     subparsers = parser.add_subparsers(help='sub-command help', dest='command')
     each = [config_parent(argparse.SUPPRESS)]
@@ -115,9 +118,10 @@ def cmd_parser() -> argparse.ArgumentParser:
     check.add_argument('--equal', action='store_true', default=False,
                        help='succeed only if the schema is exactly this version (default: usable)')
     fix = subparsers.add_parser('fixit', help='re-stage and re-bundle carts in this process',
-                                description='Fix an existing cart', parents=each)
-    fix.add_argument('--cartid', metavar='CARTIDS', nargs='+', required=True, dest='cartids',
-                     help='Cart IDs to try and fix')
+                                description='Stage again what carts lost or failed, and make them ready, in this '
+                                            'process (waiting for tape recalls).', parents=each)
+    fix.add_argument('--cartid', metavar='UID', nargs='+', required=True, dest='cartids',
+                     help="the carts' uids: the uid a client posted, the `uid` dump prints (not its numeric `id`)")
     dump = subparsers.add_parser('dump', help='print every cart and its files',
                                  description='Dump all the carts as yaml', parents=each)
     dump.add_argument('--json', action='store_true', default=False, help='Dump as Json')
@@ -205,19 +209,34 @@ def _fixit(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _dbsync(_settings: Settings, _args: argparse.Namespace) -> int:
+def _dbsync(settings: Settings, _args: argparse.Namespace) -> int:
     version = schema.sync()
-    print(f'database schema is {version[0]}.{version[1]}')
+    print(f'database schema is {version[0]}.{version[1]} ({database.describe(settings.peewee_url)})')
     return 0
 
 
-def _dbchk(_settings: Settings, args: argparse.Namespace) -> int:
+def _dbchk(settings: Settings, args: argparse.Namespace) -> int:
     version = schema.current_version()
     good = schema.is_equal() if args.equal else schema.is_usable()
     shown = 'missing' if version is None else f'{version[0]}.{version[1]}'
     wanted = '{}.{}'.format(*schema.SCHEMA_VERSION)
-    print(f'database schema {shown}, this version needs {wanted}: {"ok" if good else "run dbsync"}')
+    print(f'database schema {shown}, this version needs {wanted}: {"ok" if good else "run dbsync"} '
+          f'({database.describe(settings.peewee_url)})')
     return 0 if good else 1
+
+
+def _no_such_database(settings: Settings, config_file: str) -> Optional[str]:
+    """Why a command other than dbsync must not open the configured SQLite file, or None when it may.
+
+    Opening a SQLite file that is not there makes an empty one, and the command then advised
+    dbsync, as if the cart's database were empty, when it was only not the one configured.
+    """
+    path = database.sqlite_file(settings.peewee_url)
+    if path is None or os.path.exists(path):
+        return None
+    where = f'config {settings.config_file}' if settings.config_file else f'no config file at {config_file}'
+    return (f'the database {path} does not exist ({where}, peewee_url {settings.peewee_url}); give -c with the '
+            f'config that names the cart\'s database (or set PEEWEE_URL), or create it there with `{CMD} dbsync`')
 
 
 COMMANDS: Dict[str, Callable[[Settings, argparse.Namespace], int]] = {
@@ -237,16 +256,20 @@ def cmd(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     _logging(logging.WARNING)
+    config_file = args.config or default_config_path(os.environ)
     try:
-        settings = load_settings(args.config or default_config_path(os.environ))
+        settings = load_settings(config_file)
+        refusal = None if args.command == 'dbsync' else _no_such_database(settings, config_file)
+        if refusal is not None:
+            return _fail(refusal, CMD)
         open_database(settings, need_schema=args.command not in ('dbsync', 'dbchk'))
         with database.connection():
             return COMMANDS[args.command](settings, args)
     except CartError as exc:
-        return _fail(exc.message)
+        return _fail(exc.message, CMD)
     except database.DATABASE_ERRORS as exc:
         LOGGER.debug('database error', exc_info=True)
-        return _fail(f'database error: {type(exc).__name__}: {exc}')
+        return _fail(f'database error: {type(exc).__name__}: {exc}', CMD)
 
 
 if __name__ == '__main__':

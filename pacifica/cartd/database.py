@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type
 from urllib.parse import urlparse
@@ -70,6 +71,25 @@ def make_database(peewee_url: str) -> Database:
         return database_class(params.pop('database'), **params)
     raise ConfigError(f'bad value for [database] peewee_url (env PEEWEE_URL): unknown scheme {scheme!r} '
                       f'(use sqliteext, sqlite, postgres or mysql)')
+
+
+def sqlite_file(peewee_url: str) -> Optional[str]:
+    """The absolute path of the SQLite file a peewee_url names, or None for a database server."""
+    if urlparse(peewee_url).scheme not in _SQLITE_SCHEMES:
+        return None
+    name = parse_db_url(peewee_url).get('database') or ''
+    return os.path.abspath(name) if name and name != ':memory:' else None
+
+
+def describe(peewee_url: str) -> str:
+    """Which database a peewee_url names, for messages: `sqlite /abs/path` or `postgres host:port/name`
+    (never its password)."""
+    path = sqlite_file(peewee_url)
+    if path is not None:
+        return f'sqlite {path}'
+    where = urlparse(peewee_url)
+    port = f':{where.port}' if where.port else ''
+    return f'{where.scheme} {where.hostname or ""}{port}{where.path}'
 
 
 def bind(settings: Settings) -> Database:
