@@ -100,3 +100,43 @@ def test_commands_need_a_subcommand(sqlite_stack: CartStack) -> None:
     assert result.returncode != 0
     for name in ('dbsync', 'dbchk', 'fixit', 'dump', 'purge'):
         assert name in result.stdout
+
+
+def test_status_lists_carts_and_one_carts_files(sqlite_stack: CartStack) -> None:
+    """`status` for the operator's terminal, `--json` for scripts: the same documents GET /<uid>/status answers."""
+    import requests  # pylint: disable=import-outside-toplevel
+    stack, archive = sqlite_stack, sqlite_stack.archive
+    ready_uid, failed_uid = _uid(), _uid()
+    data = os.urandom(3000)
+    archive.put(f'{ready_uid}-r', data)
+    assert stack.post(ready_uid, [{'id': f'{ready_uid}-r', 'path': 'r.bin', 'hashtype': 'md5',
+                                   'hashsum': hashlib.md5(data).hexdigest()}]).status_code == 201
+    assert stack.post(failed_uid, [{'id': f'{failed_uid}-gone', 'path': 'gone.bin', 'hashtype': 'md5',
+                                    'hashsum': '0' * 32}]).status_code == 201
+    assert stack.wait_final(ready_uid).headers['X-Pacifica-Status'] == 'ready'
+    assert stack.wait_final(failed_uid).headers['X-Pacifica-Status'] == 'error'
+
+    table = stack.run_cmd('status')
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ['UID', 'ID', 'PHASE', 'FILES', 'FAILED', 'ON', 'TAPE', 'BYTES', 'PERCENT', 'UPDATED']
+    mine = {line.split()[0]: line.split() for line in lines[1:-1] if line.split()[0] in (ready_uid, failed_uid)}
+    assert mine[ready_uid][2:5] == ['ready', '1/1', '0'] and mine[ready_uid][6:8] == ['3.0kB/3.0kB', '100%']
+    assert mine[failed_uid][2:5] == ['error', '0/1', '1']
+    assert lines[-1].endswith(' carts')
+
+    one = stack.run_cmd('status', failed_uid)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.splitlines()[0].startswith(f'{failed_uid}: error, 0 of 1 files staged, 0%: file gone.bin')
+    assert one.stdout.splitlines()[1].split() == ['PATH', 'STATE', 'ATTEMPTS', 'SIZE', 'ERROR']
+    assert one.stdout.splitlines()[2].split()[:3] == ['gone.bin', 'error', '0']  # never downloaded: not in the archive
+
+    as_json = stack.run_cmd('status', ready_uid, '--json')
+    [document] = json.loads(as_json.stdout)
+    served = requests.get(f'{stack.url}/{ready_uid}/status', params={'files': 'all'}, timeout=30).json()
+    assert {key: value for key, value in document.items() if key != 'files_page'} == \
+        {key: value for key, value in served.items() if key != 'files_page'}
+    assert (document['files_page']['count'], document['files_page']['next_offset']) == (1, None)  # every file
+    unknown = stack.run_cmd('status', 'no-such-cart')
+    assert unknown.returncode == 1 and unknown.stderr.strip() == (
+        'pacifica-cartd-cmd: error: No cart with uid no-such-cart found')

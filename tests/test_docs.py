@@ -192,6 +192,7 @@ EXPECT: Dict[str, Expect] = {
     # admin.md
     'exit-codes': Expect(),
     'no-database': Expect(),
+    'status-cmd': Expect(),
     'dbsync': Expect(pattern=SCHEMA_OK),
     'fixit': Expect(),
     'dump': Expect(check=_check_dump),

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import cherrypy
 import tqdm
@@ -125,6 +125,13 @@ def cmd_parser() -> argparse.ArgumentParser:
     dump = subparsers.add_parser('dump', help='print every cart and its files',
                                  description='Dump all the carts as yaml', parents=each)
     dump.add_argument('--json', action='store_true', default=False, help='Dump as Json')
+    status = subparsers.add_parser('status', help="a table of the carts' progress, or one cart's files",
+                                   description='Without UIDs: every cart that is not deleted, a line each, with '
+                                               'its phase and progress. With UIDs: each cart and its files.',
+                                   parents=each)
+    status.add_argument('uids', metavar='UID', nargs='*', help="carts' uids (default: every cart)")
+    status.add_argument('--json', action='store_true', default=False,
+                        help='print the status documents (as GET /<uid>/status answers them) as JSON')
     purge = subparsers.add_parser('purge', help='delete carts not used for a while',
                                   description='delete all carts before a time', parents=each)
     purge.add_argument('--time-ago', type=time_ago, default=time_ago('180 days ago'), dest='time_ago',
@@ -165,6 +172,53 @@ def _purge(settings: Settings, args: argparse.Namespace) -> int:
     for cart_id, cart_uid in purged:
         print(f'deleted cart {cart_uid} (id {cart_id})')
     print(f'{len(purged)} carts not used since {cutoff:%Y-%m-%d %H:%M:%S} deleted')
+    return 0
+
+
+def _size(value: Any) -> str:
+    """Bytes for a person, one word: 1.5GB, 12.0kB, 3B (powers of 1000), '?' when not known."""
+    if value is None:
+        return '?'
+    amount = float(value)
+    for unit in ('B', 'kB', 'MB', 'GB'):
+        if amount < 1000:
+            return f'{amount:.0f}{unit}' if unit == 'B' else f'{amount:.1f}{unit}'
+        amount /= 1000
+    return f'{amount:.1f}TB'
+
+
+def _table(rows: List[List[str]]) -> str:
+    """Left-aligned columns, two spaces apart, the first row a header."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return '\n'.join('  '.join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    documents = command_service(settings).carts_status(args.uids)
+    if args.json:
+        print(json.dumps(documents, indent=2))
+        return 0
+    if not args.uids:
+        rows = [['UID', 'ID', 'PHASE', 'FILES', 'FAILED', 'ON TAPE', 'BYTES', 'PERCENT', 'UPDATED']]
+        for document in documents:
+            progress = document['progress']
+            rows.append([document['uid'], str(document['id']), document['phase'],
+                         f"{progress['files_staged']}/{progress['files_total']}", str(progress['files_failed']),
+                         str(progress['files_on_tape']),
+                         f"{_size(progress['bytes_staged'])}/{_size(progress['bytes_total'])}",
+                         f"{progress['percent']:g}%", document['updated'] or ''])
+        print(_table(rows))
+        print(f'{len(documents)} carts')
+        return 0
+    for document in documents:
+        progress = document['progress']
+        print(f"{document['uid']}: {document['phase']}, {progress['files_staged']} of {progress['files_total']} "
+              f"files staged, {progress['percent']:g}%" + (f": {document['message']}" if document['message'] else ''))
+        rows = [['PATH', 'STATE', 'ATTEMPTS', 'SIZE', 'ERROR']]
+        rows += [[file['path'], file['state'], str(file['attempts']), _size(file['size']), file['error'] or '']
+                 for file in document['files']]
+        print(_table(rows))
     return 0
 
 
@@ -244,6 +298,7 @@ COMMANDS: Dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     'dbchk': _dbchk,
     'fixit': _fixit,
     'dump': _dump,
+    'status': _status,
     'purge': _purge,
 }
 

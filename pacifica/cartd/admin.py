@@ -1,4 +1,4 @@
-"""The operator's commands on carts: dump them, purge old ones, and fix broken ones in this process."""
+"""The operator's commands on carts: dump them, report their status, purge old ones, and fix broken ones here."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 
 from . import database
 from .bundling import Bundler
+from .cartreport import MAX_LIMIT, FilesWanted, cart_report, live_document
 from .cartstate import CartState
 from .errors import CartNotFound
 from .orm import (Cart, CartStatus, carts_not_deleted, carts_unused_since, delete_cart_rows, file_rows_of, get_cart,
@@ -20,6 +21,7 @@ from .volume import CartVolume
 LOGGER = logging.getLogger(__name__)
 
 FIXIT_MAX_TAPE_ROUNDS = 50
+MAX_PAGES = 1000  # of MAX_LIMIT files each: a cart's whole file list for `status UID`
 
 
 class FixitProgress(Protocol):
@@ -67,6 +69,27 @@ class Admin:
                  'error': cart.error, 'files_total': cart.files_total, 'files_staged': cart.files_staged,
                  'created': str(cart.creation_date), 'updated': str(cart.updated_date),
                  'files': files[cart.id]} for cart in carts]
+
+    def status(self, cart_uids: Sequence[str]) -> List[Dict[str, Any]]:
+        """Status documents (see cartreport): of every cart that is not deleted, without files, oldest
+        first; or, for the uids given, of each (with all its files, page after page), as GET /<uid>/status
+        finds it. CartNotFound for a uid that has no cart."""
+        if not cart_uids:
+            return [{'id': cart.id, **live_document(cart, FilesWanted('none'))} for cart in carts_not_deleted()]
+        tombstone_time = self.recovery.settings.tombstone_time
+        documents = []
+        for cart_uid in cart_uids:
+            document = cart_report(cart_uid, FilesWanted('all', MAX_LIMIT), tombstone_time)
+            files = list(document['files'])
+            for _ in range(MAX_PAGES):
+                following = document['files_page']['next_offset']
+                if following is None:
+                    break
+                document = cart_report(cart_uid, FilesWanted('all', MAX_LIMIT, following), tombstone_time)
+                files.extend(document['files'])
+            documents.append({**document, 'files': files, 'files_page': {**document['files_page'], 'offset': 0,
+                                                                        'limit': len(files), 'next_offset': None}})
+        return documents
 
     def purge(self, unused_since: datetime.datetime) -> List[Tuple[int, str]]:
         """Delete carts (rows and files) not used since the given time; return (id, uid) of each."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 from .errors import BadRequest, CartNotFound
 from .cartstate import CartState
@@ -123,9 +123,7 @@ def cart_report(cart_uid: str, wanted: FilesWanted, tombstone_time: float) -> Di
     moment = now()
     cart = newest_live_cart(cart_uid)
     if cart is not None and not out_of_sight(cart.status, cart.expires_date, moment, tombstone_time):
-        state = CartState.of(cart, moment)
-        phase = 'expired' if state.expired else phase_of(cart.status, state.progress)
-        return _document(cart, state.status, phase, state.message, wanted)
+        return live_document(cart, wanted, moment)
     deleted = newest_deleted_cart(cart_uid)
     if deleted is None or deleted.deleted_date is None or \
             deleted.deleted_date + datetime.timedelta(seconds=tombstone_time) < moment:
@@ -133,6 +131,13 @@ def cart_report(cart_uid: str, wanted: FilesWanted, tombstone_time: float) -> Di
     why = f' ({deleted.error})' if deleted.error else ''
     return _document(deleted, CartStatus.ERROR.value, CartStatus.DELETED.value,
                      f'the cart was deleted at {rfc3339(deleted.deleted_date)}{why}', wanted)
+
+
+def live_document(cart: Cart, wanted: FilesWanted, moment: Optional[datetime.datetime] = None) -> Dict[str, Any]:
+    """The status document of a cart that is not deleted, as it stands at `moment` (default now)."""
+    state = CartState.of(cart, moment or now())
+    phase = 'expired' if state.expired else phase_of(cart.status, state.progress)
+    return _document(cart, state.status, phase, state.message, wanted)
 
 
 def _document(cart: Cart, status: str, phase: str, message: str, wanted: FilesWanted) -> Dict[str, Any]:

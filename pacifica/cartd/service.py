@@ -115,6 +115,10 @@ class CartService:
         """See admin.Admin.dump."""
         return self.admin.dump()
 
+    def carts_status(self, cart_uids: Sequence[str]) -> List[Dict[str, Any]]:
+        """See admin.Admin.status."""
+        return self.admin.status(cart_uids)
+
     def purge(self, unused_since: datetime.datetime) -> List[Tuple[int, str]]:
         """See admin.Admin.purge."""
         return self.admin.purge(unused_since)
