@@ -130,8 +130,9 @@ def test_a_cart_expires_after_its_lifetime_and_its_files_are_removed(stack: Cart
     assert (stack.volume / str(row.id)).is_dir()
 
     _age(uid, 10)  # as if nobody had used it for ten minutes: the next sweep removes its files
-    _until(lambda: _row(uid).status == 'expired', 'the sweep did not remove the expired cart', stack)
-    assert not (stack.volume / str(row.id)).exists()
+    # the sweep marks the cart expired, then removes its files: wait for both
+    _until(lambda: _row(uid).status == 'expired' and not (stack.volume / str(row.id)).exists(),
+           'the sweep did not remove the expired cart', stack)
     assert not os.path.lexists(stack.volume / 'cartuids' / uid)
     assert stack.head(uid).status_code == 410  # the row stays: still answered as expired
     assert _document(stack, uid)['phase'] == 'expired'

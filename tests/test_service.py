@@ -458,3 +458,32 @@ def test_percent_never_goes_down_when_a_size_learnt_later_makes_the_cart_bigger(
 ])
 def test_percent_estimate(progress: Progress, percent: float) -> None:
     assert progress.percent_estimate() == percent
+
+
+def test_a_failure_recorded_while_the_file_is_marked_transferring_still_fails_it(make_service, monkeypatch) -> None:
+    """fail_file's compare-and-set reads the state again when another writer moved it meanwhile.
+
+    The race itself (the task's thread recording the download started between fail_file's read
+    and its update) cannot be arranged with real threads; the first read is made stale instead.
+    Before, the failure was lost: the file stayed transferring and its cart staging for ever.
+    """
+    from pacifica.cartd import orm  # pylint: disable=import-outside-toplevel
+    files = {'f': b'bytes'}
+    service, _archive, _queue = make_service(files)
+    cart_id = service.create_cart('race', {'fileids': _entries(files)})
+    file = File.get(File.cart == cart_id)
+    reads = []
+    real = orm._file_status
+
+    def stale_first(file_id: int):
+        reads.append(file_id)
+        return 'waiting' if len(reads) == 1 else real(file_id)
+
+    orm.mark_transferring(cart_id, {file.id: 1})  # the other writer got there first
+    monkeypatch.setattr(orm, '_file_status', stale_first)
+    assert orm.fail_file(cart_id, file.id, 'File hash does not match provided hash', 2) is True
+    assert len(reads) == 2
+    row = File.get_by_id(file.id)
+    assert (row.status, row.attempts) == ('error', 2)
+    cart = Cart.get_by_id(cart_id)
+    assert (cart.files_failed, cart.files_transferring) == (1, 0)

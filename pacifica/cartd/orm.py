@@ -675,20 +675,39 @@ def mark_transferring(cart_id: int, attempts: Dict[int, int]) -> int:
     return newly
 
 
+FAIL_FILE_TRIES = 5  # a file's state moves forward only (waiting, recalling, transferring): a few reads suffice
+
+
+def _file_status(file_id: int) -> Optional[str]:
+    status = File.select(File.status).where(File.id == file_id).scalar()
+    return None if status is None else str(status)
+
+
 def fail_file(cart_id: int, file_id: int, cause: str, attempts: int) -> bool:
     """Record a file's failure (after `attempts` downloads started in all) and count it on its cart;
-    False when a duplicate task had already staged it."""
-    before = File.select(File.status).where(File.id == file_id).scalar()
-    if before is None or before == FileStatus.STAGED.value:
-        return False
-    changed = (File.update(status=FileStatus.ERROR.value, error=cause, attempts=attempts)
-               .where((File.id == file_id) & (File.status == before)).execute())
-    if changed and before != FileStatus.ERROR.value:
-        on_tape = 1 if before == FileStatus.RECALLING.value else 0
-        transferring = 1 if before == FileStatus.TRANSFERRING.value else 0
-        Cart.update(files_failed=Cart.files_failed + 1, files_on_tape=Cart.files_on_tape - on_tape,
-                    files_transferring=Cart.files_transferring - transferring).where(Cart.id == cart_id).execute()
-    return bool(changed) or before == FileStatus.ERROR.value
+    False when a duplicate task had already staged it.
+
+    Compare-and-set on the state read just before, read again when another writer moved it
+    meanwhile: the task's thread records downloads started (transferring) while a download
+    fails, and losing that race once left a failed file transferring and its cart staging for
+    ever (seen end to end on PostgreSQL).
+    """
+    for _ in range(FAIL_FILE_TRIES):
+        before = _file_status(file_id)
+        if before is None or before == FileStatus.STAGED.value:
+            return False
+        if before == FileStatus.ERROR.value:
+            return True
+        changed = (File.update(status=FileStatus.ERROR.value, error=cause, attempts=attempts)
+                   .where((File.id == file_id) & (File.status == before)).execute())
+        if changed:
+            on_tape = 1 if before == FileStatus.RECALLING.value else 0
+            transferring = 1 if before == FileStatus.TRANSFERRING.value else 0
+            Cart.update(files_failed=Cart.files_failed + 1, files_on_tape=Cart.files_on_tape - on_tape,
+                        files_transferring=Cart.files_transferring - transferring).where(
+                Cart.id == cart_id).execute()
+            return True
+    raise RuntimeError(f'file id {file_id} kept changing state while it was failed')
 
 
 def mark_recalling(cart_id: int, sizes: Dict[int, Optional[int]]) -> int:
