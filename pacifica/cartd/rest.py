@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from http import HTTPStatus
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, TypeVar
 from urllib.parse import quote, unquote_to_bytes
 
@@ -408,7 +409,6 @@ def access_log(environ: Dict[str, Any], status: int, length: Optional[int]) -> N
 
 
 OPS_PATHS = ('/-/healthy', '/-/ready')  # two segments: no cart uid is shadowed (a uid is one segment)
-REASONS = {200: 'OK', 405: 'Method Not Allowed', 503: 'Service Unavailable'}
 
 
 class OpsLane:
@@ -441,7 +441,7 @@ class OpsLane:
             headers.append(('Content-Type', HEALTH_CONTENT_TYPE))
         payload = body.encode('utf-8')
         headers.append(('Content-Length', str(len(payload))))
-        start_response(f'{status} {REASONS[status]}', headers)
+        start_response(f'{status} {HTTPStatus(status).phrase}', headers)
         access_log(environ, status, len(payload))
         return [] if method == 'HEAD' else [payload]
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from peewee import fn
+from peewee import Field, fn
 from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
@@ -52,19 +52,25 @@ def _add_missing_columns(migrator: SchemaMigrator, wanted: List[Tuple[str, str, 
     return [migrator.add_column(table, name, field) for table, name, field in wanted if name not in columns[table]]
 
 
+def _add_columns(migrator: SchemaMigrator, wanted: Sequence[Tuple[str, Field]]) -> List[Any]:
+    """Operations adding the columns not there yet and, on MySQL, putting back each NOT NULL one's
+    server-side default: MySQL's add_not_null re-declares the column (MODIFY ... NOT NULL) without
+    its DEFAULT, and a 0.7.0 writer could then not insert."""
+    operations = _add_missing_columns(migrator, [(table, field.column_name, field) for table, field in wanted])
+    if isinstance(migrator, MySQLMigrator):
+        operations += [migrator.add_column_default(table, field.column_name, field.default)
+                       for table, field in wanted if not field.null]
+    return operations
+
+
 def _upgrade_2_0_to_2_1() -> None:
     """Add the counters and file metadata, then fill the counters from the existing rows (resumable)."""
     migrator = SchemaMigrator.from_database(DB.obj)
     indexes = {index.name for index in DB.get_indexes('cart')}
-    operations = _add_missing_columns(migrator, [
-        ('cart', 'files_total', Cart.files_total), ('cart', 'files_staged', Cart.files_staged),
-        ('file', 'size', File.size), ('file', 'mtime', File.mtime)])
+    operations = _add_columns(migrator, [('cart', Cart.files_total), ('cart', Cart.files_staged),
+                                         ('file', File.size), ('file', File.mtime)])
     if 'cart_cart_uid' not in indexes:
         operations.append(migrator.add_index('cart', ('cart_uid',), False))
-    if isinstance(migrator, MySQLMigrator):
-        # MySQL's add_not_null re-declares the column (MODIFY ... NOT NULL) without its
-        # DEFAULT; put the server-side default back so a 2.0 writer can still insert.
-        operations += [migrator.add_column_default('cart', name, 0) for name in ('files_total', 'files_staged')]
     migrate(*operations)
     DB.create_tables([SpaceReservation], safe=True)
     total = File.select(fn.COUNT(File.id)).where(File.cart == Cart.id)
@@ -76,12 +82,8 @@ def _upgrade_2_1_to_2_2() -> None:
     """Add the bundle tar's layout columns (resumable). Existing carts keep bundle_size 0: their
     tars are laid out when they are bundled, as before."""
     migrator = SchemaMigrator.from_database(DB.obj)
-    operations = _add_missing_columns(migrator, [
-        ('cart', 'bundle_size', Cart.bundle_size), ('file', 'tar_offset', File.tar_offset),
-        ('spacereservation', 'tar_offset', SpaceReservation.tar_offset)])
-    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side default
-        operations.append(migrator.add_column_default('cart', 'bundle_size', 0))
-    migrate(*operations)
+    migrate(*_add_columns(migrator, [('cart', Cart.bundle_size), ('file', File.tar_offset),
+                                     ('spacereservation', SpaceReservation.tar_offset)]))
 
 
 PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total', 'bytes_staged')
@@ -93,19 +95,12 @@ def _upgrade_2_2_to_2_3() -> None:
     A ready cart's ready_date is its last update, the best there is (it may have been downloaded since).
     """
     migrator = SchemaMigrator.from_database(DB.obj)
-    operations = _add_missing_columns(
-        migrator, [('cart', name, getattr(Cart, name)) for name in PROGRESS_COLUMNS] + [
-            ('cart', 'ready_date', Cart.ready_date)])
-    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side defaults
-        operations += [migrator.add_column_default('cart', name, 0) for name in PROGRESS_COLUMNS]
-    migrate(*operations)
+    migrate(*_add_columns(migrator, [('cart', getattr(Cart, name)) for name in PROGRESS_COLUMNS]
+                          + [('cart', Cart.ready_date)]))
     Cart.update({field: value for field, value in counters_from_rows().items()
                  if field.name != 'files_transferring'}).execute()  # a 2.4 column
     Cart.update(ready_date=Cart.updated_date).where(
         (Cart.status == CartStatus.READY.value) & Cart.ready_date.is_null()).execute()
-
-
-STATUS_COLUMNS = (('cart', Cart.files_transferring), ('cart', Cart.percent_staged), ('file', File.attempts))
 
 
 def _upgrade_2_3_to_2_4() -> None:
@@ -113,29 +108,20 @@ def _upgrade_2_3_to_2_4() -> None:
     (it had no such state) and no download count is known: both start at 0, as does the percent,
     which the next staged file raises."""
     migrator = SchemaMigrator.from_database(DB.obj)
-    operations = _add_missing_columns(migrator, [(table, field.column_name, field) for table, field in STATUS_COLUMNS])
-    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side defaults
-        operations += [migrator.add_column_default(table, field.column_name, 0) for table, field in STATUS_COLUMNS]
-    migrate(*operations)
+    migrate(*_add_columns(migrator, [('cart', Cart.files_transferring), ('cart', Cart.percent_staged),
+                                     ('file', File.attempts)]))
 
 
 def _upgrade_2_4_to_2_5() -> None:
     """Add the lifetime columns (resumable). Existing carts keep lifetime 0: they never expire, as before."""
     migrator = SchemaMigrator.from_database(DB.obj)
-    operations = _add_missing_columns(migrator, [('cart', 'lifetime', Cart.lifetime),
-                                                 ('cart', 'expires_date', Cart.expires_date)])
-    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side default
-        operations.append(migrator.add_column_default('cart', 'lifetime', 0))
-    migrate(*operations)
+    migrate(*_add_columns(migrator, [('cart', Cart.lifetime), ('cart', Cart.expires_date)]))
 
 
 def _upgrade_2_5_to_2_6() -> None:
     """Add on_file_error (resumable). Existing carts keep 'fail': a file that cannot be staged fails its cart."""
     migrator = SchemaMigrator.from_database(DB.obj)
-    operations = _add_missing_columns(migrator, [('cart', 'on_file_error', Cart.on_file_error)])
-    if isinstance(migrator, MySQLMigrator):  # as in 2.1: keep the server-side default
-        operations.append(migrator.add_column_default('cart', 'on_file_error', 'fail'))
-    migrate(*operations)
+    migrate(*_add_columns(migrator, [('cart', Cart.on_file_error)]))
 
 
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
