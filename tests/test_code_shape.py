@@ -39,7 +39,7 @@ LAYERS: Dict[str, Dict[str, float]] = {
     'persistence': {'orm': 2, 'database': 3, 'schema': 3},
     'I/O and formats': {'paths': 4, 'fileio': 4, 'byteranges': 4, 'tarlayout': 5, 'volume': 5, 'archive': 5},
     'policy': {'cartrequest': 6, 'heartbeat': 6, 'cleanup': 6, 'taskqueue': 6, 'cartlayout': 6, 'eviction': 6,
-               'expiry': 6, 'cartstate': 6.2, 'cartreport': 6.5},
+               'expiry': 6, 'cartstate': 6.2, 'cartreport': 6.5, 'workers': 6.5},
     'use cases': {'bundling': 7, 'health': 7, 'staging': 8, 'carts': 8, 'recovery': 8, 'admin': 9},
     'facade': {'service': 10},
     'adapters': {'transport': 11, 'celeryapp': 11, 'uwsgiadapter': 11, 'rest': 12, 'httpserver': 12},

@@ -17,6 +17,7 @@ from cartd_testkit.broker import BROKER_URL
 from cartd_testkit.databases import fresh_database
 from cartd_testkit.procs import ManagedProcess, free_port
 from cartd_testkit.stack import binary, write_config
+from pacifica.cartd.schema import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.integration]
 
@@ -330,9 +331,11 @@ def test_dbsync_and_dbchk_name_the_database(tmp_path: pathlib.Path, synced: Dict
     config = write_config(tmp_path / 'named.cfg', {'database': {'peewee_url': synced['peewee_url']}})
     checked, _ = _run([binary('pacifica-cartd-cmd'), '-c', str(config), 'dbchk'], _clean_env(tmp_path), tmp_path)
     path = synced['peewee_url'].split(':///', 1)[1]
-    assert checked.stdout == f'database schema 2.6, this version needs 2.6: ok (sqlite {path})\n', checked.stdout
+    version = '.'.join(map(str, SCHEMA_VERSION))
+    assert checked.stdout == f'database schema {version}, this version needs {version}: ok (sqlite {path})\n', \
+        checked.stdout
     fresh, _ = _run([binary('pacifica-cartd-cmd'), 'dbsync'], _clean_env(tmp_path), tmp_path)  # no config: made here
-    assert fresh.stdout == f'database schema is 2.6 (sqlite {tmp_path}/db.sqlite3)\n', fresh.stdout + fresh.stderr
+    assert fresh.stdout == f'database schema is {version} (sqlite {tmp_path}/db.sqlite3)\n', fresh.stdout + fresh.stderr
 
 
 def test_fixit_asks_for_uids(tmp_path: pathlib.Path) -> None:

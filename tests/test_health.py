@@ -4,9 +4,11 @@ port nothing listens on, a schema left at an older version, a broker and an arch
 read-only and one nearly full (size-limited tmpfs). Answered through rest.OpsLane, as the servers do."""
 from __future__ import annotations
 
+import datetime
 import json
 import pathlib
 import subprocess
+import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -20,6 +22,7 @@ from pacifica.cartd.health import CACHE_S, Health
 from pacifica.cartd.orm import CartSystem
 from pacifica.cartd.rest import OpsLane
 from pacifica.cartd.volume import CartVolume
+from pacifica.cartd.workers import GONE_AFTER, REMEMBER_S, WorkerPresence
 from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.procs import free_port
 from cartd_testkit.tmpfs import mounted_tmpfs
@@ -52,9 +55,13 @@ def _bind(tmp_path: pathlib.Path, url: Optional[str] = None) -> None:
         'PEEWEE_URL': url or f'sqliteext:///{tmp_path}/db.sqlite3', 'DATABASE_CONNECT_ATTEMPTS': '1'}))
 
 
-def _health(volume: pathlib.Path, broker: Any = None, archive: Any = lambda: None) -> Health:
+NOBODY_LOOKS = WorkerPresence(0)  # worker_heartbeat 0: the workers check is left out of these tests
+
+
+def _health(volume: pathlib.Path, broker: Any = None, archive: Any = lambda: None,
+            presence: WorkerPresence = NOBODY_LOOKS) -> Health:
     volume.mkdir(parents=True, exist_ok=True)
-    return Health(CartVolume(volume), broker, archive)
+    return Health(CartVolume(volume), broker, archive, presence)
 
 
 def _check(document: Dict[str, Any], name: str) -> Dict[str, Any]:
@@ -86,7 +93,8 @@ def test_a_database_without_the_schema_or_with_an_older_one_fails(tmp_path: path
         CartSystem.update(value=1).where(CartSystem.part == 'minor').execute()
     status, _, document = _ask(health)
     assert (status, _check(document, 'database:schema')['output']) == (
-        '503 Service Unavailable', 'schema 2.1 is not usable by this version (2.6): run pacifica-cartd-cmd dbsync')
+        '503 Service Unavailable', f'schema 2.1 is not usable by this version ({".".join(map(str, schema.SCHEMA_VERSION))}): '
+        'run pacifica-cartd-cmd dbsync')
 
 
 def test_a_broker_and_an_archive_that_are_down_warn(tmp_path: pathlib.Path, archive: ArchiveServer) -> None:
@@ -95,14 +103,14 @@ def test_a_broker_and_an_archive_that_are_down_warn(tmp_path: pathlib.Path, arch
         schema.sync()
     closed = free_port()
     down = Health(CartVolume(tmp_path), CeleryTaskQueue(Celery(broker=f'pyamqp://guest:guest@127.0.0.1:{closed}//'))
-                  .broker_problem, ArchiveClient(f'http://127.0.0.1:{closed}/', 5, 1 << 20, 0, 0).problem)
+                  .broker_problem, ArchiveClient(f'http://127.0.0.1:{closed}/', 5, 1 << 20, 0, 0).problem, NOBODY_LOOKS)
     status, _, document = _ask(down)
     assert (status, document['status']) == ('200 OK', 'warn')
     assert _check(document, 'broker:connection')['output'].startswith('the broker does not answer: ')
     assert _check(document, 'archive:connection')['output'].startswith(
         f'the archive does not answer at http://127.0.0.1:{closed}/: ')
     up = Health(CartVolume(tmp_path), CeleryTaskQueue(Celery(broker='pyamqp://guest:guest@127.0.0.1:5672//'))
-                .broker_problem, ArchiveClient(archive.url, 5, 1 << 20, 0, 0).problem)
+                .broker_problem, ArchiveClient(archive.url, 5, 1 << 20, 0, 0).problem, NOBODY_LOOKS)
     _, _, document = _ask(up)
     assert document['status'] == 'pass', document
 
@@ -112,13 +120,53 @@ def test_the_broker_and_archive_checks_are_remembered_for_a_while(tmp_path: path
     asked: List[str] = []
     now = [100.0]
     health = Health(CartVolume(tmp_path), lambda: asked.append('broker') or None,  # type: ignore[func-returns-value]
-                    lambda: asked.append('archive') or None, clock=lambda: now[0])  # type: ignore[func-returns-value]
+                    lambda: asked.append('archive') or None, NOBODY_LOOKS,  # type: ignore[func-returns-value]
+                    clock=lambda: now[0])  # type: ignore[func-returns-value]
     for _ in range(3):
         health.ready()
     assert asked == ['broker', 'archive']
     now[0] += CACHE_S
     health.ready()
     assert asked == ['broker', 'archive', 'broker', 'archive']
+
+
+def test_no_worker_checked_in_warns_and_a_worker_that_does_passes(tmp_path: pathlib.Path) -> None:
+    _bind(tmp_path)
+    with database.connection():
+        schema.sync()
+    moment = [1000.0]
+    presence = WorkerPresence(0.5, clock=lambda: moment[0])
+    health = _health(tmp_path / 'volume', presence=presence)
+    status, _, document = _ask(health)
+    assert (status, document['status']) == ('200 OK', 'warn'), document
+    assert _check(document, 'workers:seen') == {
+        'status': 'warn', 'observedValue': 0, 'output': 'no worker: none has checked in; carts wait until one starts'}
+
+    presence.check_in('celery@here', 4321, datetime.datetime.now())
+    assert _check(_ask(health)[2], 'workers:seen')['status'] == 'warn'  # what it read is remembered a while
+    moment[0] += REMEMBER_S
+    status, _, document = _ask(health)
+    assert (status, document['status'], _check(document, 'workers:seen')) == (
+        '200 OK', 'pass', {'status': 'pass', 'observedValue': 1}), document
+
+    time.sleep(GONE_AFTER * 0.5 + 0.1)  # three heartbeats missed: the worker counts as gone
+    moment[0] += REMEMBER_S
+    check = _check(_ask(health)[2], 'workers:seen')
+    assert check['status'] == 'warn' and check['output'].startswith('no worker: none has been seen since 20'), check
+
+    presence.check_in('celery@here', 4321, datetime.datetime.now())
+    presence.leave('celery@here', 4321)  # a worker that stops cleanly is gone at once
+    moment[0] += REMEMBER_S
+    assert _check(_ask(health)[2], 'workers:seen')['output'] == \
+        'no worker: none has checked in; carts wait until one starts'
+
+
+def test_the_workers_check_needs_the_database(tmp_path: pathlib.Path) -> None:
+    _bind(tmp_path)  # no schema
+    _, _, document = _ask(_health(tmp_path / 'volume', presence=WorkerPresence(10)))
+    assert _check(document, 'workers:seen') == {'status': 'warn', 'output': 'not checked: no usable database'}
+    _, _, document = _ask(_health(tmp_path / 'volume'))
+    assert _check(document, 'workers:seen') == {'status': 'pass', 'output': 'not checked: worker_heartbeat is 0'}
 
 
 @pytest.fixture

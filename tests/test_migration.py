@@ -1,4 +1,4 @@
-"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.6).
+"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (schema.SCHEMA_VERSION).
 
 On SQLite, PostgreSQL and MariaDB: the real 0.7.0 creates its schema and writes carts, files and
 tasks; our commands must see that schema as too old, the server must refuse it with one clear
@@ -21,6 +21,7 @@ from cartd_testkit.databases import drop_database, fresh_database, peewee4_url
 from cartd_testkit.procs import free_port
 from cartd_testkit.stack import binary, write_config
 from cartd_testkit.venvs import reference_cart_venv
+from pacifica.cartd.schema import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.integration]
 
@@ -30,6 +31,8 @@ KIND_PARAMS = [
     pytest.param('mysql', marks=[pytest.mark.mysql]),
 ]
 
+VERSION = '.'.join(map(str, SCHEMA_VERSION))  # what dbsync reaches
+VERSION_ROW = dict(zip(('major', 'minor'), SCHEMA_VERSION))
 CMD_TIMEOUT_S = 60
 SERVER_TIMEOUT_S = 30
 
@@ -41,14 +44,16 @@ ORIGINAL_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'file': ('id', 'cart_id', 'file_name', 'bundle_path', 'hash_type', 'hash_value', 'status', 'error'),
     'carttasks': ('id', 'cart_id', 'celery_task_id'),
 }
-# What schemas 2.1 to 2.6 add.
+# The columns later schemas add to 0.7.0's tables.
 PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total', 'bytes_staged')
 ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'cart': ('files_total', 'files_staged', 'bundle_size') + PROGRESS_COLUMNS + ('ready_date',)
     + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error'),
     'file': ('size', 'mtime', 'tar_offset', 'attempts'),
 }
-ORDER_BY = {'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
+# The tables later schemas add (2.1: spacereservation; 2.7: workersighting), all empty after an upgrade.
+ADDED_TABLES = ('spacereservation', 'workersighting')
+ORDER_BY = {'workersighting': 'name', 'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
 
 # Run by 0.7.0's own interpreter: three carts in the states a live 0.7.0 database holds.
 SEED_SCRIPT = textwrap.dedent('''
@@ -186,6 +191,16 @@ class Site:
         finally:
             database.close()
 
+    def added_tables(self) -> Dict[str, Dict[str, Tuple[str, bool]]]:
+        """Each table a later schema adds that exists: column name -> (type, nullable)."""
+        database = self.database()
+        try:
+            tables = set(database.get_tables())
+            return {table: {column.name: (column.data_type.lower(), column.null) for column in database.get_columns(table)}
+                    for table in ADDED_TABLES if table in tables}
+        finally:
+            database.close()
+
     def indexed_columns(self, table: str) -> List[Tuple[str, ...]]:
         """The column tuples of each index on `table`."""
         database = self.database()
@@ -228,7 +243,7 @@ def _assert_server_refuses(site: Site) -> str:
 
 
 def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[str, str], Tuple[Any, ...]]:
-    """(table, column) -> (type, nullable, has a server default) for the columns 2.1 to 2.6 add."""
+    """(table, column) -> (type, nullable, has a server default) for the columns later schemas add."""
     shape = {}
     for table, names in ADDED_COLUMNS.items():
         for name in names:
@@ -238,7 +253,7 @@ def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[st
 
 
 def test_upgrade_published_0_7_0_database(site: Site) -> None:
-    """0.7.0 data survives dbsync 2.0 -> 2.6, counters get filled, and 0.7.0 can still write after."""
+    """0.7.0 data survives dbsync from 2.0 to the current schema, counters get filled, and 0.7.0 can still write after."""
     # 0.7.0 creates its schema and writes its rows.
     created = site.reference('dbsync')
     assert created.returncode == 0, f'0.7.0 dbsync failed:\n{created.stdout}\n{created.stderr}'
@@ -260,20 +275,22 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
     # Upgrade in place.
     synced = site.ours_ok('dbsync')
-    assert '2.6' in synced.stdout, synced.stdout
+    assert VERSION in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == VERSION_ROW
 
     # Every original row, column by column, is unchanged.
     after = site.dump(data_tables)
     assert after == before
 
-    # The new columns exist and have the shape a fresh 2.6 schema gives them.
+    # The new columns exist and have the shape a fresh schema gives them.
     after_columns = site.columns()
     for table, names in ORIGINAL_COLUMNS.items():
         assert set(after_columns[table]) == set(names) | set(ADDED_COLUMNS.get(table, ())), table
     assert any(cols == ('cart_uid',) for cols in site.indexed_columns('cart')), site.indexed_columns('cart')
+    assert set(site.added_tables()) == set(ADDED_TABLES), site.added_tables()
+    assert site.dump({'workersighting': ('name',)}) == {'workersighting': []}  # no worker seen yet
     shape = _new_column_shape(after_columns)
     for counter in ('files_total', 'files_staged') + PROGRESS_COLUMNS + ('files_transferring', 'percent_staged',
                                                                        'lifetime', 'on_file_error'):
@@ -307,14 +324,14 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     everything = {table: cols + ADDED_COLUMNS.get(table, ()) for table, cols in ORIGINAL_COLUMNS.items()}
     snapshot = site.dump(everything)
     again = site.ours_ok('dbsync')
-    assert '2.6' in again.stdout, again.stdout
+    assert VERSION in again.stdout, again.stdout
     assert site.dump(everything) == snapshot
     assert site.columns().keys() == after_columns.keys()
     site.ours_ok('dbchk', '--equal')
 
     # Rolling upgrade: 0.7.0 still accepts the schema and writes with server-side defaults.
     old_check = site.reference('dbchk')
-    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.6:\n{old_check.stdout}\n{old_check.stderr}'
+    assert old_check.returncode == 0, f'0.7.0 dbchk refused {VERSION}:\n{old_check.stdout}\n{old_check.stderr}'
     rolled = site.reference_script(ROLLING_SCRIPT)
     assert rolled['carts'] == sorted(['mig-ready', 'mig-staging', 'mig-deleted', 'mig-rolling'])
     assert [f['status'] for f in rolled['files']] == ['staged']
@@ -335,7 +352,7 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
 
 def test_fresh_database(site: Site) -> None:
-    """An empty database is refused, then dbsync creates exactly schema 2.6 (same as an upgraded one)."""
+    """An empty database is refused, then dbsync creates exactly the current schema (same as an upgraded one)."""
     for args in (('dbchk',), ('dbchk', '--equal')):
         check = site.ours(*args)
         assert check.returncode != 0, f'{args} accepted an empty database:\n{check.stdout}\n{check.stderr}'
@@ -343,10 +360,10 @@ def test_fresh_database(site: Site) -> None:
     assert site.columns() == {}
 
     synced = site.ours_ok('dbsync')
-    assert '2.6' in synced.stdout, synced.stdout
+    assert VERSION in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == VERSION_ROW
     columns = site.columns()
     assert {table: set(cols) for table, cols in columns.items()} == {
         table: set(cols) | set(ADDED_COLUMNS.get(table, ())) for table, cols in ORIGINAL_COLUMNS.items()}
@@ -362,17 +379,17 @@ def test_fresh_database(site: Site) -> None:
 
 
 def test_upgraded_columns_match_fresh_schema(site: Site, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The columns 2.1 to 2.6 add have the same type, nullability and default whether upgraded or created."""
+    """The columns and tables later schemas add have the same type, nullability and default whether upgraded or created."""
     assert site.reference('dbsync').returncode == 0
     site.ours_ok('dbsync')
-    upgraded = _new_column_shape(site.columns())
+    upgraded = _new_column_shape(site.columns()), site.added_tables()
 
     other_base = tmp_path_factory.mktemp(f'fresh-{site.kind}')
     other_url = fresh_database(site.kind, other_base)
     try:
         other = Site(site.kind, other_url, other_base, site.reference_bin)
         other.ours_ok('dbsync')
-        fresh = _new_column_shape(other.columns())
+        fresh = _new_column_shape(other.columns()), other.added_tables()
     finally:
         drop_database(site.kind, other_url)
     assert upgraded == fresh
@@ -408,7 +425,7 @@ def test_interrupted_upgrade_can_be_finished(site: Site) -> None:
         database.close()
     assert site.version() == {'major': 2, 'minor': 0}
     site.ours_ok('dbsync')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == VERSION_ROW
     assert site.ours('dbchk', '--equal').returncode == 0
     totals = sorted(row[0] for row in site.dump({'cart': ('files_total',)})['cart'])
     assert totals == [1, 2, 3]

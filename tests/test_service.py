@@ -374,6 +374,7 @@ def _progress(service: CartService, uid: str) -> Progress:
 def test_progress_counts_files_on_tape_sizes_and_bytes_once_each(make_service) -> None:
     files = {'disk': b'd' * 100, 'cold1': b'c' * 2000, 'cold2': b'e' * 30}
     service, archive, queue = make_service(files)
+    service.check_in('celery@test', os.getpid(), datetime.datetime.now())  # a worker is here: no waiting for one
     archive.media.update({'cold1': 'tape', 'cold2': 'tape'})
     cart_id = service.create_cart('pr', {'fileids': _entries(files)})
     fresh = _progress(service, 'pr')
@@ -487,3 +488,36 @@ def test_a_failure_recorded_while_the_file_is_marked_transferring_still_fails_it
     assert (row.status, row.attempts) == ('error', 2)
     cart = Cart.get_by_id(cart_id)
     assert (cart.files_failed, cart.files_transferring) == (1, 0)
+
+
+def test_a_staging_cart_says_it_waits_for_a_worker_until_one_checks_in(make_service) -> None:
+    files = {'a': b'alpha', 'b': b'beta'}
+    service, _, queue = make_service(files)
+    moment = [0.0]
+    service.presence.clock = lambda: moment[0]
+    service.create_cart('w1', {'fileids': _entries(files)})
+    waiting = '0 of 2 files staged; waiting for a worker: none has checked in'
+    assert service.status('w1').message == waiting
+    assert service.report('w1', FilesWanted('none'))['message'] == waiting
+    assert service.carts_status([])[0]['message'] == waiting  # pacifica-cartd-cmd status says so too
+
+    service.check_in('celery@test', 4321, datetime.datetime.now())
+    moment[0] += 5.0  # what the server read of the workers is remembered for 5 s
+    assert service.status('w1').message == '0 of 2 files staged'
+    assert service.report('w1', FilesWanted('none'))['message'] == '0 of 2 files staged'
+    run_queue(service, queue)
+    assert (service.status('w1').status, service.status('w1').message) == ('ready', '')
+
+    service.leave('celery@test', 4321)
+    moment[0] += 5.0
+    service.create_cart('w2', {'fileids': _entries(files)})
+    assert service.status('w2').message == waiting
+    assert service.status('w1').message == ''  # a ready cart waits for nobody
+
+
+def test_nobody_looks_for_workers_when_worker_heartbeat_is_0(make_service) -> None:
+    files = {'a': b'alpha'}
+    service, _, _ = make_service(files)
+    service.settings = dataclasses.replace(service.settings, worker_heartbeat=0.0)
+    service.create_cart('w0', {'fileids': _entries(files)})
+    assert service.status('w0').message == '0 of 1 files staged'

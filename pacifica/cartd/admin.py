@@ -17,6 +17,7 @@ from .orm import (Cart, CartStatus, carts_not_deleted, carts_unused_since, delet
 from .recovery import Recovery
 from .staging import Stager, StageOutcome
 from .volume import CartVolume
+from .workers import WorkerPresence
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,9 +47,11 @@ class Admin:
     """dump, purge and fixit, callable from the command line or a test."""
 
     def __init__(self, volume: CartVolume, stager: Stager, bundler: Bundler, recovery: Recovery,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        """Work on `volume`; fixit stages with `stager` and waits for tape recalls with `sleep`."""
+                 presence: WorkerPresence, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Work on `volume`; fixit stages with `stager` and waits for tape recalls with `sleep`; status
+        says, as the server does, when carts wait for a worker (`presence`)."""
         self.volume = volume
+        self.presence = presence
         self.stager = stager
         self.bundler = bundler
         self.recovery = recovery
@@ -74,18 +77,20 @@ class Admin:
         """Status documents (see cartreport): of every cart that is not deleted, without files, oldest
         first; or, for the uids given, of each (with all its files, page after page), as GET /<uid>/status
         finds it. CartNotFound for a uid that has no cart."""
+        absence = self.presence.absence()
         if not cart_uids:
-            return [{'id': cart.id, **live_document(cart, FilesWanted('none'))} for cart in carts_not_deleted()]
+            return [{'id': cart.id, **live_document(cart, FilesWanted('none'), absence=absence)}
+                    for cart in carts_not_deleted()]
         tombstone_time = self.recovery.settings.tombstone_time
         documents = []
         for cart_uid in cart_uids:
-            document = cart_report(cart_uid, FilesWanted('all', MAX_LIMIT), tombstone_time)
+            document = cart_report(cart_uid, FilesWanted('all', MAX_LIMIT), tombstone_time, absence)
             files = list(document['files'])
             for _ in range(MAX_PAGES):
                 following = document['files_page']['next_offset']
                 if following is None:
                     break
-                document = cart_report(cart_uid, FilesWanted('all', MAX_LIMIT, following), tombstone_time)
+                document = cart_report(cart_uid, FilesWanted('all', MAX_LIMIT, following), tombstone_time, absence)
                 files.extend(document['files'])
             documents.append({**document, 'files': files, 'files_page': {**document['files_page'], 'offset': 0,
                                                                         'limit': len(files), 'next_offset': None}})

@@ -114,16 +114,18 @@ def files_document(cart: Cart, progress: Progress, wanted: FilesWanted) -> Dict[
                                            'next_offset': following if following < count else None}}
 
 
-def cart_report(cart_uid: str, wanted: FilesWanted, tombstone_time: float) -> Dict[str, Any]:
+def cart_report(cart_uid: str, wanted: FilesWanted, tombstone_time: float,
+                absence: Optional[str] = None) -> Dict[str, Any]:
     """The status document of the cart HEAD answers for (the newest live one with this uid), else of
     the one deleted last if that was less than tombstone_time ago; CartNotFound (404) otherwise.
+    A staging cart's message says it waits for a worker, given the workers' `absence` (WorkerPresence).
 
     An expired cart is reported (phase `expired`) for tombstone_time after it expired, as HEAD answers 410.
     """
     moment = now()
     cart = newest_live_cart(cart_uid)
     if cart is not None and not out_of_sight(cart.status, cart.expires_date, moment, tombstone_time):
-        return live_document(cart, wanted, moment)
+        return live_document(cart, wanted, moment, absence)
     deleted = newest_deleted_cart(cart_uid)
     if deleted is None or deleted.deleted_date is None or \
             deleted.deleted_date + datetime.timedelta(seconds=tombstone_time) < moment:
@@ -133,9 +135,10 @@ def cart_report(cart_uid: str, wanted: FilesWanted, tombstone_time: float) -> Di
                      f'the cart was deleted at {rfc3339(deleted.deleted_date)}{why}', wanted)
 
 
-def live_document(cart: Cart, wanted: FilesWanted, moment: Optional[datetime.datetime] = None) -> Dict[str, Any]:
+def live_document(cart: Cart, wanted: FilesWanted, moment: Optional[datetime.datetime] = None,
+                  absence: Optional[str] = None) -> Dict[str, Any]:
     """The status document of a cart that is not deleted, as it stands at `moment` (default now)."""
-    state = CartState.of(cart, moment or now())
+    state = CartState.of(cart, moment or now(), absence)
     phase = 'expired' if state.expired else phase_of(cart.status, state.progress)
     return _document(cart, state.status, phase, state.message, wanted)
 

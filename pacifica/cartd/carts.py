@@ -22,6 +22,7 @@ from .paths import check_cart_uid
 from .tarlayout import Piece, TarLayout, directories_size
 from .taskqueue import CartQueue
 from .volume import CartVolume
+from .workers import WorkerPresence
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,12 +59,15 @@ class CartDownload:
 class Carts:
     """Create, poll, download and delete carts: what clients ask for."""
 
-    def __init__(self, settings: Settings, volume: CartVolume, queue: CartQueue, bundler: Bundler) -> None:
-        """Record carts in the database, queue their work on `queue`, finish empty ones with `bundler`."""
+    def __init__(self, settings: Settings, volume: CartVolume, queue: CartQueue, bundler: Bundler,
+                 presence: WorkerPresence) -> None:
+        """Record carts in the database, queue their work on `queue`, finish empty ones with `bundler`;
+        say through `presence` when a staging cart waits for a worker that is not there."""
         self.settings = settings
         self.volume = volume
         self.queue = queue
         self.bundler = bundler
+        self.presence = presence
 
     def create(self, cart_uid: str, body: Any) -> int:
         """Record a cart and its files, then queue their staging; return the cart's row id."""
@@ -91,11 +95,12 @@ class Carts:
         moment = now()
         if stored is None or out_of_sight(stored.status, stored.expires, moment, self.settings.tombstone_time):
             raise CartNotFound(f'No cart with uid {cart_uid} found')
-        return CartState.from_row(stored, moment)
+        waiting = not stored.error and CartStatus(stored.status).wire == CartStatus.STAGING.value
+        return CartState.from_row(stored, moment, self.presence.absence() if waiting else None)
 
     def report(self, cart_uid: str, wanted: FilesWanted) -> Dict[str, Any]:
         """The status document of the cart HEAD answers for, or of a deleted one's tombstone (see cartreport)."""
-        return cart_report(cart_uid, wanted, self.settings.tombstone_time)
+        return cart_report(cart_uid, wanted, self.settings.tombstone_time, self.presence.absence())
 
     def download(self, cart_uid: str, filename: str, top: str) -> CartDownload:
         """Lay out the ready cart's tar under the top directory `top`; count it as a use.

@@ -31,15 +31,17 @@ class CartState:
     expired: bool = False
 
     @classmethod
-    def of(cls, cart: Cart, moment: Optional[datetime.datetime] = None) -> 'CartState':
+    def of(cls, cart: Cart, moment: Optional[datetime.datetime] = None, absence: Optional[str] = None) -> 'CartState':
         """The state a cart row shows on the wire (a ready cart has no message)."""
-        return cls.from_row(StoredState(cart.status, cart.error, progress_of(cart), cart.expires_date), moment)
+        return cls.from_row(StoredState(cart.status, cart.error, progress_of(cart), cart.expires_date), moment,
+                            absence)
 
     @classmethod
-    def from_row(cls, stored: StoredState, moment: Optional[datetime.datetime] = None) -> 'CartState':
+    def from_row(cls, stored: StoredState, moment: Optional[datetime.datetime] = None,
+                 absence: Optional[str] = None) -> 'CartState':
         """The state a stored row shows on the wire at `moment` (default now): an expired cart is an
         error saying when it expired; a ready cart has no message; a staging cart with no note of its
-        own says how far it is."""
+        own says how far it is and, given the `absence` of workers (WorkerPresence), that it waits for one."""
         if has_expired(stored.status, stored.expires, moment or now()):
             return cls(CartStatus.ERROR.value, expired_message(stored.expires), stored.progress, stored.expires,
                        expired=True)
@@ -49,4 +51,6 @@ class CartState:
             message = ''  # as 0.7.0; a cart that left out files it could not stage says which
         elif status.wire == CartStatus.STAGING.value and not message:
             message = progress_in_words(stored.progress)
+            if absence:
+                message += f'; waiting for a worker: {absence}'
         return cls(status.wire, message, stored.progress, stored.expires)

@@ -52,6 +52,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option('cartd', 'cart_lifetime', 'CART_LIFETIME', '0'),
     Option('cartd', 'max_cart_lifetime', 'MAX_CART_LIFETIME', '0'),
     Option('cartd', 'tombstone_time', 'TOMBSTONE_TIME', '604800'),
+    Option('cartd', 'worker_heartbeat', 'WORKER_HEARTBEAT', '10'),
     Option('archiveinterface', 'url', 'ARCHIVE_INTERFACE_URL', 'http://127.0.0.1:8080/'),
     Option('archiveinterface', 'timeout', 'ARCHIVE_INTERFACE_TIMEOUT', '60'),
     Option('archiveinterface', 'retries', 'ARCHIVE_INTERFACE_RETRIES', '4'),
@@ -175,6 +176,7 @@ class Settings:
     cart_lifetime: int
     max_cart_lifetime: int
     tombstone_time: float
+    worker_heartbeat: float
     archive_url: str
     archive_timeout: float
     archive_retries: int
@@ -207,6 +209,7 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('cartd', 'cart_lifetime'): ('cart_lifetime', _non_negative(int)),
     ('cartd', 'max_cart_lifetime'): ('max_cart_lifetime', _non_negative(int)),
     ('cartd', 'tombstone_time'): ('tombstone_time', _non_negative(float)),
+    ('cartd', 'worker_heartbeat'): ('worker_heartbeat', _non_negative(float)),
     ('archiveinterface', 'url'): ('archive_url', _url_with_slash),
     ('archiveinterface', 'timeout'): ('archive_timeout', _non_negative(float)),
     ('archiveinterface', 'retries'): ('archive_retries', _non_negative(int)),

@@ -2,7 +2,8 @@
 
 Readiness fails when the database cannot be reached or its schema cannot be used (no cart
 can be created, polled or downloaded), and warns when the volume is not writable or nearly
-full, the broker does not answer (carts wait) or the archive does not answer (files wait).
+full, the broker does not answer (carts wait), the archive does not answer (files wait) or no
+worker has checked in lately (carts wait for one).
 The checks that reach another server (broker, archive) are remembered for CACHE_S seconds,
 so a load balancer polling every second costs one database query a second and little else.
 """
@@ -16,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import database, schema
 from .volume import CartVolume
+from .workers import WorkerPresence
 
 PASS, WARN, FAIL = 'pass', 'warn', 'fail'
 CACHE_S = 5.0  # how long a broker or archive check is remembered
@@ -55,10 +57,12 @@ def overall(checks: Dict[str, Check]) -> str:
 class Health:
     """The process's answers to /-/healthy and /-/ready."""
 
-    def __init__(self, volume: CartVolume, broker: Optional[Probe], archive: Probe,
+    def __init__(self, volume: CartVolume, broker: Optional[Probe], archive: Probe, presence: WorkerPresence,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """Check `volume`, and the broker and archive through their probes (no broker probe: none is used)."""
+        """Check `volume`, the broker and archive through their probes (no broker probe: none is used),
+        and whether workers check in (`presence`)."""
         self.volume = volume
+        self.presence = presence
         self.probes: Dict[str, Optional[Probe]] = {'broker:connection': broker, 'archive:connection': archive}
         self.clock = clock
         self._remembered: Dict[str, Tuple[float, Check]] = {}
@@ -73,6 +77,7 @@ class Health:
         """(HTTP status, health+json document): 200 for pass and warn, 503 for fail."""
         checks: Dict[str, Check] = {}
         checks.update(self._database())
+        checks['workers:seen'] = self._workers(checks['database:schema'].status == PASS)
         checks.update(self._volume())
         for name in self.probes:
             checks[name] = self._remembered_check(name)
@@ -102,6 +107,19 @@ class Health:
                     'database:schema': Check(FAIL, f'schema {found} is not usable by this version ({wanted}): '
                                                    'run pacifica-cartd-cmd dbsync', found)}
         return {'database:connection': reached, 'database:schema': Check(PASS, observed_value=found)}
+
+    def _workers(self, database_usable: bool) -> Check:
+        if self.presence.enabled and not database_usable:
+            return Check(WARN, 'not checked: no usable database')
+        try:
+            seen = self.presence.sighting()
+        except Exception as exc:  # any driver error: the database checks say what is wrong
+            return Check(WARN, f'not checked: {" ".join(str(exc).split()) or type(exc).__name__}')
+        if seen is None:
+            return Check(PASS, 'not checked: worker_heartbeat is 0')
+        if seen.absence:
+            return Check(WARN, f'no worker: {seen.absence}; carts wait until one starts', seen.workers)
+        return Check(PASS, observed_value=seen.workers)
 
     def _volume(self) -> Dict[str, Check]:
         root = self.volume.root

@@ -10,6 +10,7 @@ import math
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 from peewee import (
+    IntegrityError,
     SQL,
     AutoField,
     BigIntegerField,
@@ -183,7 +184,22 @@ class SpaceReservation(BaseModel):
         table_name = 'spacereservation'
 
 
-MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation)
+class WorkerSighting(BaseModel):
+    """A worker's last "still here" (schema 2.7): one row per worker name, so a server can tell that
+    no worker is there to stage its carts."""
+
+    name = CharField(max_length=255, unique=True)  # the worker's node name, e.g. celery@host
+    pid = IntegerField()
+    started_date = DateTimeField(default=now)
+    seen_date = DateTimeField(default=now, index=True)
+
+    class Meta:
+        """Not a 0.7.0 table."""
+
+        table_name = 'workersighting'
+
+
+MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, WorkerSighting)
 
 
 LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
@@ -880,3 +896,33 @@ def reservations_in_flight(excluding_file_id: int) -> List[SpaceReservation]:
                 .join(Cart, on=(SpaceReservation.cart == Cart.id))
                 .where((SpaceReservation.file != excluding_file_id)
                        & (Cart.status != CartStatus.DELETED.value)))
+
+
+# ---- workers --------------------------------------------------------------------------
+
+def record_worker_seen(name: str, pid: int, started: datetime.datetime) -> None:
+    """Say that the worker `name` (process `pid`, started at `started`) is here now."""
+    moment = now()
+    updated = (WorkerSighting.update(pid=pid, started_date=started, seen_date=moment)
+               .where(WorkerSighting.name == name).execute())
+    if updated or WorkerSighting.get_or_none(WorkerSighting.name == name) is not None:
+        return  # MySQL counts rows changed: a second sighting within the same second changes none
+    try:
+        with DB.atomic():
+            WorkerSighting.create(name=name, pid=pid, started_date=started, seen_date=moment)
+    except IntegrityError:  # another process of the same name inserted it first: it is seen
+        pass
+
+
+def forget_worker(name: str, pid: int) -> None:
+    """Remove the row of a worker that is stopping (unless the name was taken over by another process)."""
+    WorkerSighting.delete().where((WorkerSighting.name == name) & (WorkerSighting.pid == pid)).execute()
+
+
+def workers_seen_since(moment: datetime.datetime) -> Tuple[int, Optional[datetime.datetime]]:
+    """(workers seen at or after `moment`, when any worker was seen last, or None if none ever was)."""
+    row = (WorkerSighting.select(fn.SUM(Case(None, [(WorkerSighting.seen_date >= moment, 1)], 0)),
+                                 fn.MAX(WorkerSighting.seen_date)).tuples().first())
+    if row is None:
+        return 0, None
+    return int(row[0] or 0), _as_datetime(row[1])

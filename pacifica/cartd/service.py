@@ -22,6 +22,7 @@ from .recovery import Recovery
 from .staging import Stager, StageOutcome
 from .taskqueue import CartQueue, TaskQueue
 from .volume import CartVolume
+from .workers import WorkerPresence
 
 
 class CartService:
@@ -45,11 +46,12 @@ class CartService:
         cart_queue = CartQueue(self._queue, settings.stage_batch_size)
         self.bundler = Bundler(self.volume)
         self.stager = Stager(settings, self.volume, self.archive, SpaceKeeper(settings, self.volume), self.bundler)
-        self.carts = Carts(settings, self.volume, cart_queue, self.bundler)
+        self.presence = WorkerPresence(settings.worker_heartbeat)
+        self.carts = Carts(settings, self.volume, cart_queue, self.bundler, self.presence)
         self.recovery = Recovery(settings, cart_queue)
         broker = getattr(self._queue, 'broker_problem', None)  # a queue that cannot tell (a test's) has no probe
-        self.health = Health(self.volume, broker, self.archive.problem)
-        self.admin = Admin(self.volume, self.stager, self.bundler, self.recovery,
+        self.health = Health(self.volume, broker, self.archive.problem, self.presence)
+        self.admin = Admin(self.volume, self.stager, self.bundler, self.recovery, self.presence,
                            **({'sleep': self._sleep} if self._sleep is not None else {}))
 
     @property
@@ -109,6 +111,14 @@ class CartService:
     def remove_expired(self) -> int:
         """See eviction.remove_expired."""
         return remove_expired(self.volume)
+
+    def check_in(self, name: str, pid: int, started: datetime.datetime) -> None:
+        """See workers.WorkerPresence.check_in."""
+        self.presence.check_in(name, pid, started)
+
+    def leave(self, name: str, pid: int) -> None:
+        """See workers.WorkerPresence.leave."""
+        self.presence.leave(name, pid)
 
     # ---- operators
     def dump(self) -> List[Dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The celery worker: thin tasks that call the use cases, and the reconciler thread each worker runs.
+"""The celery worker: thin tasks that call the use cases, and the threads each worker runs (reconcile, check in).
 
 Run a worker with `celery -A pacifica.cartd.tasks worker`. The app itself, its
 configuration and the queue the server sends to are in celeryapp.py; the service each
@@ -7,6 +7,8 @@ worker process runs on is made in wiring.py.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from typing import Any, List, Optional
 
@@ -14,9 +16,12 @@ from celery import signals
 
 from . import database
 from .celeryapp import BUNDLE_TASK, STAGE_TASK, app
+from .config import Settings
+from .orm import now
 from .wiring import forget_worker_service, process_settings, worker_service
 
 LOGGER = logging.getLogger(__name__)
+LEAVE_WAIT_S = 5.0  # how long a stopping worker waits for a check-in under way before removing its record
 
 __all__ = ['app', 'stage_files', 'bundle_cart']
 
@@ -27,46 +32,133 @@ def _reset_after_fork(**_kwargs: Any) -> None:
     forget_worker_service()
 
 
-class Reconciler:
-    """A thread in each worker's main process that, every reconcile_interval, re-drives stalled carts
-    and removes the files of carts past their lifetime."""
+class WorkerThread:
+    """A daemon thread in each worker's main process that does one pass of its job every interval
+    (and, when `AT_ONCE`, one before it starts), surviving a failed pass, until `stop` is set."""
+
+    NAME = ''  # the thread's
+    JOB = ''  # in words, for the log
+    AT_ONCE = False
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
 
+    def interval(self, settings: Settings) -> float:
+        """Seconds between passes; 0: the thread is not started."""
+        raise NotImplementedError
+
     def start(self) -> None:
-        """Start the loop unless reconcile_interval is 0."""
+        """Start the loop unless its interval is 0 or it runs already."""
         settings = process_settings()
-        interval = settings.reconcile_interval
+        interval = self.interval(settings)
         if not interval or self.thread is not None:
             return
-        self.thread = threading.Thread(target=self._loop, args=(interval,), name='cartd-reconciler', daemon=True)
+        if self.AT_ONCE:
+            self._pass(interval)
+        self.thread = threading.Thread(target=self._loop, args=(interval,), name=self.NAME, daemon=True)
         self.thread.start()
-        LOGGER.info('reconciler runs every %g s (stall timeout %g s)', interval, settings.stall_timeout)
+        self.started(settings)
+
+    def started(self, settings: Settings) -> None:
+        """Say that the loop runs."""
+
+    def one_pass(self) -> None:
+        """The job, done once."""
+        raise NotImplementedError
 
     def _loop(self, interval: float) -> None:
         while not self.stop.wait(interval):
-            try:
-                service = worker_service()
-                with database.connection():
-                    service.reconcile()
-                    service.remove_expired()
-            except Exception:  # a database or broker outage must not end the loop
-                LOGGER.exception('reconcile pass failed; trying again in %g s', interval)
+            self._pass(interval)
+
+    def _pass(self, interval: float) -> None:
+        try:
+            self.one_pass()
+        except Exception:  # a database or broker outage must not end the loop
+            LOGGER.exception('%s pass failed; trying again in %g s', self.JOB, interval)
+
+
+class Reconciler(WorkerThread):
+    """Every reconcile_interval, re-drive stalled carts and remove the files of carts past their lifetime."""
+
+    NAME = 'cartd-reconciler'
+    JOB = 'reconcile'
+
+    def interval(self, settings: Settings) -> float:
+        """reconcile_interval."""
+        return settings.reconcile_interval
+
+    def started(self, settings: Settings) -> None:
+        """Say how often it runs."""
+        LOGGER.info('reconciler runs every %g s (stall timeout %g s)', settings.reconcile_interval,
+                    settings.stall_timeout)
+
+    def one_pass(self) -> None:
+        """One reconcile and one sweep of expired carts."""
+        service = worker_service()
+        with database.connection():
+            service.reconcile()
+            service.remove_expired()
+
+
+class CheckIn(WorkerThread):
+    """Every worker_heartbeat, and at once when the worker is ready, record that this worker is here;
+    when it stops, remove its record (see workers.py)."""
+
+    NAME = 'cartd-check-in'
+    JOB = 'check-in'
+    AT_ONCE = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = socket.gethostname()
+        self.pid = os.getpid()
+        self.since = now()
+
+    def interval(self, settings: Settings) -> float:
+        """worker_heartbeat."""
+        return settings.worker_heartbeat
+
+    def start_as(self, name: Optional[str]) -> None:
+        """Start checking in as the worker node `name` (its host name when the worker gives none)."""
+        self.name, self.pid, self.since = name or socket.gethostname(), os.getpid(), now()
+        self.start()
+
+    def started(self, settings: Settings) -> None:
+        """Say how often it checks in."""
+        LOGGER.info('worker %s (pid %d) checked in; it checks in every %g s', self.name, self.pid,
+                    settings.worker_heartbeat)
+
+    def one_pass(self) -> None:
+        """Check in once."""
+        worker_service().check_in(self.name, self.pid, self.since)
+
+    def leave(self) -> None:
+        """Stop checking in and remove this worker's record, so servers know at once that it is gone."""
+        self.stop.set()
+        if self.thread is None:
+            return
+        self.thread.join(LEAVE_WAIT_S)
+        try:
+            worker_service().leave(self.name, self.pid)
+        except Exception:  # the database is away: the record simply grows old
+            LOGGER.exception('worker %s could not remove its check-in record', self.name)
 
 
 RECONCILER = Reconciler()
+CHECK_IN = CheckIn()
 
 
 @signals.worker_ready.connect
-def _start_reconciler(**_kwargs: Any) -> None:
+def _start_reconciler(sender: Any = None, **_kwargs: Any) -> None:
     RECONCILER.start()
+    CHECK_IN.start_as(getattr(sender, 'hostname', None))
 
 
 @signals.worker_shutdown.connect
 def _stop_reconciler(**_kwargs: Any) -> None:
     RECONCILER.stop.set()
+    CHECK_IN.leave()
 
 
 @app.task(name=STAGE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -67,6 +67,8 @@ class CartStack:
         for name, values in (overrides or {}).items():
             sections.setdefault(name, {}).update(values)
         base_dir.mkdir(parents=True, exist_ok=True)
+        # Workers check in with the database unless worker_heartbeat is 0 (pacifica.cartd.workers).
+        self.checks_in = float(sections['cartd'].get('worker_heartbeat', '10')) > 0
         self.config = write_config(base_dir / 'config.cfg', sections)
         self.workers: List[ManagedProcess] = []
         self.server: Optional[ManagedProcess] = None
@@ -110,15 +112,20 @@ class CartStack:
         return worker
 
     def wait_workers_ready(self, deadline_s: float = 60) -> None:
-        """Wait until every worker logs that it is ready."""
+        """Wait until every worker logs that it is ready (and has checked in, so servers see it)."""
         deadline = time.monotonic() + deadline_s
         for worker in self.workers:
-            while ' ready.' not in worker.log_tail(200):
+            while not self.worker_ready(worker):
                 if not worker.running():
                     raise RuntimeError(f'{worker.name} died:\n{worker.log_tail()}')
                 if time.monotonic() > deadline:
                     raise RuntimeError(f'{worker.name} not ready:\n{worker.log_tail()}')
                 time.sleep(0.2)
+
+    def worker_ready(self, worker: ManagedProcess) -> bool:
+        """Whether `worker` has logged that it is ready and, where workers check in, that it has."""
+        tail = worker.log_tail(200)
+        return ' ready.' in tail and (not self.checks_in or ') checked in;' in tail)
 
     def start_server(self) -> ManagedProcess:
         """Start the server (pacifica-cartd or uWSGI) on a free port and wait for GET / to answer."""
