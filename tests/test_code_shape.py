@@ -35,7 +35,7 @@ OWNERS: Dict[str, Set[str]] = {
 
 # Each module's place, lowest first: a module imports only modules of a lower rank.
 LAYERS: Dict[str, Dict[str, float]] = {
-    'leaves': {'errors': 0, 'config': 1},
+    'leaves': {'errors': 0, 'logcontext': 0, 'config': 1},
     'persistence': {'orm': 2, 'database': 3, 'schema': 3},
     'I/O and formats': {'paths': 4, 'fileio': 4, 'byteranges': 4, 'tarlayout': 5, 'volume': 5, 'archive': 5},
     'policy': {'cartrequest': 6, 'heartbeat': 6, 'cleanup': 6, 'taskqueue': 6, 'cartlayout': 6, 'eviction': 6,

@@ -14,10 +14,11 @@ import tqdm
 import yaml
 
 from . import database, schema
-from .app import mount
+from .app import log_in_format, mount, start_logging
 from .config import Settings, default_config_path, default_cpconfig_path, load_settings
 from .errors import CartError
 from .httpserver import use_sendfile_gateway
+from .logcontext import use_format
 from .staging import StageOutcome
 from .wiring import command_service, open_database, prepare_server
 
@@ -59,18 +60,15 @@ def server_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CherryPy server until SIGTERM or SIGINT."""
     args = server_parser().parse_args(argv)
-    _logging()
+    start_logging()
     config_file = args.config or default_config_path(os.environ)
     cpconfig = args.cpconfig or default_cpconfig_path(os.environ)
     try:
         settings = load_settings(config_file)
+        use_format(settings.log_format, logging.getLogger().handlers)
         prepare_server(settings)
     except CartError as exc:
         return _fail(exc.message)
@@ -87,10 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             'server.socket_queue_size': LISTEN_BACKLOG, 'server.max_request_body_size': 0,
                             'server.thread_pool': THREAD_POOL,
                             'engine.autoreload.on': False})
-    # CherryPy prints its own ENGINE and access lines; do not print them twice via the root logger.
-    cherrypy.log.error_log.propagate = False
-    cherrypy.log.access_log.propagate = False
     mount(settings, cpconfig)
+    log_in_format(settings.log_format)
     if args.port is not None:
         cherrypy.config.update({'server.socket_port': args.port})
     if args.address is not None:
@@ -310,10 +306,11 @@ def cmd(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    _logging(logging.WARNING)
+    start_logging(logging.WARNING)
     config_file = args.config or default_config_path(os.environ)
     try:
         settings = load_settings(config_file)
+        use_format(settings.log_format, logging.getLogger().handlers)
         refusal = None if args.command == 'dbsync' else _no_such_database(settings, config_file)
         if refusal is not None:
             return _fail(refusal, CMD)

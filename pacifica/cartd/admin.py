@@ -12,6 +12,7 @@ from .bundling import Bundler
 from .cartreport import MAX_LIMIT, FilesWanted, cart_report, live_document
 from .cartstate import CartState
 from .errors import CartNotFound
+from .logcontext import about
 from .orm import (Cart, CartStatus, carts_not_deleted, carts_unused_since, delete_cart_rows, file_rows_of, get_cart,
                   mark_waiting, newest_live_cart, restart_cart, staged_files, unstaged_file_ids)
 from .recovery import Recovery
@@ -103,7 +104,8 @@ class Admin:
             self.volume.remove_cart_and_link(cart.cart_uid, cart.id)
             with database.atomic():
                 delete_cart_rows(cart.id)
-            LOGGER.info('purged cart %s (id %d)', cart.cart_uid, cart.id)
+            with about(cart_uid=cart.cart_uid, cart_id=cart.id):
+                LOGGER.info('purged cart %s (id %d)', cart.cart_uid, cart.id)
         return [(cart.id, cart.cart_uid) for cart in carts]
 
     def fixit(self, cart_uid: str, progress: Optional[FixitProgress] = None) -> FixitResult:

@@ -9,10 +9,27 @@ from typing import Optional
 import cherrypy
 
 from .config import Settings
+from .logcontext import use_format
 from .rest import CartRoot, HeadFastLane, OpsLane, QuietRequest, app_config, error_page
 from .wiring import server_service
 
 LOGGER = logging.getLogger(__name__)
+LOG_LINE = '%(asctime)s %(levelname)s %(name)s: %(message)s'  # the server's own lines, plain
+
+
+def start_logging(level: int = logging.INFO) -> None:
+    """Log this package's lines (and anything else's) to standard error, before the settings are read."""
+    logging.basicConfig(level=level, format=LOG_LINE)
+
+
+def log_in_format(log_format: str) -> None:
+    """Write every log line, this package's and CherryPy's own (engine and access), in `log_format`
+    (see logcontext), CherryPy's once only (not again through the root logger). Call after `mount`,
+    which makes CherryPy's handlers from the cpconfig file."""
+    cherrypy.log.error_log.propagate = False
+    cherrypy.log.access_log.propagate = False
+    use_format(log_format, [*logging.getLogger().handlers, *cherrypy.log.error_log.handlers,
+                            *cherrypy.log.access_log.handlers])
 
 
 def mount(settings: Settings, cpconfig: Optional[str]) -> cherrypy._cptree.Application:

@@ -8,6 +8,7 @@ from pathlib import Path
 from .cartlayout import bundle_members, missing_list, missing_members, missing_message, skipped_any, tar_created
 from .cleanup import cart_went_away
 from .eviction import release_cart
+from .logcontext import settle
 from .orm import Cart, CartStatus, claim_for_bundling, failed_files, files_in_tar_order, get_cart, mark_ready
 from .tarlayout import TarLayout
 from .volume import CartVolume
@@ -33,6 +34,7 @@ class Bundler:
         cart = get_cart(cart_id)
         if cart is None or cart.status != CartStatus.BUNDLING.value:
             return
+        settle(cart_uid=cart.cart_uid, cart_id=cart.id)  # for the rest of the task (or the enclosing `about`)
         files_dir = self.volume.files_dir(cart.id, cart.cart_uid)
         target = files_dir
         message = ''

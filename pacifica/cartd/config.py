@@ -23,6 +23,7 @@ SIZE_UNITS: Dict[str, int] = {
 
 TRUE_WORDS = frozenset(('1', 'yes', 'true', 'on'))
 FALSE_WORDS = frozenset(('0', 'no', 'false', 'off'))
+LOG_FORMATS = ('plain', 'json')  # logcontext.FORMATS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option('cartd', 'max_cart_lifetime', 'MAX_CART_LIFETIME', '0'),
     Option('cartd', 'tombstone_time', 'TOMBSTONE_TIME', '604800'),
     Option('cartd', 'worker_heartbeat', 'WORKER_HEARTBEAT', '10'),
+    Option('cartd', 'log_format', 'LOG_FORMAT', 'plain'),
     Option('archiveinterface', 'url', 'ARCHIVE_INTERFACE_URL', 'http://127.0.0.1:8080/'),
     Option('archiveinterface', 'timeout', 'ARCHIVE_INTERFACE_TIMEOUT', '60'),
     Option('archiveinterface', 'retries', 'ARCHIVE_INTERFACE_RETRIES', '4'),
@@ -106,6 +108,13 @@ def parse_bool(text: str) -> bool:
     if word in FALSE_WORDS:
         return False
     raise ValueError(f'not a boolean: {text!r} (use on/off, true/false, yes/no or 1/0)')
+
+
+def _one_of(text: str, words: Tuple[str, ...]) -> str:
+    word = text.strip().lower()
+    if word not in words:
+        raise ValueError(f'not one of {", ".join(words)}: {text!r}')
+    return word
 
 
 def _non_negative(parse: Callable[[str], float]) -> Callable[[str], float]:
@@ -177,6 +186,7 @@ class Settings:
     max_cart_lifetime: int
     tombstone_time: float
     worker_heartbeat: float
+    log_format: str
     archive_url: str
     archive_timeout: float
     archive_retries: int
@@ -210,6 +220,7 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('cartd', 'max_cart_lifetime'): ('max_cart_lifetime', _non_negative(int)),
     ('cartd', 'tombstone_time'): ('tombstone_time', _non_negative(float)),
     ('cartd', 'worker_heartbeat'): ('worker_heartbeat', _non_negative(float)),
+    ('cartd', 'log_format'): ('log_format', lambda text: _one_of(text, LOG_FORMATS)),
     ('archiveinterface', 'url'): ('archive_url', _url_with_slash),
     ('archiveinterface', 'timeout'): ('archive_timeout', _non_negative(float)),
     ('archiveinterface', 'retries'): ('archive_retries', _non_negative(int)),

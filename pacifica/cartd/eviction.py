@@ -13,6 +13,7 @@ from . import database
 from .config import Settings
 from .errors import CartGone, NoSpace
 from .fileio import allocated_in
+from .logcontext import about
 from .orm import (Cart, CartStatus, File, SpaceReservation, add_reservation, cart_status, claim_eviction,
                   claim_expiry, drop_cart_reservations, drop_reservations, expired_unused, now, oldest_evictable,
                   reservations_in_flight, set_reservation_partial)
@@ -181,8 +182,9 @@ def remove_expired(volume: CartVolume) -> int:
             continue
         volume.remove_cart_and_link(cart.cart_uid, cart.id)
         removed += 1
-        LOGGER.info('cart %s (id %d) expired at %s: its files were removed', cart.cart_uid, cart.id,
-                    cart.expires_date)
+        with about(cart_uid=cart.cart_uid, cart_id=cart.id):
+            LOGGER.info('cart %s (id %d) expired at %s: its files were removed', cart.cart_uid, cart.id,
+                        cart.expires_date)
     return removed
 
 

@@ -6,7 +6,8 @@ import logging
 from typing import Sequence
 
 from .config import Settings
-from .orm import CartStatus, claim_stalled, now, stalled_carts, unfinished_file_ids
+from .logcontext import about
+from .orm import Cart, CartStatus, claim_stalled, now, stalled_carts, unfinished_file_ids
 from .taskqueue import CartQueue
 
 LOGGER = logging.getLogger(__name__)
@@ -41,15 +42,20 @@ class Recovery:
         threshold = now() - datetime.timedelta(seconds=self.settings.stall_timeout)
         redriven = 0
         for cart in stalled_carts(threshold, RECONCILE_BATCH):
-            unfinished = unfinished_file_ids(cart.id)
-            note = (f'Re-queued {len(unfinished)} unfinished files at {now():%Y-%m-%d %H:%M:%S} '
-                    f'after no progress for {self.settings.stall_timeout:g} s')
-            if not claim_stalled(cart, note):
-                continue
-            redriven += 1
-            LOGGER.warning('cart %s (id %d): %s', cart.cart_uid, cart.id, note)
-            if cart.status == CartStatus.BUNDLING.value or not unfinished:
-                self.queue.bundle(cart.id)
-            else:
-                self.queue.stage(cart.id, unfinished)
+            with about(cart_uid=cart.cart_uid, cart_id=cart.id):
+                redriven += self._redrive(cart)
         return redriven
+
+    def _redrive(self, cart: Cart) -> int:
+        """Queue a stalled cart's unfinished work again unless another worker claimed it first; 1 if it did."""
+        unfinished = unfinished_file_ids(cart.id)
+        note = (f'Re-queued {len(unfinished)} unfinished files at {now():%Y-%m-%d %H:%M:%S} '
+                f'after no progress for {self.settings.stall_timeout:g} s')
+        if not claim_stalled(cart, note):
+            return 0
+        LOGGER.warning('cart %s (id %d): %s', cart.cart_uid, cart.id, note)
+        if cart.status == CartStatus.BUNDLING.value or not unfinished:
+            self.queue.bundle(cart.id)
+        else:
+            self.queue.stage(cart.id, unfinished)
+        return 1

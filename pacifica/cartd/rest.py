@@ -24,6 +24,7 @@ from .cartstate import CartState
 from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeNotSatisfiable, error_document
 from .expiry import http_date
 from .health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
+from .logcontext import about
 from .paths import tar_top_name
 from .service import CartService
 from .transport import SENDFILE_ENVIRON_KEY, response_body
@@ -126,6 +127,12 @@ def on_start_resource() -> None:
     status_resource_methods()
 
 
+def request_cart_uid() -> Optional[str]:
+    """The uid of the cart the request is about: its (decoded) path's first segment, or None for `/`."""
+    path = cherrypy.request.path_info
+    return (path.split('/', 2)[1] if path.startswith('/') else '') or None
+
+
 def translate_errors(handler: F) -> F:
     """Run a handler with one database connection and map every failure to status + JSON.
 
@@ -135,7 +142,7 @@ def translate_errors(handler: F) -> F:
     @functools.wraps(handler)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with database.connection():
+            with database.connection(), about(cart_uid=request_cart_uid()):
                 return handler(*args, **kwargs)
         except cherrypy.HTTPError:
             raise

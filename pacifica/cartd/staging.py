@@ -21,6 +21,7 @@ from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageEr
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
+from .logcontext import about, settle
 from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_staged,
                   count_staged_of_failed, fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle,
                   mark_recalling, mark_staged, mark_transferring, place_file, tar_place)
@@ -120,6 +121,7 @@ class Stager:
         last file finishes the cart. `on_done` hears about each file as it ends.
         """
         cart = get_cart(cart_id)
+        settle(cart_uid=cart.cart_uid if cart else None, cart_id=cart_id)  # to the task's end (its log lines too)
         if cart is None or cart.status not in LIVE_STATUSES:
             LOGGER.info('cart id %d is %s: nothing to stage', cart_id, cart.status if cart else 'gone')
             return []
@@ -185,7 +187,12 @@ class Stager:
                 mark_transferring(cart.id, started)
 
     def _stage_in_thread(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:
-        """Stage one file in a pool thread; failures are recorded here, successes by the caller.
+        """Stage one file in a pool thread (every line logged meanwhile names the cart and the file)."""
+        with about(cart_uid=cart.cart_uid, cart_id=cart.id, file_path=file.bundle_path, archive_id=file.file_name):
+            return self._stage_or_fail(cart, file, log)
+
+    def _stage_or_fail(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:
+        """Stage one file; failures are recorded here, successes by the caller.
 
         A failure fails the cart, unless the cart skips failed files and the failure is the
         file's own (the archive lacks it, refuses it, or keeps sending other bytes or too few

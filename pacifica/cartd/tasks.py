@@ -17,6 +17,7 @@ from celery import signals
 from . import database
 from .celeryapp import BUNDLE_TASK, STAGE_TASK, app
 from .config import Settings
+from .logcontext import forget, settle, use_format
 from .orm import now
 from .wiring import forget_worker_service, process_settings, worker_service
 
@@ -30,6 +31,24 @@ __all__ = ['app', 'stage_files', 'bundle_cart']
 def _reset_after_fork(**_kwargs: Any) -> None:
     """A forked pool process must not share the parent's connections or threads."""
     forget_worker_service()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_in_format(logger: logging.Logger, **_kwargs: Any) -> None:
+    """Celery's handlers write log_format, each line naming the cart and file it is about (logcontext)."""
+    use_format(process_settings().log_format, logger.handlers)
+
+
+@signals.task_prerun.connect
+def _task_starts(task_id: Optional[str] = None, **_kwargs: Any) -> None:
+    """Lines logged while a task runs carry its id (and the use cases add the cart and file)."""
+    settle(task_id=task_id)
+
+
+@signals.task_postrun.connect
+def _task_ended(**_kwargs: Any) -> None:
+    forget()
 
 
 class WorkerThread:

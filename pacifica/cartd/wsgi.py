@@ -5,13 +5,15 @@ under pacifica-cartd's own server (see that module for what uWSGI does different
 is offered a sendfile onto uWSGI's connection, so file ranges go out zero-copy and a slow
 download holds no read buffer. Any other WSGI server gets the CherryPy application as it is.
 """
+import logging
 import os
 from typing import Any, Callable, Iterable, Optional
 
 import cherrypy
 
-from .app import mount
+from .app import log_in_format, mount, start_logging
 from .config import default_cpconfig_path, load_settings
+from .logcontext import use_format
 from .transport import SENDFILE_ENVIRON_KEY, socket_sendfile
 from .uwsgiadapter import UwsgiAdapter
 from .wiring import prepare_server
@@ -49,9 +51,12 @@ def socket_timeout(options: dict) -> float:
         return UWSGI_SOCKET_TIMEOUT_S
 
 
+start_logging()  # to standard error, which uWSGI writes to its log
 SETTINGS = load_settings()
+use_format(SETTINGS.log_format, logging.getLogger().handlers)
 prepare_server(SETTINGS)
 mount(SETTINGS, default_cpconfig_path(os.environ))
+log_in_format(SETTINGS.log_format)
 application: WsgiApp = cherrypy.tree
 UWSGI = _uwsgi()
 if UWSGI is not None:
