@@ -1,4 +1,5 @@
-"""`pacifica-cartd-cmd fixit / dump / purge` through the installed entry point, on a running cart."""
+"""`pacifica-cartd-cmd fixit / dump / purge / status` through the installed entry point, on a running cart
+(conftest.stack: SQLite, PostgreSQL and MariaDB)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,8 @@ def _uid() -> str:
     return f'adm-{uuid.uuid4().hex[:10]}'
 
 
-def test_fixit_restages_only_what_is_missing(sqlite_stack: CartStack) -> None:
-    stack, archive = sqlite_stack, sqlite_stack.archive
+def test_fixit_restages_only_what_is_missing(stack: CartStack) -> None:
+    archive = stack.archive
     uid = _uid()
     good, late = os.urandom(5000), os.urandom(7000)
     archive.put(f'{uid}-good', good)
@@ -46,8 +47,7 @@ def test_fixit_restages_only_what_is_missing(sqlite_stack: CartStack) -> None:
     assert tar_contents(stack.download(uid, 'f.tar').content) == {'f/good.bin': good, 'f/sub/late.bin': late}
 
 
-def test_fixit_fails_clearly(sqlite_stack: CartStack) -> None:
-    stack = sqlite_stack
+def test_fixit_fails_clearly(stack: CartStack) -> None:
     unknown = stack.run_cmd('fixit', '--cartid', 'no-such-cart')
     assert unknown.returncode == 1 and 'No cart with uid no-such-cart found' in unknown.stdout + unknown.stderr
     uid = _uid()
@@ -59,8 +59,8 @@ def test_fixit_fails_clearly(sqlite_stack: CartStack) -> None:
     assert 'never.bin' in still.stdout + still.stderr
 
 
-def test_dump_yaml_and_json(sqlite_stack: CartStack) -> None:
-    stack, archive = sqlite_stack, sqlite_stack.archive
+def test_dump_yaml_and_json(stack: CartStack) -> None:
+    archive = stack.archive
     uid = _uid()
     data = b'dumped'
     archive.put(f'{uid}-d', data)
@@ -76,8 +76,8 @@ def test_dump_yaml_and_json(sqlite_stack: CartStack) -> None:
         assert [(f['path'], f['status'], f['size']) for f in mine[0]['files']] == [('d.txt', 'staged', 6)]
 
 
-def test_purge(sqlite_stack: CartStack) -> None:
-    stack, archive = sqlite_stack, sqlite_stack.archive
+def test_purge(stack: CartStack) -> None:
+    archive = stack.archive
     uid = _uid()
     archive.put(f'{uid}-p', b'purge me')
     assert stack.post(uid, [{'id': f'{uid}-p', 'path': 'p.txt', 'hashtype': 'md5',
@@ -95,17 +95,17 @@ def test_purge(sqlite_stack: CartStack) -> None:
     assert list(stack.volume.glob(f'*/{uid}')) == []
 
 
-def test_commands_need_a_subcommand(sqlite_stack: CartStack) -> None:
-    result = sqlite_stack.run_cmd()
+def test_commands_need_a_subcommand(stack: CartStack) -> None:
+    result = stack.run_cmd()
     assert result.returncode != 0
     for name in ('dbsync', 'dbchk', 'fixit', 'dump', 'purge'):
         assert name in result.stdout
 
 
-def test_status_lists_carts_and_one_carts_files(sqlite_stack: CartStack) -> None:
+def test_status_lists_carts_and_one_carts_files(stack: CartStack) -> None:
     """`status` for the operator's terminal, `--json` for scripts: the same documents GET /<uid>/status answers."""
     import requests  # pylint: disable=import-outside-toplevel
-    stack, archive = sqlite_stack, sqlite_stack.archive
+    archive = stack.archive
     ready_uid, failed_uid = _uid(), _uid()
     data = os.urandom(3000)
     archive.put(f'{ready_uid}-r', data)

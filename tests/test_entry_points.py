@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from cartd_testkit.broker import BROKER_URL
-from cartd_testkit.databases import fresh_database
+from cartd_testkit.databases import drop_database, fresh_database
 from cartd_testkit.procs import ManagedProcess, free_port
 from cartd_testkit.stack import binary, write_config
 from pacifica.cartd.schema import SCHEMA_VERSION
@@ -342,3 +342,28 @@ def test_fixit_asks_for_uids(tmp_path: pathlib.Path) -> None:
     result, _ = _run([binary('pacifica-cartd-cmd'), 'fixit', '--help'], _clean_env(tmp_path), tmp_path)
     assert '--cartid UID [UID ...]' in result.stdout and 'Cart IDs' not in result.stdout
     assert "the carts' uids" in ' '.join(result.stdout.split())
+
+
+@pytest.mark.parametrize('kind', [pytest.param('postgres', marks=pytest.mark.postgres),
+                                  pytest.param('mysql', marks=pytest.mark.mysql)])
+def test_dbsync_and_dbchk_name_a_database_server_but_not_its_password(tmp_path: pathlib.Path, kind: str) -> None:
+    url = fresh_database(kind, tmp_path)
+    try:
+        user = url.split('://', 1)[1].split('@', 1)[0]
+        # PostgreSQL trusts local connections, so a password in the URL is sent and ignored: it must not be shown.
+        shown_url = url.replace(f'{user}@', f'{user}:s3cret@', 1) if kind == 'postgres' else url
+        config = write_config(tmp_path / 'server.cfg', {'database': {'peewee_url': shown_url}})
+        version = '.'.join(map(str, SCHEMA_VERSION))
+        name = url.rsplit('/', 1)[1]
+        where = f'{kind} 127.0.0.1:{5432 if kind == "postgres" else 3306}/{name}'
+        synced, _ = _run([binary('pacifica-cartd-cmd'), '-c', str(config), 'dbsync'], _clean_env(tmp_path), tmp_path,
+                         120)
+        assert synced.stdout == f'database schema is {version} ({where})\n', synced.stdout + synced.stderr
+        checked, _ = _run([binary('pacifica-cartd-cmd'), '-c', str(config), 'dbchk'], _clean_env(tmp_path), tmp_path)
+        assert checked.stdout == f'database schema {version}, this version needs {version}: ok ({where})\n', \
+            checked.stdout + checked.stderr
+        assert 's3cret' not in synced.stdout + synced.stderr + checked.stdout + checked.stderr
+        status, _ = _run([binary('pacifica-cartd-cmd'), '-c', str(config), 'status'], _clean_env(tmp_path), tmp_path)
+        assert (status.returncode, status.stdout.splitlines()[-1]) == (0, '0 carts'), status.stdout + status.stderr
+    finally:
+        drop_database(kind, url)
