@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pathlib
 import threading
-from typing import List
+from typing import Any, List
 
 import pytest
 
@@ -113,6 +113,44 @@ def test_a_new_carts_rows_keep_every_character(tmp_path: pathlib.Path, kind: str
                     for file in orm.File.select().where(orm.File.cart == cart_id).order_by(orm.File.id)]
         assert len(file_ids) == len(rows) == 1200 and file_ids == sorted(file_ids)
         assert rows == [(*row, 'waiting', '') for row in TRICKY_ROWS * 300]
+    finally:
+        database.close_idle()
+        drop_database(kind, url)
+
+
+@pytest.mark.parametrize('kind', ['sqlite', 'postgres', 'mysql'])
+def test_a_file_recorded_transferring_while_it_is_recorded_staged_is_counted_from_where_it_was(
+        tmp_path: pathlib.Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle file written in place is recorded staged by its own thread while the task's thread records
+    downloads started: the counter of files transferring must not keep the staged file. The interleaving
+    (a write between mark_staged's read and its update) cannot be arranged between two real threads, so the
+    test runs the other writer inside mark_staged's first update."""
+    url = fresh_database(kind, tmp_path)
+    try:
+        database.bind(_settings(tmp_path, url))
+        with database.connection():
+            schema.sync()
+            with database.atomic():
+                cart_id, (first, second) = orm.insert_cart('race', True, [('a', 'p/a', 'sha1', 'a' * 40),
+                                                                          ('b', 'p/b', 'sha1', 'b' * 40)], 512)
+            real, raced = orm._set_staged, []
+
+            def interleaved(rows: Any, before: str) -> int:
+                if not raced:
+                    raced.append(orm.mark_transferring(cart_id, {first: 1}))
+                return real(rows, before)
+
+            monkeypatch.setattr(orm, '_set_staged', interleaved)
+            with database.atomic():
+                counted = orm.mark_staged([(first, 10, 1.5, 1), (second, 20, None, 2)])
+                orm.count_staged(cart_id, counted)
+            cart = orm.Cart.get_by_id(cart_id)
+            files = [(file.status, file.size, file.mtime, file.attempts)
+                     for file in orm.File.select().where(orm.File.cart == cart_id).order_by(orm.File.id)]
+        assert raced == [1]
+        assert (counted.files, counted.from_transfer, counted.bytes) == (2, 1, 30)
+        assert (cart.files_staged, cart.files_transferring, cart.bytes_staged) == (2, 0, 30)
+        assert files == [('staged', 10, 1.5, 1), ('staged', 20, None, 2)]
     finally:
         database.close_idle()
         drop_database(kind, url)

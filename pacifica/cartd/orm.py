@@ -638,30 +638,60 @@ def _size_gain(known: Dict[int, Optional[int]], sizes: Dict[int, int]) -> Tuple[
             sum(size - (known[file_id] or 0) for file_id, size in sizes.items()))
 
 
+MARK_STAGED_TRIES = 5  # a file's state moves forward only: a few reads settle where it was staged from
+
+
+def _set_staged(rows: Sequence[StagedRow], before: str) -> int:
+    """Mark these files staged with their sizes, mtimes and attempts if they are still in `before`
+    (compare-and-set); return how many were."""
+    changed = 0
+    for chunk in chunked(rows, INSERT_CHUNK):
+        ids = [row[0] for row in chunk]
+        changed += (File.update({File.status: FileStatus.STAGED.value, File.error: '',
+                                 File.size: Case(File.id, [(row[0], row[1]) for row in chunk]),
+                                 File.mtime: Case(File.id, [(row[0], row[2]) for row in chunk]),
+                                 File.attempts: Case(File.id, [(row[0], row[3]) for row in chunk])})
+                    .where(File.id.in_(ids) & (File.status == before)).execute())
+    return changed
+
+
 def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
     """Record those of the files not staged yet as staged, with the size and mtime they arrived with.
 
-    Files already staged (by a duplicate task) are left alone and not counted.
+    Files already staged (by a duplicate task) are left alone and not counted. Each file moves by
+    compare-and-set on the state it was read in, so what it is counted as leaving (on tape,
+    transferring) is where it was: the task thread may record a file transferring while the file's
+    own thread, which wrote it into the bundle tar in place, records it staged.
     """
-    if not rows:
+    wanted = {row[0]: row for row in rows}
+    left: Dict[int, Tuple[Optional[int], str]] = {}  # file id -> (its size before, the state it left)
+    pending = set(wanted)
+    for _ in range(MARK_STAGED_TRIES):
+        if not pending:
+            break
+        current = {row.id: row for row in File.select(File.id, File.size, File.status).where(
+            File.id.in_(list(pending)) & (File.status != FileStatus.STAGED.value))}
+        groups: Dict[str, List[int]] = {}
+        for file_id, row in current.items():
+            groups.setdefault(str(row.status), []).append(file_id)
+        for before, file_ids in groups.items():
+            if _set_staged([wanted[file_id] for file_id in file_ids], before) == len(file_ids):
+                moved = file_ids
+            else:  # some moved on meanwhile: those still not staged are tried again from where they are
+                moved = [row.id for row in File.select(File.id).where(
+                    File.id.in_(file_ids) & (File.status == FileStatus.STAGED.value))]
+            left.update({file_id: (current[file_id].size, before) for file_id in moved})
+        pending = set(current) - set(left)
+    if not left:
         return StagedCount()
-    before = {row.id: row for row in File.select(File.id, File.size, File.status).where(
-        File.id.in_([row[0] for row in rows]) & (File.status != FileStatus.STAGED.value))}
-    fresh = [row for row in rows if row[0] in before]
-    if not fresh:
-        return StagedCount()
-    File.bulk_update([File(id=file_id, status=FileStatus.STAGED.value, size=size, mtime=mtime, error='',
-                           attempts=attempts)
-                      for file_id, size, mtime, attempts in fresh],
-                     fields=[File.status, File.size, File.mtime, File.error, File.attempts], batch_size=INSERT_CHUNK)
-    sizes = {row[0]: row[1] for row in fresh}
-    newly_sized, size_change = _size_gain({file_id: row.size for file_id, row in before.items()}, sizes)
+    sizes = {file_id: wanted[file_id][1] for file_id in left}
+    newly_sized, size_change = _size_gain({file_id: size for file_id, (size, _) in left.items()}, sizes)
 
     def were(status: FileStatus) -> int:
-        return sum(1 for file_id in sizes if before[file_id].status == status.value)
+        return sum(1 for _, state in left.values() if state == status.value)
 
     return StagedCount(
-        files=len(fresh), from_tape=were(FileStatus.RECALLING), from_transfer=were(FileStatus.TRANSFERRING),
+        files=len(left), from_tape=were(FileStatus.RECALLING), from_transfer=were(FileStatus.TRANSFERRING),
         newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()))
 
 
