@@ -36,19 +36,6 @@ def stack(served_stack: CartStack) -> CartStack:
     return served_stack
 
 
-@pytest.fixture
-def rows(stack: CartStack) -> Iterator[None]:
-    """This process bound to the stack's database, to read and age cart rows."""
-    db = database.bind(load_settings(str(stack.config), environ={}))
-    try:
-        yield
-    finally:
-        if hasattr(db, 'close_all'):
-            db.close_all()
-        else:
-            db.close()
-
-
 def _post(stack: CartStack, uid: str, sizes: List[int], **extra: object) -> Dict[str, bytes]:
     fileids, expected = [], {}
     for index, size in enumerate(sizes):

@@ -1,4 +1,4 @@
-"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.6).
+"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.7).
 
 On SQLite, PostgreSQL and MariaDB: the real 0.7.0 creates its schema and writes carts, files and
 tasks; our commands must see that schema as too old, the server must refuse it with one clear
@@ -41,13 +41,15 @@ ORIGINAL_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'file': ('id', 'cart_id', 'file_name', 'bundle_path', 'hash_type', 'hash_value', 'status', 'error'),
     'carttasks': ('id', 'cart_id', 'celery_task_id'),
 }
-# What schemas 2.1 to 2.6 add.
+# What schemas 2.1 to 2.7 add (2.7 also the table cartevent, the completion events' outbox).
 PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total', 'bytes_staged')
 ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'cart': ('files_total', 'files_staged', 'bundle_size') + PROGRESS_COLUMNS + ('ready_date',)
-    + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error'),
+    + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error', 'callback_url'),
     'file': ('size', 'mtime', 'tar_offset', 'attempts'),
 }
+EVENT_COLUMNS = tuple(sorted(('id', 'event_id', 'cart_id', 'event_type', 'subject', 'event_time', 'data', 'target_url',
+                             'state', 'next_attempt', 'attempts', 'last_error', 'created', 'delivered_date')))
 ORDER_BY = {'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
 
 # Run by 0.7.0's own interpreter: three carts in the states a live 0.7.0 database holds.
@@ -186,6 +188,16 @@ class Site:
         finally:
             database.close()
 
+    def outbox_columns(self) -> Tuple[str, ...]:
+        """The columns of the event outbox (2.7), sorted; () when it does not exist."""
+        database = self.database()
+        try:
+            if 'cartevent' not in database.get_tables():
+                return ()
+            return tuple(sorted(column.name for column in database.get_columns('cartevent')))
+        finally:
+            database.close()
+
     def indexed_columns(self, table: str) -> List[Tuple[str, ...]]:
         """The column tuples of each index on `table`."""
         database = self.database()
@@ -228,7 +240,7 @@ def _assert_server_refuses(site: Site) -> str:
 
 
 def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[str, str], Tuple[Any, ...]]:
-    """(table, column) -> (type, nullable, has a server default) for the columns 2.1 to 2.6 add."""
+    """(table, column) -> (type, nullable, has a server default) for the columns 2.1 to 2.7 add."""
     shape = {}
     for table, names in ADDED_COLUMNS.items():
         for name in names:
@@ -238,7 +250,7 @@ def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[st
 
 
 def test_upgrade_published_0_7_0_database(site: Site) -> None:
-    """0.7.0 data survives dbsync 2.0 -> 2.6, counters get filled, and 0.7.0 can still write after."""
+    """0.7.0 data survives dbsync 2.0 -> 2.7, counters get filled, and 0.7.0 can still write after."""
     # 0.7.0 creates its schema and writes its rows.
     created = site.reference('dbsync')
     assert created.returncode == 0, f'0.7.0 dbsync failed:\n{created.stdout}\n{created.stderr}'
@@ -260,16 +272,16 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
     # Upgrade in place.
     synced = site.ours_ok('dbsync')
-    assert '2.6' in synced.stdout, synced.stdout
+    assert '2.7' in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == {'major': 2, 'minor': 7}
 
     # Every original row, column by column, is unchanged.
     after = site.dump(data_tables)
     assert after == before
 
-    # The new columns exist and have the shape a fresh 2.6 schema gives them.
+    # The new columns exist and have the shape a fresh 2.7 schema gives them.
     after_columns = site.columns()
     for table, names in ORIGINAL_COLUMNS.items():
         assert set(after_columns[table]) == set(names) | set(ADDED_COLUMNS.get(table, ())), table
@@ -281,6 +293,8 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
         assert shape[('cart', counter)][1:] == (False, True), (counter, shape)
     assert shape[('file', 'size')][1] is True and shape[('file', 'mtime')][1] is True, shape
     assert shape[('file', 'attempts')][1:] == (False, True), shape
+    assert shape[('cart', 'callback_url')][1] is True, shape  # NULL: no callback, as every 0.7.0 cart
+    assert site.outbox_columns() == EVENT_COLUMNS
 
     # The counters come from the file rows; the file metadata is unknown (NULL).
     counters = site.dump({'cart': ('id', 'cart_uid', 'files_total', 'files_staged')})['cart']
@@ -307,14 +321,14 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     everything = {table: cols + ADDED_COLUMNS.get(table, ()) for table, cols in ORIGINAL_COLUMNS.items()}
     snapshot = site.dump(everything)
     again = site.ours_ok('dbsync')
-    assert '2.6' in again.stdout, again.stdout
+    assert '2.7' in again.stdout, again.stdout
     assert site.dump(everything) == snapshot
     assert site.columns().keys() == after_columns.keys()
     site.ours_ok('dbchk', '--equal')
 
     # Rolling upgrade: 0.7.0 still accepts the schema and writes with server-side defaults.
     old_check = site.reference('dbchk')
-    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.6:\n{old_check.stdout}\n{old_check.stderr}'
+    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.7:\n{old_check.stdout}\n{old_check.stderr}'
     rolled = site.reference_script(ROLLING_SCRIPT)
     assert rolled['carts'] == sorted(['mig-ready', 'mig-staging', 'mig-deleted', 'mig-rolling'])
     assert [f['status'] for f in rolled['files']] == ['staged']
@@ -335,7 +349,7 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
 
 def test_fresh_database(site: Site) -> None:
-    """An empty database is refused, then dbsync creates exactly schema 2.6 (same as an upgraded one)."""
+    """An empty database is refused, then dbsync creates exactly schema 2.7 (same as an upgraded one)."""
     for args in (('dbchk',), ('dbchk', '--equal')):
         check = site.ours(*args)
         assert check.returncode != 0, f'{args} accepted an empty database:\n{check.stdout}\n{check.stderr}'
@@ -343,10 +357,10 @@ def test_fresh_database(site: Site) -> None:
     assert site.columns() == {}
 
     synced = site.ours_ok('dbsync')
-    assert '2.6' in synced.stdout, synced.stdout
+    assert '2.7' in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == {'major': 2, 'minor': 7}
     columns = site.columns()
     assert {table: set(cols) for table, cols in columns.items()} == {
         table: set(cols) | set(ADDED_COLUMNS.get(table, ())) for table, cols in ORIGINAL_COLUMNS.items()}
@@ -354,6 +368,7 @@ def test_fresh_database(site: Site) -> None:
     fresh_shape = _new_column_shape(columns)
     assert fresh_shape[('cart', 'files_total')][1:] == (False, True)
     assert fresh_shape[('file', 'size')][1] is True
+    assert site.outbox_columns() == EVENT_COLUMNS
 
     # 0.7.0 can write to a database our code created, too.
     rolled = site.reference_script(ROLLING_SCRIPT)
@@ -362,7 +377,7 @@ def test_fresh_database(site: Site) -> None:
 
 
 def test_upgraded_columns_match_fresh_schema(site: Site, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The columns 2.1 to 2.6 add have the same type, nullability and default whether upgraded or created."""
+    """The columns 2.1 to 2.7 add have the same type, nullability and default whether upgraded or created."""
     assert site.reference('dbsync').returncode == 0
     site.ours_ok('dbsync')
     upgraded = _new_column_shape(site.columns())
@@ -408,7 +423,7 @@ def test_interrupted_upgrade_can_be_finished(site: Site) -> None:
         database.close()
     assert site.version() == {'major': 2, 'minor': 0}
     site.ours_ok('dbsync')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == {'major': 2, 'minor': 7}
     assert site.ours('dbchk', '--equal').returncode == 0
     totals = sorted(row[0] for row in site.dump({'cart': ('files_total',)})['cart'])
     assert totals == [1, 2, 3]

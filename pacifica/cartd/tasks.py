@@ -14,6 +14,8 @@ from celery import signals
 
 from . import database
 from .celeryapp import BUNDLE_TASK, STAGE_TASK, app
+from .config import Settings
+from .service import CartService
 from .wiring import forget_worker_service, process_settings, worker_service
 
 LOGGER = logging.getLogger(__name__)
@@ -27,36 +29,81 @@ def _reset_after_fork(**_kwargs: Any) -> None:
     forget_worker_service()
 
 
-class Reconciler:
-    """A thread in each worker's main process that, every reconcile_interval, re-drives stalled carts
-    and removes the files of carts past their lifetime."""
+class WorkerLoop:
+    """A thread in each worker's main process that calls `run_pass` every `interval` seconds (the first an
+    interval after the start), in a connection of its own; a failed pass is logged and the next one comes."""
+
+    name = 'cartd-loop'
+    what = 'pass'
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
 
+    def interval(self, settings: Settings) -> float:
+        """Seconds between passes; 0: this loop does not run."""
+        raise NotImplementedError
+
+    def run_pass(self, service: CartService) -> None:
+        """One pass of the loop's work."""
+        raise NotImplementedError
+
     def start(self) -> None:
-        """Start the loop unless reconcile_interval is 0."""
+        """Start the loop unless its interval is 0 or it runs already."""
         settings = process_settings()
-        interval = settings.reconcile_interval
+        interval = self.interval(settings)
         if not interval or self.thread is not None:
             return
-        self.thread = threading.Thread(target=self._loop, args=(interval,), name='cartd-reconciler', daemon=True)
+        self.thread = threading.Thread(target=self._loop, args=(interval,), name=self.name, daemon=True)
         self.thread.start()
-        LOGGER.info('reconciler runs every %g s (stall timeout %g s)', interval, settings.stall_timeout)
+        LOGGER.info('%s runs every %g s', self.what, interval)
 
     def _loop(self, interval: float) -> None:
         while not self.stop.wait(interval):
             try:
                 service = worker_service()
                 with database.connection():
-                    service.reconcile()
-                    service.remove_expired()
+                    self.run_pass(service)
             except Exception:  # a database or broker outage must not end the loop
-                LOGGER.exception('reconcile pass failed; trying again in %g s', interval)
+                LOGGER.exception('%s failed; trying again in %g s', self.what, interval)
+
+
+class Reconciler(WorkerLoop):
+    """Every reconcile_interval, re-drives stalled carts and removes the files of carts past their lifetime."""
+
+    name = 'cartd-reconciler'
+    what = 'reconcile pass'
+
+    def interval(self, settings: Settings) -> float:
+        """reconcile_interval."""
+        return settings.reconcile_interval
+
+    def run_pass(self, service: CartService) -> None:
+        """Re-drive stalled carts, then remove expired ones."""
+        service.reconcile()
+        service.remove_expired()
 
 
 RECONCILER = Reconciler()
+
+
+class Notifier(WorkerLoop):
+    """Every [notifications] interval, sends the completion events that are due (only when [notifications]
+    names a url or callback prefixes: otherwise there can be none)."""
+
+    name = 'cartd-notifier'
+    what = 'event delivery pass'
+
+    def interval(self, settings: Settings) -> float:
+        """[notifications] interval, or 0 when no event can be sent."""
+        return settings.notifications_interval if settings.notifications_on else 0.0
+
+    def run_pass(self, service: CartService) -> None:
+        """Send the due events (a receiver that fails leaves its event in the outbox for later)."""
+        service.deliver_events()
+
+
+NOTIFIER = Notifier()
 
 
 @signals.worker_ready.connect
@@ -67,6 +114,16 @@ def _start_reconciler(**_kwargs: Any) -> None:
 @signals.worker_shutdown.connect
 def _stop_reconciler(**_kwargs: Any) -> None:
     RECONCILER.stop.set()
+
+
+@signals.worker_ready.connect
+def _start_notifier(**_kwargs: Any) -> None:
+    NOTIFIER.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_notifier(**_kwargs: Any) -> None:
+    NOTIFIER.stop.set()
 
 
 @app.task(name=STAGE_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
