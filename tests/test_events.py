@@ -191,6 +191,23 @@ def test_an_event_is_given_up_after_give_up_after(make_service: Build) -> None:
     assert service.deliver_events() == 0 and _events()[0].attempts == 2
 
 
+def test_finished_events_are_removed_after_tombstone_time(make_service: Build, receiver: EventReceiver) -> None:
+    service = make_service(NOTIFICATIONS_URL=receiver.url, TOMBSTONE_TIME='3600')
+    _post(service, 'old')
+    _post(service, 'new')
+    _post(service, 'pending')
+    assert service.deliver_events() == 3
+    CartEvent.update(created=now() - datetime.timedelta(seconds=3601)).where(
+        CartEvent.subject.in_(['old', 'pending'])).execute()
+    CartEvent.update(state='pending', next_attempt=now() + datetime.timedelta(hours=1)).where(
+        CartEvent.subject == 'pending').execute()  # as if not sent yet: kept however old
+    service.deliver_events()
+    assert len(_events()) == 3  # looked for once a minute, not at every pass
+    service.delivery._dropped_at = None
+    service.deliver_events()
+    assert sorted(event.subject for event in _events()) == ['new', 'pending']
+
+
 @pytest.mark.parametrize('url, allowed', [
     ('http://allowed.example.com/hooks', True),
     ('http://allowed.example.com/hooks/', True),

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Callable
+import time
+from typing import Callable, Optional
 
 from . import database
 from .config import Settings
 from .errors import NotificationFailed
 from .events import render
-from .orm import CartEvent, claim_event, due_events, event_delivered, event_failed, now
+from .orm import CartEvent, claim_event, drop_finished_events, due_events, event_delivered, event_failed, now
 from .webhook import post_event
 
 LOGGER = logging.getLogger(__name__)
 
 DELIVERY_BATCH = 50  # events sent per pass at most
 LEASE_MARGIN_S = 5.0  # a claimed event is left alone this long past the request's timeout
+DROP_EVERY_S = 60.0  # how often a sender removes finished events (a scan of them: not every pass)
 
 Sender = Callable[[str, bytes, str, float], int]
 
@@ -28,6 +30,7 @@ class EventDelivery:
         """Send with `send` (url, body, content type, timeout), as `settings` say."""
         self.settings = settings
         self.send = send
+        self._dropped_at: Optional[float] = None
 
     def retry_wait(self, attempts: int) -> float:
         """Seconds before the next try after `attempts` failed ones: doubling from retry_wait up to retry_wait_max."""
@@ -40,9 +43,14 @@ class EventDelivery:
 
         Each is claimed by compare-and-set, moving its next attempt past the send's timeout
         (the lease): a sender killed mid-send leaves it to come due again for another.
+        Events delivered or given up are kept tombstone_time after their cart finished, then removed.
         """
         delivered = 0
         moment = now()
+        if self._dropped_at is None or time.monotonic() - self._dropped_at >= DROP_EVERY_S:
+            self._dropped_at = time.monotonic()
+            with database.atomic():
+                drop_finished_events(moment - datetime.timedelta(seconds=self.settings.tombstone_time))
         lease = datetime.timedelta(seconds=self.settings.notifications_timeout + LEASE_MARGIN_S)
         for event in due_events(moment, DELIVERY_BATCH):
             with database.atomic():

@@ -680,6 +680,12 @@ def event_failed(event_id: int, error: str, next_attempt: Optional[datetime.date
         (CartEvent.id == event_id) & (CartEvent.state == EventState.PENDING.value)).execute()
 
 
+def drop_finished_events(finished_before: datetime.datetime) -> int:
+    """Remove delivered and given-up events whose cart finished before `finished_before`; return how many."""
+    return int(CartEvent.delete().where(CartEvent.state.in_((EventState.DELIVERED.value, EventState.ABANDONED.value))
+                                        & (CartEvent.created < finished_before)).execute())
+
+
 # ---- tasks ---------------------------------------------------------------------------
 
 def record_tasks(cart_id: int, task_ids: Sequence[str]) -> None:
