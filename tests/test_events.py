@@ -94,6 +94,25 @@ def test_ready_error_and_expired_each_write_one_event(make_service: Build, recei
     assert service.deliver_events() == 0  # delivered once
 
 
+def test_the_event_and_the_status_change_commit_together(make_service: Build, receiver: EventReceiver,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outbox insert that fails (a fault no real database shows on demand: patched in) leaves the cart
+    bundling, not ready without its event; the reconciler re-drives it later."""
+    from pacifica.cartd import events
+    service = make_service(NOTIFICATIONS_URL=receiver.url)
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError('outbox insert failed')
+
+    monkeypatch.setattr(events, 'insert_events', broken)
+    with pytest.raises(RuntimeError):
+        _post(service, 'atomic')
+    assert Cart.get(Cart.cart_uid == 'atomic').status == 'bundling' and _events() == []
+    monkeypatch.undo()
+    service.bundle(Cart.get(Cart.cart_uid == 'atomic').id)
+    assert service.status('atomic').status == 'ready' and [event.subject for event in _events()] == ['atomic']
+
+
 def test_the_cloudevents_body(make_service: Build, receiver: EventReceiver) -> None:
     service = make_service(NOTIFICATIONS_URL=receiver.url + 'hook?x=1', NOTIFICATIONS_SOURCE='https://cart.example/')
     _post(service, 'ce')
