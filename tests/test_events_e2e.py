@@ -4,8 +4,8 @@ A real HTTP receiver (cartd_testkit.receiver, http.server on 127.0.0.1) gets one
 that becomes ready, fails (a wrong hash) or expires; a receiver that is down (connections refused) gets the
 event once it is up, with the same id; a worker SIGKILLed while the event waits in the outbox is replaced
 and the new worker sends it; a callback URL outside the allowed prefixes is refused with 400. Small waits
-are configured (interval 0.2 s, retries from 0.2 s to 1 s) so the tests stay short. How long ago a cart was
-last used is set in the database where a test needs an expired cart to look unused (as in
+are configured (interval 0.2 s, retries from 0.2 s to 1 s) so the tests stay short. When a cart expires and
+how long ago it was last used are set in the database, so that it is expired and looks unused (as in
 test_lifetimes_e2e.py): real minutes cannot pass in a test.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ import pytest
 import requests
 
 from pacifica.cartd import database
-from pacifica.cartd.config import load_settings
 from pacifica.cartd.orm import Cart, CartEvent, now
 from cartd_testkit.procs import free_port
 from cartd_testkit.receiver import EventReceiver
@@ -88,7 +87,7 @@ def _one_delivered(stack: CartStack, receiver: EventReceiver, uid: str, kind: st
 
 def test_ready_error_and_expired_each_send_one_event(stack: CartStack, receiver: EventReceiver, rows: None) -> None:
     good, bad = (f'ev-{name}-{uuid.uuid4().hex[:8]}' for name in ('good', 'bad'))
-    assert _post(stack, good, lifetime=1).status_code == 201
+    assert _post(stack, good, lifetime=3600).status_code == 201
     assert _post(stack, bad, wrong_hash=True).status_code == 201
     assert stack.wait_final(good).headers['X-Pacifica-Status'] == 'ready'
     assert stack.wait_final(bad).headers['X-Pacifica-Status'] == 'error'
@@ -100,9 +99,10 @@ def test_ready_error_and_expired_each_send_one_event(stack: CartStack, receiver:
     error = _one_delivered(stack, receiver, bad, 'error')
     assert error['data']['status'] == 'error' and 'hash' in error['data']['message'].lower()  # type: ignore[index]
 
-    # Expired: its lifetime is over at once; the sweep waits until the cart looks unused.
+    # Expired: its lifetime is made over, and the cart to look unused (the sweep waits for that).
     with database.connection():
-        Cart.update(updated_date=now() - datetime.timedelta(minutes=10)).where(Cart.cart_uid == good).execute()
+        Cart.update(expires_date=now() - datetime.timedelta(seconds=1),
+                    updated_date=now() - datetime.timedelta(minutes=10)).where(Cart.cart_uid == good).execute()
     _until(lambda: len(_outbox(good)) == 2 and _outbox(good)[1].state == 'delivered', f'{good} not expired', stack)
     expired = [body for body in receiver.bodies(good) if body['type'] == 'org.pacifica.cartd.cart.expired']
     assert len(expired) == 1 and len(receiver.bodies(good)) == 2
@@ -142,6 +142,7 @@ def test_a_worker_killed_before_sending_is_replaced_and_the_event_still_goes(sta
         [worker] = [proc for proc in stack.workers if proc.running()]
         worker.kill9()  # the whole process group, as a crash would
         assert not worker.running()
+        stack.workers.remove(worker)  # reaped by kill9; wait_workers_ready is for the new one only
         stack.start_worker()
         stack.wait_workers_ready()
     finally:

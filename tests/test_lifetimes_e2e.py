@@ -13,13 +13,12 @@ import email.utils
 import os
 import time
 import uuid
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 import requests
 
 from pacifica.cartd import database
-from pacifica.cartd.config import load_settings
 from pacifica.cartd.orm import Cart, now
 from cartd_testkit.stack import CartStack, tar_contents
 
