@@ -105,6 +105,21 @@ def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
         yield cart
 
 
+@pytest.fixture
+def rows(stack: CartStack) -> Iterator[None]:
+    """This process bound to the module's stack's database, to read its rows or age them."""
+    from pacifica.cartd import database
+    from pacifica.cartd.config import load_settings
+    db = database.bind(load_settings(str(stack.config), environ={}))
+    try:
+        yield
+    finally:
+        if hasattr(db, 'close_all'):
+            db.close_all()
+        else:
+            db.close()
+
+
 @pytest.fixture(scope='module')
 def sqlite_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
     """A running cart on SQLite with one worker, for a test module that needs one database only."""

@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import pathlib
 from typing import Callable, Iterator
 
 import pytest
 
-from pacifica.cartd import database, schema
 from pacifica.cartd.cartreport import FilesWanted
-from pacifica.cartd.config import check_volume, load_settings
 from pacifica.cartd.errors import CartExpired, CartNotFound
 from pacifica.cartd.expiry import effective_lifetime
 from pacifica.cartd.orm import Cart, now, oldest_evictable
 from pacifica.cartd.service import CartService
-from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue
+from cartd_testkit.fakes import run_queue, sqlite_service
 
 FILES = {'a': b'alpha bytes', 'b': b'beta bytes'}
 Build = Callable[..., CartService]
@@ -29,16 +28,7 @@ Build = Callable[..., CartService]
 def make_service(tmp_path: pathlib.Path) -> Iterator[Build]:
     """A service on SQLite over FakeArchive(FILES), with these settings (environment names)."""
     with contextlib.ExitStack() as cleanup:
-        def build(**env: str) -> CartService:
-            settings = load_settings(str(tmp_path / 'none.ini'), environ={
-                'VOLUME_PATH': str(tmp_path / 'volume'), 'PEEWEE_URL': f'sqliteext:///{tmp_path}/db.sqlite3', **env})
-            check_volume(settings)
-            database.bind(settings)
-            cleanup.enter_context(database.connection())
-            schema.sync()
-            return CartService(settings, FakeQueue(), FakeArchive(dict(FILES)))  # type: ignore[arg-type]
-
-        yield build
+        yield functools.partial(sqlite_service, tmp_path, FILES, cleanup)
 
 
 def _ready_cart(service: CartService, uid: str, **extra: object) -> Cart:

@@ -13,13 +13,12 @@ import email.utils
 import os
 import time
 import uuid
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 import requests
 
 from pacifica.cartd import database
-from pacifica.cartd.config import load_settings
 from pacifica.cartd.orm import Cart, now
 from cartd_testkit.stack import CartStack, tar_contents
 
@@ -34,19 +33,6 @@ KIB = 1024
 def stack(served_stack: CartStack) -> CartStack:
     """Under pacifica-cartd on each database and under uWSGI (conftest.served_stack)."""
     return served_stack
-
-
-@pytest.fixture
-def rows(stack: CartStack) -> Iterator[None]:
-    """This process bound to the stack's database, to read and age cart rows."""
-    db = database.bind(load_settings(str(stack.config), environ={}))
-    try:
-        yield
-    finally:
-        if hasattr(db, 'close_all'):
-            db.close_all()
-        else:
-            db.close()
 
 
 def _post(stack: CartStack, uid: str, sizes: List[int], **extra: object) -> Dict[str, bytes]:

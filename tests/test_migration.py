@@ -48,11 +48,14 @@ ORIGINAL_COLUMNS: Dict[str, Tuple[str, ...]] = {
 PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total', 'bytes_staged')
 ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'cart': ('files_total', 'files_staged', 'bundle_size') + PROGRESS_COLUMNS + ('ready_date',)
-    + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error'),
+    + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error', 'callback_url'),
     'file': ('size', 'mtime', 'tar_offset', 'attempts'),
 }
-# The tables later schemas add (2.1: spacereservation; 2.7: workersighting), all empty after an upgrade.
-ADDED_TABLES = ('spacereservation', 'workersighting')
+# The tables later schemas add (2.1: spacereservation; 2.7: workersighting; 2.8: cartevent, the completion
+# events' outbox), all empty after an upgrade.
+ADDED_TABLES = ('spacereservation', 'workersighting', 'cartevent')
+EVENT_COLUMNS = sorted(('id', 'event_id', 'cart_id', 'event_type', 'subject', 'event_time', 'data', 'target_url',
+                        'state', 'next_attempt', 'attempts', 'last_error', 'created', 'delivered_date'))
 ORDER_BY = {'workersighting': 'name', 'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
 
 # Run by 0.7.0's own interpreter: three carts in the states a live 0.7.0 database holds.
@@ -298,6 +301,8 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
         assert shape[('cart', counter)][1:] == (False, True), (counter, shape)
     assert shape[('file', 'size')][1] is True and shape[('file', 'mtime')][1] is True, shape
     assert shape[('file', 'attempts')][1:] == (False, True), shape
+    assert shape[('cart', 'callback_url')][1] is True, shape  # NULL: no callback, as every 0.7.0 cart
+    assert sorted(site.added_tables()['cartevent']) == EVENT_COLUMNS
 
     # The counters come from the file rows; the file metadata is unknown (NULL).
     counters = site.dump({'cart': ('id', 'cart_uid', 'files_total', 'files_staged')})['cart']
@@ -371,6 +376,7 @@ def test_fresh_database(site: Site) -> None:
     fresh_shape = _new_column_shape(columns)
     assert fresh_shape[('cart', 'files_total')][1:] == (False, True)
     assert fresh_shape[('file', 'size')][1] is True
+    assert sorted(site.added_tables()['cartevent']) == EVENT_COLUMNS
 
     # 0.7.0 can write to a database our code created, too.
     rolled = site.reference_script(ROLLING_SCRIPT)

@@ -290,3 +290,36 @@ def test_revoke_passes_the_ids_as_a_list(fake_app: FakeCeleryApp) -> None:
     queue = CeleryTaskQueue(fake_app)  # type: ignore[arg-type]
     queue.revoke(('a', 'b'))
     assert fake_app.control.revoked == [['a', 'b']]
+
+
+# ---- the notifier ---------------------------------------------------------------------
+
+class DeliverStub:
+    """deliver_events() counts its calls and stops the loop after the first."""
+
+    def __init__(self, notifier: tasks.Notifier) -> None:
+        self.notifier = notifier
+        self.calls = 0
+
+    def deliver_events(self) -> int:
+        self.calls += 1
+        self.notifier.stop.set()
+        return 0
+
+
+def test_the_notifier_runs_only_when_events_can_be_sent(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tasks, 'process_settings', lambda: settings)
+    monkeypatch.setattr(tasks, 'worker_service', lambda: pytest.fail('the notifier ran'))
+    idle = tasks.Notifier()
+    idle.start()
+    assert idle.thread is None  # no [notifications]: no thread, no query
+
+    configured = dataclasses.replace(settings, notifications_url='http://127.0.0.1:9/', notifications_interval=0.001)
+    monkeypatch.setattr(tasks, 'process_settings', lambda: configured)
+    notifier = tasks.Notifier()
+    service = DeliverStub(notifier)
+    monkeypatch.setattr(tasks, 'worker_service', lambda: service)
+    notifier.start()
+    assert notifier.thread is not None and notifier.thread.name == 'cartd-notifier'
+    notifier.thread.join(DEADLINE_S)
+    assert not notifier.thread.is_alive() and service.calls == 1

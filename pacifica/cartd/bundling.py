@@ -4,10 +4,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Optional
 
+from . import database
 from .cartlayout import bundle_members, missing_list, missing_members, missing_message, skipped_any, tar_created
 from .cleanup import cart_went_away
 from .eviction import release_cart
+from .events import READY, EventOutbox
 from .logcontext import settle
 from .orm import Cart, CartStatus, claim_for_bundling, failed_files, files_in_tar_order, get_cart, mark_ready
 from .tarlayout import TarLayout
@@ -19,9 +22,10 @@ LOGGER = logging.getLogger(__name__)
 class Bundler:
     """Moves carts from their last staged file to ready."""
 
-    def __init__(self, volume: CartVolume) -> None:
-        """Write tars and links on `volume`."""
+    def __init__(self, volume: CartVolume, outbox: Optional[EventOutbox] = None) -> None:
+        """Write tars and links on `volume`; write the ready event to `outbox` (none: no events)."""
         self.volume = volume
+        self.outbox = outbox
 
     def finish(self, cart_id: int, bundle_now: bool = True) -> None:
         """Move a cart whose files are all staged on, exactly once (compare-and-set on its status)."""
@@ -55,7 +59,11 @@ class Bundler:
             if cart_went_away(self.volume, cart.id, cart.cart_uid, 'bundling'):
                 return
             raise
-        if not mark_ready(cart.id, str(target), message):
+        with database.atomic():  # the event is written with the status change, or not at all
+            ready = mark_ready(cart.id, str(target), message)
+            if ready and self.outbox is not None:
+                self.outbox.record(cart.id, READY)
+        if not ready:
             cart_went_away(self.volume, cart.id, cart.cart_uid, 'bundling')
             return
         self.volume.link_ready_cart(cart.cart_uid, target)

@@ -37,6 +37,7 @@ CART_REQUEST_SCHEMA: Dict[str, Any] = {
         'bundle': {'type': 'boolean'},
         'lifetime': {'type': 'integer', 'minimum': 0, 'maximum': MAX_LIFETIME},
         'on_file_error': {'type': 'string', 'enum': list(ON_FILE_ERROR)},
+        'callback_url': {'type': 'string', 'minLength': 1},
     },
 }
 _VALIDATOR = jsonschema.Draft7Validator(CART_REQUEST_SCHEMA)
@@ -62,6 +63,7 @@ class CartRequest:
     bundle: Optional[bool]
     lifetime: Optional[int] = None  # seconds a ready cart is kept; None: the configured default
     skip_failed_files: bool = False  # "on_file_error": "skip"
+    callback_url: Optional[str] = None  # also send the cart's completion events here (if the config allows it)
 
 
 def _where(error: jsonschema.ValidationError) -> str:
@@ -82,6 +84,8 @@ def _plainly_follows_schema(body: Any) -> bool:
     if 'lifetime' in body and not (type(body['lifetime']) is int and 0 <= body['lifetime'] <= MAX_LIFETIME):
         return False
     if 'on_file_error' in body and body['on_file_error'] not in ON_FILE_ERROR:
+        return False
+    if 'callback_url' in body and not (type(body['callback_url']) is str and body['callback_url']):
         return False
     for entry in body['fileids']:
         if type(entry) is not dict or type(entry.get('id')) not in (int, str):
@@ -132,4 +136,5 @@ def parse_cart_request(body: Any) -> CartRequest:
         raise BadRequest(f'invalid cart request: path {conflict!r} is given twice (or as a file and a directory)')
     lifetime = body.get('lifetime')
     return CartRequest(files=tuple(files), bundle=body.get('bundle'),
-                       lifetime=None if lifetime is None else int(lifetime), skip_failed_files=skipping)
+                       lifetime=None if lifetime is None else int(lifetime), skip_failed_files=skipping,
+                       callback_url=body.get('callback_url'))

@@ -14,6 +14,7 @@ from .cartstate import CartState
 from .config import Settings
 from .errors import CartExpired, CartNotFound, CartNotReady
 from .expiry import effective_lifetime, expired_message, has_expired, out_of_sight
+from .events import check_callback
 from .eviction import DOWNLOAD_HEARTBEAT_S, release_cart
 from .heartbeat import Heartbeat
 from .orm import Cart, CartStatus, insert_cart, live_carts, mark_deleted, newest_live_cart, newest_live_state, now, \
@@ -78,9 +79,10 @@ class Carts:
         # A bundle's tar starts with its directories; files are then placed after them.
         start = directories_size(cart_uid, paths) if bundle else 0
         lifetime = effective_lifetime(request.lifetime, self.settings)
+        callback_url = check_callback(request.callback_url, self.settings)
         with database.atomic():
             cart_id, file_ids = insert_cart(cart_uid, bundle, request.files, start, lifetime,
-                                            request.skip_failed_files)
+                                            request.skip_failed_files, callback_url)
         LOGGER.info('cart %s (id %d): %d files, bundle %s', cart_uid, cart_id, len(file_ids), bundle)
         if not file_ids:
             self.bundler.finish(cart_id)

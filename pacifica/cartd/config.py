@@ -5,6 +5,7 @@ import configparser
 import dataclasses
 import logging
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -68,6 +69,15 @@ OPTIONS: Tuple[Option, ...] = (
     Option('database', 'connect_attempts', 'DATABASE_CONNECT_ATTEMPTS', '10'),
     Option('database', 'connect_wait', 'DATABASE_CONNECT_WAIT', '20'),
     Option('database', 'debug_logging', 'DATABASE_DEBUG_LOGGING', 'False'),
+    Option('notifications', 'url', 'NOTIFICATIONS_URL', ''),
+    Option('notifications', 'callback_prefixes', 'NOTIFICATIONS_CALLBACK_PREFIXES', ''),
+    Option('notifications', 'format', 'NOTIFICATIONS_FORMAT', 'cloudevents'),
+    Option('notifications', 'source', 'NOTIFICATIONS_SOURCE', '/pacifica/cartd'),
+    Option('notifications', 'timeout', 'NOTIFICATIONS_TIMEOUT', '10'),
+    Option('notifications', 'interval', 'NOTIFICATIONS_INTERVAL', '1'),
+    Option('notifications', 'retry_wait', 'NOTIFICATIONS_RETRY_WAIT', '1'),
+    Option('notifications', 'retry_wait_max', 'NOTIFICATIONS_RETRY_WAIT_MAX', '300'),
+    Option('notifications', 'give_up_after', 'NOTIFICATIONS_GIVE_UP_AFTER', '604800'),
 )
 
 CONFIG_ENV = 'CARTD_CONFIG'
@@ -117,11 +127,12 @@ def _one_of(text: str, words: Tuple[str, ...]) -> str:
     return word
 
 
-def _non_negative(parse: Callable[[str], float]) -> Callable[[str], float]:
+def _non_negative(parse: Callable[[str], float], strictly: bool = False) -> Callable[[str], float]:
+    """`parse`, refusing values below 0 (and 0 itself when `strictly`)."""
     def check(text: str) -> float:
         value = parse(text)
-        if value < 0:
-            raise ValueError(f'must not be negative: {text!r}')
+        if value < 0 or (strictly and value == 0):
+            raise ValueError(f'must be more than 0: {text!r}' if strictly else f'must not be negative: {text!r}')
         return value
     return check
 
@@ -146,6 +157,32 @@ def _uri_prefix(text: str) -> str:
     if prefix and not (prefix.startswith('/') and prefix.endswith('/') and ' ' not in prefix):
         raise ValueError(f'not a URI path starting and ending with "/": {text!r}')
     return prefix
+
+
+def _optional_url(text: str) -> str:
+    """Empty (off), or an http(s) URL naming a host."""
+    url = text.strip()
+    if url:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ('http', 'https') or not parts.hostname or parts.username is not None:
+            raise ValueError(f'not an http(s) URL with a host and no user name: {text!r}')
+    return url
+
+
+def _url_list(text: str) -> Tuple[str, ...]:
+    """URLs separated by white space (none: empty)."""
+    return tuple(_optional_url(word) for word in text.split())
+
+
+EVENT_FORMATS = ('cloudevents', 'pacifica')
+
+
+def _uri_reference(text: str) -> str:
+    """A non-empty URI reference without white space (a CloudEvents source)."""
+    value = text.strip()
+    if not value or any(char.isspace() for char in value):
+        raise ValueError(f'not a URI reference: {text!r}')
+    return value
 
 
 FILESYSTEM_BROKER = 'filesystem://'
@@ -200,7 +237,21 @@ class Settings:
     database_connect_attempts: int
     database_connect_wait: float
     database_debug_logging: bool
+    notifications_url: str = ''
+    notifications_callback_prefixes: Tuple[str, ...] = ()
+    notifications_format: str = 'cloudevents'
+    notifications_source: str = '/pacifica/cartd'
+    notifications_timeout: float = 10.0
+    notifications_interval: float = 1.0
+    notifications_retry_wait: float = 1.0
+    notifications_retry_wait_max: float = 300.0
+    notifications_give_up_after: float = 604800.0
     config_file: Optional[str] = None
+
+    @property
+    def notifications_on(self) -> bool:
+        """Whether any cart can have events to send: a URL for all, or prefixes callbacks may use."""
+        return bool(self.notifications_url or self.notifications_callback_prefixes)
 
 
 # (section, key) -> (Settings field, parser)
@@ -234,6 +285,15 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('database', 'connect_attempts'): ('database_connect_attempts', _positive_int),
     ('database', 'connect_wait'): ('database_connect_wait', _non_negative(float)),
     ('database', 'debug_logging'): ('database_debug_logging', parse_bool),
+    ('notifications', 'url'): ('notifications_url', _optional_url),
+    ('notifications', 'callback_prefixes'): ('notifications_callback_prefixes', _url_list),
+    ('notifications', 'format'): ('notifications_format', lambda text: _one_of(text, EVENT_FORMATS)),
+    ('notifications', 'source'): ('notifications_source', _uri_reference),
+    ('notifications', 'timeout'): ('notifications_timeout', _non_negative(float, strictly=True)),
+    ('notifications', 'interval'): ('notifications_interval', _non_negative(float, strictly=True)),
+    ('notifications', 'retry_wait'): ('notifications_retry_wait', _non_negative(float, strictly=True)),
+    ('notifications', 'retry_wait_max'): ('notifications_retry_wait_max', _non_negative(float, strictly=True)),
+    ('notifications', 'give_up_after'): ('notifications_give_up_after', _non_negative(float)),
 }
 
 

@@ -115,3 +115,9 @@ class CartGone(CartError):
     """The cart was deleted while work on it was going on; stop quietly."""
 
     http_status = 404
+
+
+class NotificationFailed(CartError):
+    """A completion event's target did not answer 2xx (or could not be reached): sent again later."""
+
+    transient = True

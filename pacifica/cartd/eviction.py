@@ -7,7 +7,7 @@ import datetime
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from . import database
 from .config import Settings
@@ -163,13 +163,14 @@ def evict_one(lru_buffer_time: float) -> Optional[Cart]:
 EXPIRY_BATCH = 100  # expired carts removed per sweep at most
 
 
-def remove_expired(volume: CartVolume) -> int:
+def remove_expired(volume: CartVolume, on_expired: Optional[Callable[[int], None]] = None) -> int:
     """Remove the files of ready carts past their lifetime that nobody is downloading; return how many.
 
     Each is claimed by compare-and-set (marked expired, its row kept for HEAD's 410 and the
     status document), then its directory and cartuids link go, as an evicted cart's do. A cart
     used within the in-use window (a download in progress marks it every DOWNLOAD_HEARTBEAT_S)
-    waits for a later sweep, so no download is cut off.
+    waits for a later sweep, so no download is cut off. `on_expired` is called with each cart's id
+    in the transaction that marks it (its completion event is written there).
     """
     moment = now()
     removed = 0
@@ -178,6 +179,8 @@ def remove_expired(volume: CartVolume) -> int:
             claimed = claim_expiry(cart)
             if claimed:
                 drop_cart_reservations(cart.id)
+                if on_expired is not None:
+                    on_expired(cart.id)
         if not claimed:
             continue
         volume.remove_cart_and_link(cart.cart_uid, cart.id)

@@ -124,6 +124,8 @@ class Cart(BaseModel):
     # Added in schema 2.6: 'skip' when a file that cannot be staged is left out of the tar
     # (listed in its MISSING_FILES.txt) instead of failing the cart.
     on_file_error = CharField(max_length=8, default='fail', constraints=[SQL("DEFAULT 'fail'")])
+    # Added in schema 2.8: where the cart's completion events also go (its POST's callback_url).
+    callback_url = TextField(null=True)
 
     class Meta:
         """Table name of the published schema."""
@@ -199,7 +201,44 @@ class WorkerSighting(BaseModel):
         table_name = 'workersighting'
 
 
-MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, WorkerSighting)
+class EventState(str, enum.Enum):
+    """Where an outbox row stands: still to send, sent (a 2xx came back), or given up."""
+
+    PENDING = 'pending'
+    DELIVERED = 'delivered'
+    ABANDONED = 'abandoned'
+
+
+class CartEvent(BaseModel):
+    """The outbox (schema 2.8): one completion event of a cart for one target URL, written in the
+    transaction that finished the cart and sent by the workers until a 2xx comes back.
+
+    The cart is named by id and uid, not a foreign key: a purged cart's events are still sent.
+    """
+
+    id = AutoField()
+    event_id = CharField(max_length=36)  # the stable id (a UUID) every attempt sends
+    cart_id = IntegerField()
+    event_type = CharField(max_length=64)
+    subject = CharField()  # the cart's uid
+    event_time = CharField(max_length=40)  # RFC 3339, when the cart finished
+    data = TextField()  # the status document without files, as JSON
+    target_url = TextField()
+    state = CharField(max_length=16, default=EventState.PENDING.value)
+    next_attempt = DateTimeField(default=now)  # also the lease: a sender claims the row by moving it on
+    attempts = IntegerField(default=0)
+    last_error = TextField(default='')
+    created = DateTimeField(default=now)
+    delivered_date = DateTimeField(null=True)
+
+    class Meta:
+        """Not a 0.7.0 table; the senders look for pending rows that are due."""
+
+        table_name = 'cartevent'
+        indexes = ((('state', 'next_attempt'), False),)
+
+
+MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, WorkerSighting, CartEvent)
 
 
 LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
@@ -277,13 +316,14 @@ class StagedCount(NamedTuple):
 # ---- carts ---------------------------------------------------------------------------
 
 def insert_cart(cart_uid: str, bundle: bool, files: Sequence[FileRow], bundle_size: int,
-                lifetime: int = 0, skip_failed_files: bool = False) -> Tuple[int, List[int]]:
+                lifetime: int = 0, skip_failed_files: bool = False,
+                callback_url: Optional[str] = None) -> Tuple[int, List[int]]:
     """Insert a staging cart (kept `lifetime` seconds once ready, 0: for ever; leaving out files that
-    cannot be staged with `skip_failed_files`) and its waiting files; return the cart's id and its
-    files' ids in order."""
+    cannot be staged with `skip_failed_files`; its events also sent to `callback_url`) and its waiting
+    files; return the cart's id and its files' ids in order."""
     cart = Cart.create(cart_uid=cart_uid, status=CartStatus.STAGING.value, bundle=bundle,
                        files_total=len(files), bundle_size=bundle_size, lifetime=lifetime,
-                       on_file_error=SKIP if skip_failed_files else 'fail')
+                       on_file_error=SKIP if skip_failed_files else 'fail', callback_url=callback_url)
     _insert_files(cart.id, files)
     return cart.id, _file_ids_of(cart.id)
 
@@ -464,11 +504,12 @@ def mark_ready(cart_id: int, bundle_path: str, message: str = '') -> bool:
                 .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
 
 
-def fail_cart(cart_id: int, message: str) -> None:
-    """Move a cart that is still being worked on to error, with the message clients will see."""
-    (Cart.update(status=CartStatus.ERROR.value, error=message, updated_date=now())
-     .where((Cart.id == cart_id) & (Cart.status.in_(ACTIVE_STATUSES)))
-     .execute())
+def fail_cart(cart_id: int, message: str) -> bool:
+    """Move a cart that is still being worked on to error, with the message clients will see;
+    True for the one caller that did it."""
+    return bool(Cart.update(status=CartStatus.ERROR.value, error=message, updated_date=now())
+                .where((Cart.id == cart_id) & (Cart.status.in_(ACTIVE_STATUSES)))
+                .execute())
 
 
 def grow_bundle(cart_id: int, region: int) -> Optional[int]:
@@ -602,6 +643,63 @@ def claim_eviction(cart: Cart) -> bool:
                             error='evicted to make room on the volume')
                 .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
                        & (Cart.updated_date == cart.updated_date)).execute())
+
+
+# ---- the event outbox -------------------------------------------------------------------
+
+class EventRow(NamedTuple):
+    """One event to write to the outbox, once per target URL."""
+
+    event_id: str
+    cart_id: int
+    event_type: str
+    subject: str
+    event_time: str
+    data: str
+
+
+def insert_events(event: EventRow, target_urls: Sequence[str]) -> None:
+    """Write an event to the outbox for each target, due now (inside the transaction that finished the cart)."""
+    CartEvent.insert_many([{**event._asdict(), 'target_url': url, 'state': EventState.PENDING.value,
+                            'next_attempt': now(), 'attempts': 0, 'last_error': ''}
+                           for url in target_urls]).execute()
+
+
+def due_events(moment: datetime.datetime, limit: int) -> List[CartEvent]:
+    """Pending events due at `moment` (their wait or a sender's lease is over), the longest due first."""
+    return list(CartEvent.select().where((CartEvent.state == EventState.PENDING.value)
+                                         & (CartEvent.next_attempt <= moment))
+                .order_by(CartEvent.next_attempt, CartEvent.id).limit(limit))
+
+
+def claim_event(event: CartEvent, lease_until: datetime.datetime) -> bool:
+    """Take a due event for one send until `lease_until` (compare-and-set on the next_attempt it was found
+    with); counts the attempt. False when another sender took it or it was sent meanwhile."""
+    return bool(CartEvent.update(next_attempt=lease_until, attempts=CartEvent.attempts + 1)
+                .where((CartEvent.id == event.id) & (CartEvent.state == EventState.PENDING.value)
+                       & (CartEvent.next_attempt == event.next_attempt)).execute())
+
+
+def event_delivered(event_id: int) -> None:
+    """Record that a target answered 2xx to the event."""
+    CartEvent.update(state=EventState.DELIVERED.value, delivered_date=now(), last_error='').where(
+        CartEvent.id == event_id).execute()
+
+
+def event_failed(event_id: int, error: str, next_attempt: Optional[datetime.datetime]) -> None:
+    """Record a failed send: tried again at `next_attempt`, or given up when that is None."""
+    if next_attempt is None:
+        CartEvent.update(state=EventState.ABANDONED.value, last_error=error[:2000]).where(
+            (CartEvent.id == event_id) & (CartEvent.state == EventState.PENDING.value)).execute()
+        return
+    CartEvent.update(next_attempt=next_attempt, last_error=error[:2000]).where(
+        (CartEvent.id == event_id) & (CartEvent.state == EventState.PENDING.value)).execute()
+
+
+def drop_finished_events(finished_before: datetime.datetime) -> int:
+    """Remove delivered and given-up events whose cart finished before `finished_before`; return how many."""
+    return int(CartEvent.delete().where(CartEvent.state.in_((EventState.DELIVERED.value, EventState.ABANDONED.value))
+                                        & (CartEvent.created < finished_before)).execute())
 
 
 # ---- tasks ---------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from peewee import Field, fn
 from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
-from .orm import DB, MODELS, Cart, CartStatus, CartSystem, File, FileStatus, SpaceReservation, WorkerSighting, \
-    counters_from_rows
+from .orm import (DB, MODELS, Cart, CartEvent, CartStatus, CartSystem, File, FileStatus, SpaceReservation,
+                  WorkerSighting, counters_from_rows)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -20,10 +20,11 @@ Version = Tuple[int, int]
 # HEAD reports and when a cart became ready; 2.4 adds what GET /<uid>/status reports (the
 # downloads started per file, the files transferring and the high-water percent of a cart);
 # 2.5 adds a cart's lifetime and when it expires; 2.6 whether it skips files it cannot stage;
-# 2.7 the table of the workers' last sightings.
+# 2.7 the table of the workers' last sightings; 2.8 the completion events' outbox (table
+# cartevent) and a cart's callback_url.
 # All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
 # write to the database.
-SCHEMA_VERSION: Version = (2, 7)
+SCHEMA_VERSION: Version = (2, 8)
 
 
 def current_version() -> Optional[Version]:
@@ -132,6 +133,14 @@ def _upgrade_2_6_to_2_7() -> None:
     DB.create_tables([WorkerSighting], safe=True)
 
 
+def _upgrade_2_7_to_2_8() -> None:
+    """Add the event outbox and callback_url (resumable). Existing carts have no callback: their
+    events, if a [notifications] url is set, go there only."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    migrate(*_add_columns(migrator, [('cart', Cart.callback_url)]))
+    DB.create_tables([CartEvent], safe=True)
+
+
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
     ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
@@ -140,6 +149,7 @@ UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 4), (2, 5), _upgrade_2_4_to_2_5),
     ((2, 5), (2, 6), _upgrade_2_5_to_2_6),
     ((2, 6), (2, 7), _upgrade_2_6_to_2_7),
+    ((2, 7), (2, 8), _upgrade_2_7_to_2_8),
 ]
 
 

@@ -16,6 +16,8 @@ from .cartreport import FilesWanted
 from .carts import CartDownload, Carts
 from .cartstate import CartState
 from .config import Settings
+from .delivery import EventDelivery
+from .events import EXPIRED, EventOutbox
 from .eviction import SpaceKeeper, remove_expired
 from .health import Health
 from .recovery import Recovery
@@ -44,7 +46,9 @@ class CartService:
             settings.archive_url, settings.archive_timeout, settings.transfer_size,
             settings.archive_retries, settings.archive_retry_wait)
         cart_queue = CartQueue(self._queue, settings.stage_batch_size)
-        self.bundler = Bundler(self.volume)
+        self.outbox = EventOutbox(settings)
+        self.bundler = Bundler(self.volume, self.outbox)
+        self.delivery = EventDelivery(settings)
         self.stager = Stager(settings, self.volume, self.archive, SpaceKeeper(settings, self.volume), self.bundler)
         self.presence = WorkerPresence(settings.worker_heartbeat)
         self.carts = Carts(settings, self.volume, cart_queue, self.bundler, self.presence)
@@ -110,7 +114,11 @@ class CartService:
 
     def remove_expired(self) -> int:
         """See eviction.remove_expired."""
-        return remove_expired(self.volume)
+        return remove_expired(self.volume, lambda cart_id: self.outbox.record(cart_id, EXPIRED))
+
+    def deliver_events(self) -> int:
+        """See delivery.EventDelivery.deliver_due."""
+        return self.delivery.deliver_due()
 
     def check_in(self, name: str, pid: int, started: datetime.datetime) -> None:
         """See workers.WorkerPresence.check_in."""

@@ -18,6 +18,7 @@ from .bundling import Bundler
 from .cleanup import cart_went_away
 from .config import Settings
 from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageError, HashMismatch, NoSpace
+from .events import ERROR
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
@@ -225,7 +226,8 @@ class Stager:
         with database.connection():
             with database.atomic():
                 if fail_file(cart.id, file.id, message, log.attempts(file.id)) and not skip:
-                    fail_cart(cart.id, cart_error)
+                    if fail_cart(cart.id, cart_error) and self.bundler.outbox is not None:
+                        self.bundler.outbox.record(cart.id, ERROR)
             if skip:
                 LOGGER.warning('cart %s: file %s left out (on_file_error skip)', cart.cart_uid, file.bundle_path)
                 self.bundler.finish(cart.id)  # it may have been the last file

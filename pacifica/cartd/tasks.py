@@ -1,4 +1,5 @@
-"""The celery worker: thin tasks that call the use cases, and the threads each worker runs (reconcile, check in).
+"""The celery worker: thin tasks that call the use cases, and the threads each worker runs (reconcile,
+check in, send completion events).
 
 Run a worker with `celery -A pacifica.cartd.tasks worker`. The app itself, its
 configuration and the queue the server sends to are in celeryapp.py; the service each
@@ -164,19 +165,44 @@ class CheckIn(WorkerThread):
             LOGGER.exception('worker %s could not remove its check-in record', self.name)
 
 
+class Notifier(WorkerThread):
+    """Every [notifications] interval, send the completion events that are due (only when [notifications]
+    names a url or callback prefixes: otherwise there can be none)."""
+
+    NAME = 'cartd-notifier'
+    JOB = 'event delivery'
+
+    def interval(self, settings: Settings) -> float:
+        """[notifications] interval, or 0 when no event can be sent."""
+        return settings.notifications_interval if settings.notifications_on else 0.0
+
+    def started(self, settings: Settings) -> None:
+        """Say how often it looks for events to send."""
+        LOGGER.info('notifier sends the due completion events every %g s', settings.notifications_interval)
+
+    def one_pass(self) -> None:
+        """Send the due events (a receiver that fails leaves its event in the outbox for later)."""
+        service = worker_service()
+        with database.connection():
+            service.deliver_events()
+
+
 RECONCILER = Reconciler()
 CHECK_IN = CheckIn()
+NOTIFIER = Notifier()
 
 
 @signals.worker_ready.connect
 def _start_reconciler(sender: Any = None, **_kwargs: Any) -> None:
     RECONCILER.start()
     CHECK_IN.start_as(getattr(sender, 'hostname', None))
+    NOTIFIER.start()
 
 
 @signals.worker_shutdown.connect
 def _stop_reconciler(**_kwargs: Any) -> None:
     RECONCILER.stop.set()
+    NOTIFIER.stop.set()
     CHECK_IN.leave()
 
 

@@ -9,6 +9,7 @@ was queued as a worker would.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.server
 import json
@@ -24,6 +25,39 @@ if TYPE_CHECKING:
     from pacifica.cartd.service import CartService
 
 T = TypeVar('T')
+
+
+def serve_in_thread(server: http.server.ThreadingHTTPServer) -> threading.Thread:
+    """Serve `server` from a daemon thread (its request threads daemons too)."""
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_serving(server: Optional[http.server.ThreadingHTTPServer], thread: Optional[threading.Thread]) -> None:
+    """Stop a server started by serve_in_thread and close its socket (connections are refused from now on)."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    if thread is not None:
+        thread.join(5)
+
+
+def sqlite_service(tmp_path: pathlib.Path, files: Dict[str, bytes], cleanup: contextlib.ExitStack,
+                   **env: str) -> 'CartService':
+    """A service on a SQLite file under `tmp_path` over FakeArchive(files) and a FakeQueue, with these
+    settings (environment names); its connection is closed by `cleanup`."""
+    from pacifica.cartd import database, schema
+    from pacifica.cartd.config import check_volume, load_settings
+    from pacifica.cartd.service import CartService
+    settings = load_settings(str(tmp_path / 'none.ini'), environ={
+        'VOLUME_PATH': str(tmp_path / 'volume'), 'PEEWEE_URL': f'sqliteext:///{tmp_path}/db.sqlite3', **env})
+    check_volume(settings)
+    database.bind(settings)
+    cleanup.enter_context(database.connection())
+    schema.sync()
+    return CartService(settings, FakeQueue(), FakeArchive(dict(files)))  # type: ignore[arg-type]
 MAX_TASKS = 50  # run_queue's bound: a cart whose tasks keep requeueing fails the test
 
 # What pacifica-archiveinterface 0.4.2 sends when its backend raises: CherryPy's generic 500 page,
@@ -91,19 +125,12 @@ class BusyArchive:
             do_HEAD = do_GET = do_POST = _busy  # noqa: N815
 
         self._server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={'poll_interval': 0.05},
-                                        daemon=True)
-        self._thread.start()
+        self._thread = serve_in_thread(self._server)
         return self
 
     def stop(self) -> None:
         """Stop serving and close the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        stop_serving(self._server, self._thread)
 
     def __enter__(self) -> 'BusyArchive':
         """Start serving."""
