@@ -40,7 +40,7 @@ def test_ready_passes_with_every_check_on_a_working_stack(stack: CartStack) -> N
     assert document['status'] == 'pass', document
     assert set(document['checks']) == READY_CHECKS
     assert all(entry[0]['status'] == 'pass' for entry in document['checks'].values()), document
-    assert document['checks']['database:schema'][0]['observedValue'] == '2.6'
+    assert document['checks']['database:schema'][0]['observedValue'] == '2.7'
     free = document['checks']['volume:free'][0]
     assert free['observedUnit'] == 'bytes' and free['observedValue'] > 0
 

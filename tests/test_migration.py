@@ -1,4 +1,4 @@
-"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.6).
+"""Upgrade a database written by the published pacifica-cartd 0.7.0 (schema 2.0) to ours (2.7).
 
 On SQLite, PostgreSQL and MariaDB: the real 0.7.0 creates its schema and writes carts, files and
 tasks; our commands must see that schema as too old, the server must refuse it with one clear
@@ -48,6 +48,9 @@ ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
     + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error'),
     'file': ('size', 'mtime', 'tar_offset', 'attempts'),
 }
+# 2.7: the fleet-wide counters of the metrics, one row each, made with the table.
+EXPECTED_COUNTERS = {('files_staged', ''): 0, ('staged_bytes', ''): 0, ('hash_mismatches', ''): 0, ('evictions', ''): 0,
+                     ('carts_finished', 'ready'): 0, ('carts_finished', 'error'): 0, ('carts_finished', 'expired'): 0}
 ORDER_BY = {'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
 
 # Run by 0.7.0's own interpreter: three carts in the states a live 0.7.0 database holds.
@@ -194,6 +197,16 @@ class Site:
         finally:
             database.close()
 
+    def counters(self) -> Dict[Tuple[str, str], int]:
+        """The cartcounter rows (schema 2.7) by (name, label)."""
+        database = self.database()
+        try:
+            columns = ', '.join(self.quote(column) for column in ('name', 'label', 'value'))
+            rows = database.execute_sql(f'SELECT {columns} FROM {self.quote("cartcounter")}').fetchall()
+            return {(str(name), str(label)): int(value) for name, label, value in rows}
+        finally:
+            database.close()
+
     def version(self) -> Dict[str, int]:
         """The cartsystem rows."""
         return {part: int(value) for part, value in self.dump({'cartsystem': ('part', 'value')})['cartsystem']}
@@ -238,7 +251,7 @@ def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[st
 
 
 def test_upgrade_published_0_7_0_database(site: Site) -> None:
-    """0.7.0 data survives dbsync 2.0 -> 2.6, counters get filled, and 0.7.0 can still write after."""
+    """0.7.0 data survives dbsync 2.0 -> 2.7, counters get filled, and 0.7.0 can still write after."""
     # 0.7.0 creates its schema and writes its rows.
     created = site.reference('dbsync')
     assert created.returncode == 0, f'0.7.0 dbsync failed:\n{created.stdout}\n{created.stderr}'
@@ -260,16 +273,16 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
     # Upgrade in place.
     synced = site.ours_ok('dbsync')
-    assert '2.6' in synced.stdout, synced.stdout
+    assert '2.7' in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == {'major': 2, 'minor': 7}
 
     # Every original row, column by column, is unchanged.
     after = site.dump(data_tables)
     assert after == before
 
-    # The new columns exist and have the shape a fresh 2.6 schema gives them.
+    # The new columns exist and have the shape a fresh 2.7 schema gives them.
     after_columns = site.columns()
     for table, names in ORIGINAL_COLUMNS.items():
         assert set(after_columns[table]) == set(names) | set(ADDED_COLUMNS.get(table, ())), table
@@ -303,18 +316,21 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     ready_dates = site.dump({'cart': ('id', 'ready_date', 'updated_date')})['cart']
     assert [(row[0], row[1] == row[2]) for row in ready_dates if row[1] is not None] == [(ids['ready'], True)]
 
+    # 2.7's counters table, every counter at 0 (what 0.7.0 did before is not counted).
+    assert site.counters() == EXPECTED_COUNTERS
+
     # A second dbsync changes nothing and still succeeds.
     everything = {table: cols + ADDED_COLUMNS.get(table, ()) for table, cols in ORIGINAL_COLUMNS.items()}
     snapshot = site.dump(everything)
     again = site.ours_ok('dbsync')
-    assert '2.6' in again.stdout, again.stdout
+    assert '2.7' in again.stdout, again.stdout
     assert site.dump(everything) == snapshot
     assert site.columns().keys() == after_columns.keys()
     site.ours_ok('dbchk', '--equal')
 
     # Rolling upgrade: 0.7.0 still accepts the schema and writes with server-side defaults.
     old_check = site.reference('dbchk')
-    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.6:\n{old_check.stdout}\n{old_check.stderr}'
+    assert old_check.returncode == 0, f'0.7.0 dbchk refused 2.7:\n{old_check.stdout}\n{old_check.stderr}'
     rolled = site.reference_script(ROLLING_SCRIPT)
     assert rolled['carts'] == sorted(['mig-ready', 'mig-staging', 'mig-deleted', 'mig-rolling'])
     assert [f['status'] for f in rolled['files']] == ['staged']
@@ -335,7 +351,7 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
 
 
 def test_fresh_database(site: Site) -> None:
-    """An empty database is refused, then dbsync creates exactly schema 2.6 (same as an upgraded one)."""
+    """An empty database is refused, then dbsync creates exactly schema 2.7 (same as an upgraded one)."""
     for args in (('dbchk',), ('dbchk', '--equal')):
         check = site.ours(*args)
         assert check.returncode != 0, f'{args} accepted an empty database:\n{check.stdout}\n{check.stderr}'
@@ -343,10 +359,10 @@ def test_fresh_database(site: Site) -> None:
     assert site.columns() == {}
 
     synced = site.ours_ok('dbsync')
-    assert '2.6' in synced.stdout, synced.stdout
+    assert '2.7' in synced.stdout, synced.stdout
     site.ours_ok('dbchk')
     site.ours_ok('dbchk', '--equal')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == {'major': 2, 'minor': 7}
     columns = site.columns()
     assert {table: set(cols) for table, cols in columns.items()} == {
         table: set(cols) | set(ADDED_COLUMNS.get(table, ())) for table, cols in ORIGINAL_COLUMNS.items()}
@@ -354,6 +370,8 @@ def test_fresh_database(site: Site) -> None:
     fresh_shape = _new_column_shape(columns)
     assert fresh_shape[('cart', 'files_total')][1:] == (False, True)
     assert fresh_shape[('file', 'size')][1] is True
+
+    assert site.counters() == EXPECTED_COUNTERS
 
     # 0.7.0 can write to a database our code created, too.
     rolled = site.reference_script(ROLLING_SCRIPT)
@@ -408,10 +426,37 @@ def test_interrupted_upgrade_can_be_finished(site: Site) -> None:
         database.close()
     assert site.version() == {'major': 2, 'minor': 0}
     site.ours_ok('dbsync')
-    assert site.version() == {'major': 2, 'minor': 6}
+    assert site.version() == {'major': 2, 'minor': 7}
     assert site.ours('dbchk', '--equal').returncode == 0
     totals = sorted(row[0] for row in site.dump({'cart': ('files_total',)})['cart'])
     assert totals == [1, 2, 3]
+
+
+def test_the_2_7_step_is_resumable(site: Site) -> None:
+    """A 2.6 database gets the counters table; a step cut off after the table was made (rows missing, still 2.6)
+    is finished by a rerun; counters already counting keep their values."""
+    site.ours_ok('dbsync')
+    database = site.database()
+    table, name, value = site.quote('cartcounter'), site.quote('name'), site.quote('value')
+    minor = f'UPDATE {site.quote("cartsystem")} SET {value} = 6 WHERE {site.quote("part")} = {database.param}'
+    try:
+        database.execute_sql(f'DROP TABLE {table}')
+        database.execute_sql(minor, ('minor',))
+    finally:
+        database.close()
+    assert site.ours('dbchk').returncode != 0
+    site.ours_ok('dbsync')
+    assert site.version() == {'major': 2, 'minor': 7} and site.counters() == EXPECTED_COUNTERS
+    database = site.database()
+    try:
+        database.execute_sql(f'UPDATE {table} SET {value} = 41 WHERE {name} = {database.param}', ('files_staged',))
+        database.execute_sql(f'DELETE FROM {table} WHERE {name} <> {database.param}', ('files_staged',))
+        database.execute_sql(minor, ('minor',))
+    finally:
+        database.close()
+    site.ours_ok('dbsync')
+    assert site.counters() == {**EXPECTED_COUNTERS, ('files_staged', ''): 41}
+    site.ours_ok('dbchk', '--equal')
 
 
 def test_database_errors_are_one_line(site: Site) -> None:

@@ -65,6 +65,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option('database', 'connect_attempts', 'DATABASE_CONNECT_ATTEMPTS', '10'),
     Option('database', 'connect_wait', 'DATABASE_CONNECT_WAIT', '20'),
     Option('database', 'debug_logging', 'DATABASE_DEBUG_LOGGING', 'False'),
+    Option('metrics', 'enabled', 'METRICS_ENABLED', 'on'),
+    Option('metrics', 'multiprocess_dir', 'METRICS_MULTIPROCESS_DIR', ''),
 )
 
 CONFIG_ENV = 'CARTD_CONFIG'
@@ -138,6 +140,14 @@ def _uri_prefix(text: str) -> str:
     return prefix
 
 
+def _optional_absolute_path(text: str) -> Optional[Path]:
+    """Empty (None), or an absolute directory path."""
+    path = text.strip()
+    if path and not os.path.isabs(path):
+        raise ValueError(f'not an absolute path: {text!r}')
+    return Path(path) if path else None
+
+
 FILESYSTEM_BROKER = 'filesystem://'
 
 
@@ -188,6 +198,8 @@ class Settings:
     database_connect_attempts: int
     database_connect_wait: float
     database_debug_logging: bool
+    metrics_enabled: bool = True
+    metrics_multiprocess_dir: Optional[Path] = None
     config_file: Optional[str] = None
 
 
@@ -220,6 +232,8 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('database', 'connect_attempts'): ('database_connect_attempts', _positive_int),
     ('database', 'connect_wait'): ('database_connect_wait', _non_negative(float)),
     ('database', 'debug_logging'): ('database_debug_logging', parse_bool),
+    ('metrics', 'enabled'): ('metrics_enabled', parse_bool),
+    ('metrics', 'multiprocess_dir'): ('metrics_multiprocess_dir', _optional_absolute_path),
 }
 
 

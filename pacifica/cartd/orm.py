@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import datetime
 import enum
+import functools
 import io
 import math
+import operator
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 from peewee import (
@@ -16,6 +18,7 @@ from peewee import (
     BooleanField,
     Case,
     CharField,
+    CompositeKey,
     DatabaseProxy,
     DateTimeField,
     DoubleField,
@@ -183,7 +186,32 @@ class SpaceReservation(BaseModel):
         table_name = 'spacereservation'
 
 
-MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation)
+class CartCounter(BaseModel):
+    """Fleet-wide counters (schema 2.7): what every process did, kept across restarts, one row per name and label.
+
+    Bumped with `value = value + n` in the transaction that makes the change, so a rolled-back
+    change counts nothing and every process and host adds to the same rows.
+    """
+
+    name = CharField(max_length=64)
+    label = CharField(max_length=32, default='', constraints=[SQL("DEFAULT ''")])
+    value = BigIntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+
+    class Meta:
+        """Not a 0.7.0 table."""
+
+        table_name = 'cartcounter'
+        primary_key = CompositeKey('name', 'label')
+
+
+MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, CartCounter)
+
+FILES_STAGED, STAGED_BYTES, HASH_MISMATCHES, EVICTIONS, CARTS_FINISHED = (
+    'files_staged', 'staged_bytes', 'hash_mismatches', 'evictions', 'carts_finished')
+# Every counter row, made with the table: a bump is then always an UPDATE of an existing row.
+COUNTER_ROWS: Tuple[Tuple[str, str], ...] = (
+    (FILES_STAGED, ''), (STAGED_BYTES, ''), (HASH_MISMATCHES, ''), (EVICTIONS, ''),
+    (CARTS_FINISHED, 'ready'), (CARTS_FINISHED, 'error'), (CARTS_FINISHED, 'expired'))
 
 
 LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
@@ -443,16 +471,23 @@ def mark_ready(cart_id: int, bundle_path: str, message: str = '') -> bool:
     moment = now()
     lifetime = int(Cart.select(Cart.lifetime).where(Cart.id == cart_id).scalar() or 0)
     expires = moment + datetime.timedelta(seconds=lifetime) if lifetime > 0 else None
-    return bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=moment,
-                            ready_date=moment, expires_date=expires, error=message[:2000])
-                .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
+    with DB.atomic():
+        ready = bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=moment,
+                                 ready_date=moment, expires_date=expires, error=message[:2000])
+                     .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
+        if ready:
+            bump_counters({(CARTS_FINISHED, CartStatus.READY.value): 1})
+    return ready
 
 
 def fail_cart(cart_id: int, message: str) -> None:
     """Move a cart that is still being worked on to error, with the message clients will see."""
-    (Cart.update(status=CartStatus.ERROR.value, error=message, updated_date=now())
-     .where((Cart.id == cart_id) & (Cart.status.in_(ACTIVE_STATUSES)))
-     .execute())
+    with DB.atomic():
+        failed = (Cart.update(status=CartStatus.ERROR.value, error=message, updated_date=now())
+                  .where((Cart.id == cart_id) & (Cart.status.in_(ACTIVE_STATUSES)))
+                  .execute())
+        if failed:
+            bump_counters({(CARTS_FINISHED, CartStatus.ERROR.value): 1})
 
 
 def grow_bundle(cart_id: int, region: int) -> Optional[int]:
@@ -553,9 +588,13 @@ def expired_unused(moment: datetime.datetime, used_before: datetime.datetime, li
 
 def claim_expiry(cart: Cart) -> bool:
     """Mark a cart found by expired_unused expired (its files to remove), unless it was used or changed since."""
-    return bool(Cart.update(status=CartStatus.EXPIRED.value, deleted_date=now())
-                .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
-                       & (Cart.updated_date == cart.updated_date)).execute())
+    with DB.atomic():
+        expired = bool(Cart.update(status=CartStatus.EXPIRED.value, deleted_date=now())
+                       .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
+                              & (Cart.updated_date == cart.updated_date)).execute())
+        if expired:
+            bump_counters({(CARTS_FINISHED, CartStatus.EXPIRED.value): 1})
+    return expired
 
 
 def newest_deleted_cart(cart_uid: str) -> Optional[Cart]:
@@ -571,7 +610,7 @@ def claim_eviction(cart: Cart) -> bool:
     A ready cart is marked deleted by eviction. A failed cart keeps its row, status, error and
     counters (HEAD answers as before; counters never go down); deleted_date records that its
     files left the volume (so it is not found again), its files go back to waiting and its
-    reservations are dropped.
+    reservations are dropped. Counted in the caller's transaction (the reservation's, serialised).
     """
     if cart.status == CartStatus.ERROR.value:
         claimed = bool(Cart.update(deleted_date=now())
@@ -581,11 +620,14 @@ def claim_eviction(cart: Cart) -> bool:
             (File.update(status=FileStatus.WAITING.value)
              .where((File.cart == cart.id) & (File.status == FileStatus.STAGED.value)).execute())
             drop_cart_reservations(cart.id)
-        return claimed
-    return bool(Cart.update(status=CartStatus.DELETED.value, deleted_date=now(),
-                            error='evicted to make room on the volume')
-                .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
-                       & (Cart.updated_date == cart.updated_date)).execute())
+    else:
+        claimed = bool(Cart.update(status=CartStatus.DELETED.value, deleted_date=now(),
+                                   error='evicted to make room on the volume')
+                       .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
+                              & (Cart.updated_date == cart.updated_date)).execute())
+    if claimed:
+        bump_counters({(EVICTIONS, ''): 1})
+    return claimed
 
 
 # ---- tasks ---------------------------------------------------------------------------
@@ -644,9 +686,11 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
     def were(status: FileStatus) -> int:
         return sum(1 for file_id in sizes if before[file_id].status == status.value)
 
-    return StagedCount(
+    staged = StagedCount(
         files=len(fresh), from_tape=were(FileStatus.RECALLING), from_transfer=were(FileStatus.TRANSFERRING),
         newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()))
+    bump_counters({(FILES_STAGED, ''): staged.files, (STAGED_BYTES, ''): staged.bytes})
+    return staged
 
 
 def mark_transferring(cart_id: int, attempts: Dict[int, int]) -> int:
@@ -880,3 +924,78 @@ def reservations_in_flight(excluding_file_id: int) -> List[SpaceReservation]:
                 .join(Cart, on=(SpaceReservation.cart == Cart.id))
                 .where((SpaceReservation.file != excluding_file_id)
                        & (Cart.status != CartStatus.DELETED.value)))
+
+
+# ---- counters and the metrics' snapshot ------------------------------------------------
+
+def seed_counters() -> None:
+    """Make the counter rows that are missing (at 0)."""
+    existing = {(row.name, row.label) for row in CartCounter.select(CartCounter.name, CartCounter.label)}
+    for name, label in COUNTER_ROWS:
+        if (name, label) not in existing:
+            CartCounter.create(name=name, label=label, value=0)
+
+
+def bump_counters(amounts: Dict[Tuple[str, str], int]) -> None:
+    """Add to counters, in one UPDATE, inside the caller's transaction (amounts of 0 left out).
+
+    Only positive amounts, so on MySQL (whose row count is rows changed) every matched row
+    counts; a row found missing (a database whose rows were removed by hand) is made.
+    """
+    wanted = {key: amount for key, amount in amounts.items() if amount > 0}
+    if not wanted:
+        return
+    keys = list(wanted)
+    matches = [(CartCounter.name == name) & (CartCounter.label == label) for name, label in keys]
+    where = functools.reduce(operator.or_, matches)
+    increment = CartCounter.value + Case(None, [(match, wanted[key]) for match, key in zip(matches, keys, strict=True)],
+                                         0)
+    changed = CartCounter.update(value=increment).where(where).execute()
+    if changed < len(keys):
+        existing = {(row.name, row.label) for row in CartCounter.select(CartCounter.name, CartCounter.label)
+                    .where(where)}
+        for name, label in keys:
+            if (name, label) not in existing:
+                CartCounter.create(name=name, label=label, value=wanted[(name, label)])
+
+
+def count_hash_mismatches(count: int) -> None:
+    """Count downloads whose bytes did not have the hash the client gave."""
+    bump_counters({(HASH_MISMATCHES, ''): count})
+
+
+def counter_values() -> Dict[Tuple[str, str], int]:
+    """Every counter's value by (name, label)."""
+    rows = cast(Iterable[Tuple[Any, Any, Any]],
+                CartCounter.select(CartCounter.name, CartCounter.label, CartCounter.value).tuples())
+    return {(str(name), str(label)): int(value or 0) for name, label, value in rows}
+
+
+class Snapshot(NamedTuple):
+    """What the metrics read of the database at a scrape: carts by status, the files of the carts being
+    worked on by state, when the oldest of those carts was made, and the bytes reserved by downloads."""
+
+    carts: Dict[str, int]
+    files: Dict[str, int]
+    oldest_active: Optional[datetime.datetime]
+    reserved_bytes: int
+
+
+def metrics_snapshot() -> Snapshot:
+    """The snapshot in three aggregate queries (none per cart or per file): carts grouped by status,
+    the counters of the carts being worked on summed, the reservations of live carts summed."""
+    by_status = cast(Iterable[Tuple[Any, Any]], Cart.select(Cart.status, fn.COUNT(Cart.id)).group_by(Cart.status)
+                     .tuples())
+    carts = {str(status): int(count) for status, count in by_status}
+    row = (Cart.select(fn.MIN(Cart.creation_date), fn.SUM(Cart.files_total), fn.SUM(Cart.files_staged),
+                       fn.SUM(Cart.files_failed), fn.SUM(Cart.files_on_tape), fn.SUM(Cart.files_transferring))
+           .where(Cart.status.in_(ACTIVE_STATUSES)).tuples().first())
+    oldest, total, staged, failed, on_tape, transferring = (row or (None, 0, 0, 0, 0, 0))
+    total, staged, failed, on_tape, transferring = (int(value or 0) for value in
+                                                    (total, staged, failed, on_tape, transferring))
+    files = {'on_tape': on_tape, 'transferring': transferring, 'staged': staged, 'failed': failed,
+             'queued': max(total - staged - failed - on_tape - transferring, 0)}
+    reserved = (SpaceReservation.select(fn.COALESCE(fn.SUM(SpaceReservation.bytes), 0))
+                .join(Cart, on=(SpaceReservation.cart == Cart.id))
+                .where(Cart.status != CartStatus.DELETED.value).scalar())
+    return Snapshot(carts, files, _as_datetime(oldest), int(reserved or 0))

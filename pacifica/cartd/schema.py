@@ -8,7 +8,8 @@ from peewee import Field, fn
 from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
-from .orm import DB, MODELS, Cart, CartStatus, CartSystem, File, FileStatus, SpaceReservation, counters_from_rows
+from .orm import (DB, MODELS, Cart, CartCounter, CartStatus, CartSystem, File, FileStatus, SpaceReservation,
+                  counters_from_rows, seed_counters)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -18,10 +19,11 @@ Version = Tuple[int, int]
 # 2.2 adds where a bundle's files are written in its tar; 2.3 adds the progress counters
 # HEAD reports and when a cart became ready; 2.4 adds what GET /<uid>/status reports (the
 # downloads started per file, the files transferring and the high-water percent of a cart);
-# 2.5 adds a cart's lifetime and when it expires; 2.6 whether it skips files it cannot stage.
+# 2.5 adds a cart's lifetime and when it expires; 2.6 whether it skips files it cannot stage;
+# 2.7 the table of fleet-wide counters the metrics report (cartcounter).
 # All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
 # write to the database.
-SCHEMA_VERSION: Version = (2, 6)
+SCHEMA_VERSION: Version = (2, 7)
 
 
 def current_version() -> Optional[Version]:
@@ -124,6 +126,13 @@ def _upgrade_2_5_to_2_6() -> None:
     migrate(*_add_columns(migrator, [('cart', Cart.on_file_error)]))
 
 
+def _upgrade_2_6_to_2_7() -> None:
+    """Add the counters table with its rows at 0 (resumable: made if missing, rows made if missing).
+    The counters start at this upgrade: what was done before is not counted."""
+    DB.create_tables([CartCounter], safe=True)
+    seed_counters()
+
+
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
     ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
@@ -131,6 +140,7 @@ UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 3), (2, 4), _upgrade_2_3_to_2_4),
     ((2, 4), (2, 5), _upgrade_2_4_to_2_5),
     ((2, 5), (2, 6), _upgrade_2_5_to_2_6),
+    ((2, 6), (2, 7), _upgrade_2_6_to_2_7),
 ]
 
 
@@ -140,6 +150,7 @@ def sync() -> Version:
         version = current_version()
         if version is None:
             DB.create_tables(MODELS, safe=True)
+            seed_counters()
             _store_version(SCHEMA_VERSION)
             LOGGER.info('created schema %d.%d', *SCHEMA_VERSION)
             return SCHEMA_VERSION

@@ -21,9 +21,9 @@ from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageEr
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
-from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_staged,
-                  count_staged_of_failed, fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle,
-                  mark_recalling, mark_staged, mark_transferring, place_file, tar_place)
+from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_hash_mismatches,
+                  count_staged, count_staged_of_failed, fail_cart, fail_file, files_to_stage, get_cart, get_file,
+                  grow_bundle, mark_recalling, mark_staged, mark_transferring, place_file, tar_place)
 from .tarlayout import member_region
 from .volume import CartVolume
 
@@ -192,7 +192,7 @@ class Stager:
         after the retries): then the file is left out and the cart goes on. Room on the volume
         and writing to it are the cart service's failures: they fail the cart in either case.
         """
-        skippable = False
+        skippable = mismatch = False
         try:
             return self._stage_one(cart, file, log)
         except ArchiveFileMissing as exc:
@@ -203,6 +203,7 @@ class Stager:
             message = exc.message
             cart_error = _cart_message(file, message)
             skippable = not isinstance(exc, NoSpace)
+            mismatch = isinstance(exc, HashMismatch)
             LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
         except OSError as exc:
             message = f'cannot write to the volume: {exc.strerror or exc}'
@@ -217,6 +218,8 @@ class Stager:
         skip = skippable and cart.on_file_error == SKIP
         with database.connection():
             with database.atomic():
+                if mismatch:
+                    count_hash_mismatches(1)
                 if fail_file(cart.id, file.id, message, log.attempts(file.id)) and not skip:
                     fail_cart(cart.id, cart_error)
             if skip:
@@ -315,6 +318,8 @@ class Stager:
             return attempt()
         except HashMismatch:
             LOGGER.info('cart %s file %s: hash mismatch, downloading once more', cart.cart_uid, file.bundle_path)
+            with database.connection(), database.atomic():
+                count_hash_mismatches(1)
         return attempt()
 
     def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path, partial: Path,

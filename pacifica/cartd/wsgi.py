@@ -5,13 +5,17 @@ under pacifica-cartd's own server (see that module for what uWSGI does different
 is offered a sendfile onto uWSGI's connection, so file ranges go out zero-copy and a slow
 download holds no read buffer. Any other WSGI server gets the CherryPy application as it is.
 """
+import atexit
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import cherrypy
 
 from .app import mount
 from .config import default_cpconfig_path, load_settings
+from .metrics import mark_process_dead, use_multiprocess_dir
 from .transport import SENDFILE_ENVIRON_KEY, socket_sendfile
 from .uwsgiadapter import UwsgiAdapter
 from .wiring import prepare_server
@@ -49,11 +53,22 @@ def socket_timeout(options: dict) -> float:
         return UWSGI_SOCKET_TIMEOUT_S
 
 
+def multiprocess_metrics(configured: Optional[Path]) -> Path:
+    """Under uWSGI (its master imports this module before it forks the workers): the directory where every
+    worker process keeps its metrics for a scrape to sum, emptied now (the configured one, or a fresh
+    temporary one), and each process's live gauges dropped from it when that process exits."""
+    directory = use_multiprocess_dir(configured or Path(tempfile.mkdtemp(prefix='pacifica-cartd-metrics-')))
+    atexit.register(lambda: mark_process_dead(directory, os.getpid()))  # runs in each forked worker too
+    return directory
+
+
 SETTINGS = load_settings()
 prepare_server(SETTINGS)
-mount(SETTINGS, default_cpconfig_path(os.environ))
-application: WsgiApp = cherrypy.tree
 UWSGI = _uwsgi()
+METRICS_DIR = (multiprocess_metrics(SETTINGS.metrics_multiprocess_dir)
+               if UWSGI is not None and SETTINGS.metrics_enabled else None)
+mount(SETTINGS, default_cpconfig_path(os.environ), METRICS_DIR)
+application: WsgiApp = cherrypy.tree
 if UWSGI is not None:
     OPTIONS = dict(getattr(UWSGI, 'opt', {}))
     application = UwsgiAdapter(application, SETTINGS.max_request_size, cherrypy.__version__, OPTIONS,
