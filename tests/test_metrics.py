@@ -14,18 +14,23 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pacifica.cartd import database, schema
+from pacifica.cartd.archive import ArchiveClient
 from pacifica.cartd.config import load_settings
-from pacifica.cartd.metrics import ServerMetrics
-from pacifica.cartd.orm import (Cart, CartStatus, StagedCount, bump_counters, claim_eviction, claim_expiry,
+from pacifica.cartd.errors import ArchiveError, ArchiveFileMissing, HashMismatch
+from pacifica.cartd.metrics import ServerMetrics, WorkerMetrics
+from pacifica.cartd.orm import (Cart, CartStatus, File, mark_transferring, StagedCount, bump_counters, claim_eviction, claim_expiry,
                                 claim_for_bundling, count_hash_mismatches, count_staged, counter_values, fail_cart,
                                 files_to_stage, insert_cart, mark_ready, mark_recalling, mark_staged, oldest_evictable,
                                 add_reservation, EVICTIONS)
 from pacifica.cartd.rest import METRICS_PATH, MetricsLane, OpsLane
 from pacifica.cartd.transport import SENDFILE_ENVIRON_KEY
 from pacifica.cartd.volume import CartVolume
+from cartd_testkit.archive import ArchiveServer
+from cartd_testkit.procs import free_port
 
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
 
@@ -268,13 +273,21 @@ def test_processes_sharing_a_directory_are_summed(tmp_path: pathlib.Path) -> Non
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / 'docs'
 METRIC_NAME = re.compile(r'\bcartd_[a-z_]+\b')
+WORKER_FAMILIES = {'cartd_archive_requests_total', 'cartd_archive_request_duration_seconds',
+                   'cartd_tape_recall_duration_seconds'}
 
 
 def _exposed_names(volume: pathlib.Path) -> Set[str]:
+    """The sample names a server and a worker expose."""
     metrics = ServerMetrics(CartVolume(volume))
     metrics.observe('GET', '200', 0.01)
     metrics.count_served(1)
-    return {name for name, _ in samples(metrics.exposition().decode('utf-8'))}
+    registry = CollectorRegistry()
+    worker = WorkerMetrics(registry)
+    worker.archive_request('GET', 'ok', 0.5)
+    worker.tape_recall(60)
+    return {name for name, _ in {**samples(metrics.exposition().decode('utf-8')),
+                                 **samples(generate_latest(registry).decode('utf-8'))}}
 
 
 def test_the_dashboard_and_alerts_use_only_exposed_metrics(bound: pathlib.Path) -> None:
@@ -295,3 +308,56 @@ def test_the_dashboard_and_alerts_use_only_exposed_metrics(bound: pathlib.Path) 
     # a histogram's samples named as its family; a counter's _created samples left out
     families = {re.sub(r'_(bucket|count|sum)$', '', name) for name in exposed if not name.endswith('_created')}
     assert documented == families
+
+
+def test_a_recall_is_timed_from_the_first_sight_on_tape(bound: pathlib.Path) -> None:
+    cart_id, file_ids = _cart('taped', 3)
+    with database.connection():
+        with database.atomic():
+            mark_recalling(cart_id, {file_ids[0]: 10, file_ids[1]: 10})
+        File.update(recall_date=datetime.datetime.now() - datetime.timedelta(hours=2)).where(
+            File.id == file_ids[0]).execute()
+        with database.atomic():
+            mark_recalling(cart_id, {file_ids[0]: 10})  # looked at again, still on tape: its start is kept
+            mark_transferring(cart_id, {file_ids[0]: 1, file_ids[1]: 1})
+    fresh = _stage(cart_id, file_ids, 10)
+    assert fresh.files == 3 and len(fresh.recalls) == 2  # the third was on disk: no recall
+    slow, fast = sorted(fresh.recalls, reverse=True)
+    assert 2 * 3600 - 60 < slow < 2 * 3600 + 600 and 0 <= fast < 600
+    with database.connection():
+        assert {row.recall_date for row in File.select(File.recall_date)} == {None}  # gone once staged
+
+
+def test_the_archive_client_tells_how_each_request_ended(archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
+    """Against the real archive interface, and a port nothing listens on."""
+    heard: List[Tuple[str, str]] = []
+    client = ArchiveClient(archive.url, 10, 1 << 20, 0, 0, observe=lambda method, outcome, _: heard.append(
+        (method, outcome)))
+    body = b'metrics' * 100
+    sums = archive.put('metrics-observed', body)
+    assert client.status('metrics-observed').on_disk
+    client.download('metrics-observed', tmp_path / 'a', 'sha1', sums['sha1'], len(body))
+    with pytest.raises(HashMismatch):
+        client.download('metrics-observed', tmp_path / 'b', 'sha1', '0' * 40, len(body))
+    with pytest.raises(ArchiveFileMissing):
+        client.status('metrics-not-there')
+    nowhere = ArchiveClient(f'http://127.0.0.1:{free_port()}/', 2, 1 << 20, 0, 0,
+                            observe=lambda method, outcome, _: heard.append((method, outcome)))
+    with pytest.raises(ArchiveError):
+        nowhere.stage('anything')
+    assert heard == [('HEAD', 'ok'), ('GET', 'ok'), ('GET', 'hash_mismatch'), ('HEAD', 'missing'), ('POST', 'error')]
+
+
+def test_worker_metrics_are_named_as_documented() -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    metrics.archive_request('GET', 'ok', 0.5)
+    metrics.tape_recall(7200)
+    found = samples(generate_latest(registry).decode('utf-8'))
+    assert found[('cartd_archive_requests_total', (('method', 'GET'), ('outcome', 'ok')))] == 1
+    assert found[('cartd_archive_request_duration_seconds_count', (('method', 'GET'),))] == 1
+    assert found[('cartd_tape_recall_duration_seconds_bucket', (('le', '3600.0'),))] == 0
+    assert found[('cartd_tape_recall_duration_seconds_bucket', (('le', '7200.0'),))] == 1
+    monitoring = (DOCS / 'monitoring.md').read_text(encoding='utf-8')
+    for name in WORKER_FAMILIES:
+        assert f'| `{name}' in monitoring, name

@@ -15,10 +15,15 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from cartd_testkit.faultproxy import FaultProxy
+from cartd_testkit.procs import free_port
 from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
 
+ARCHIVE_BEHIND_PROXY = True  # conftest.served_stack: the archive through the fault proxy (a file can be on "tape")
+STACK_OVERRIDES = {'archiveinterface': {'tape_wait': '1', 'tape_wait_max': '1'}}  # a file on tape: looked at after 1 s
+TAPE_HEADS = 2  # HEADs of the held file answered "tape" before it is on disk
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
 DB_COUNTERS = ('cartd_files_staged_total', 'cartd_staged_bytes_total', 'cartd_hash_mismatches_total',
                'cartd_evictions_total')
@@ -35,8 +40,13 @@ def scrape(url: str) -> Samples:
     answer = requests.get(f'{url}/-/metrics', timeout=30)
     assert answer.status_code == 200, answer.text
     assert answer.headers['Content-Type'].startswith('text/plain')
+    return parsed(answer.text)
+
+
+def parsed(text: str) -> Samples:
+    """Every sample of an exposition by (name, sorted labels)."""
     found: Samples = {}
-    for family in text_string_to_metric_families(answer.text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
@@ -169,3 +179,61 @@ def test_metrics_off_answer_404_as_an_unknown_path(stack: CartStack, tmp_path_fa
         assert requests.get(f'{other.url}/-/ready', timeout=30).status_code == 200
     finally:
         other.stop()
+
+
+def test_a_worker_serves_its_archive_requests_on_its_port(stack: CartStack, proxy: FaultProxy,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stack's worker is replaced for this test by one with [metrics] worker_port (env METRICS_WORKER_PORT:
+    the config file leaves it out), so every archive request of the cart is this worker's. One file is held
+    on tape for TAPE_HEADS looks."""
+    port = free_port()
+    for worker in list(stack.workers):
+        worker.stop()
+        stack.workers.remove(worker)
+    monkeypatch.setenv('METRICS_WORKER_PORT', str(port))
+    stack.start_worker()
+    monkeypatch.delenv('METRICS_WORKER_PORT')
+    try:
+        stack.wait_workers_ready()
+        before = scrape_worker(port)
+        uid = f'worker-{uuid.uuid4().hex[:8]}'
+        fileids = _files(stack, uid, [10, 20, 30])
+        proxy.rule(fileids[2]['id'], 'tape', times=TAPE_HEADS, methods='HEAD')
+        assert stack.post(uid, fileids).status_code == 201
+        assert stack.wait_final(uid).status_code == 204
+        missing = f'missing-{uuid.uuid4().hex[:8]}'
+        assert stack.post(missing, [{'id': f'{missing}-absent', 'path': 'f.bin', 'hashtype': 'sha1',
+                                     'hashsum': '0' * 40}]).status_code == 201
+        assert stack.wait_final(missing).headers['X-Pacifica-Status'] == 'error'
+        after = scrape_worker(port)
+    finally:
+        for worker in list(stack.workers):
+            worker.stop()
+            stack.workers.remove(worker)
+        stack.start_worker()
+        stack.wait_workers_ready()
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved('cartd_archive_requests_total', method='HEAD', outcome='ok') == 3 + TAPE_HEADS
+    assert moved('cartd_archive_requests_total', method='POST', outcome='ok') == TAPE_HEADS  # a recall each time
+    assert moved('cartd_archive_requests_total', method='GET', outcome='ok') == 3
+    assert moved('cartd_archive_requests_total', method='HEAD', outcome='missing') == 1
+    assert moved('cartd_archive_request_duration_seconds_count', method='GET') == 3
+    assert moved('cartd_tape_recall_duration_seconds_count') == 1
+    assert moved('cartd_tape_recall_duration_seconds_sum') >= TAPE_HEADS - 1  # looked at again after 1 s each time
+
+
+def scrape_worker(port: int) -> Samples:
+    """The worker's metrics (what its pool processes wrote), parsed with prometheus_client's parser."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            answer = requests.get(f'http://127.0.0.1:{port}/metrics', timeout=10)
+            break
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, f'nothing listens on the worker metrics port {port}'
+            time.sleep(0.1)
+    assert answer.status_code == 200, answer.text
+    return parsed(answer.text)

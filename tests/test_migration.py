@@ -41,12 +41,12 @@ ORIGINAL_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'file': ('id', 'cart_id', 'file_name', 'bundle_path', 'hash_type', 'hash_value', 'status', 'error'),
     'carttasks': ('id', 'cart_id', 'celery_task_id'),
 }
-# What schemas 2.1 to 2.6 add.
+# What schemas 2.1 to 2.7 add (2.7 also adds the table cartcounter).
 PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total', 'bytes_staged')
 ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'cart': ('files_total', 'files_staged', 'bundle_size') + PROGRESS_COLUMNS + ('ready_date',)
     + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error'),
-    'file': ('size', 'mtime', 'tar_offset', 'attempts'),
+    'file': ('size', 'mtime', 'tar_offset', 'attempts', 'recall_date'),
 }
 # 2.7: the fleet-wide counters of the metrics, one row each, made with the table.
 EXPECTED_COUNTERS = {('files_staged', ''): 0, ('staged_bytes', ''): 0, ('hash_mismatches', ''): 0, ('evictions', ''): 0,
@@ -241,7 +241,7 @@ def _assert_server_refuses(site: Site) -> str:
 
 
 def _new_column_shape(columns: Mapping[str, Mapping[str, Any]]) -> Dict[Tuple[str, str], Tuple[Any, ...]]:
-    """(table, column) -> (type, nullable, has a server default) for the columns 2.1 to 2.6 add."""
+    """(table, column) -> (type, nullable, has a server default) for the columns 2.1 to 2.7 add."""
     shape = {}
     for table, names in ADDED_COLUMNS.items():
         for name in names:
@@ -294,6 +294,7 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
         assert shape[('cart', counter)][1:] == (False, True), (counter, shape)
     assert shape[('file', 'size')][1] is True and shape[('file', 'mtime')][1] is True, shape
     assert shape[('file', 'attempts')][1:] == (False, True), shape
+    assert shape[('file', 'recall_date')][1] is True, shape  # nullable: 0.7.0 inserts files without it
 
     # The counters come from the file rows; the file metadata is unknown (NULL).
     counters = site.dump({'cart': ('id', 'cart_uid', 'files_total', 'files_staged')})['cart']
@@ -380,7 +381,7 @@ def test_fresh_database(site: Site) -> None:
 
 
 def test_upgraded_columns_match_fresh_schema(site: Site, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The columns 2.1 to 2.6 add have the same type, nullability and default whether upgraded or created."""
+    """The columns 2.1 to 2.7 add have the same type, nullability and default whether upgraded or created."""
     assert site.reference('dbsync').returncode == 0
     site.ours_ok('dbsync')
     upgraded = _new_column_shape(site.columns())
@@ -433,20 +434,23 @@ def test_interrupted_upgrade_can_be_finished(site: Site) -> None:
 
 
 def test_the_2_7_step_is_resumable(site: Site) -> None:
-    """A 2.6 database gets the counters table; a step cut off after the table was made (rows missing, still 2.6)
-    is finished by a rerun; counters already counting keep their values."""
+    """A 2.6 database gets file.recall_date and the counters table; a step cut off after the column and the
+    table were made (rows missing, still 2.6) is finished by a rerun; counters already counting keep their values."""
     site.ours_ok('dbsync')
     database = site.database()
     table, name, value = site.quote('cartcounter'), site.quote('name'), site.quote('value')
     minor = f'UPDATE {site.quote("cartsystem")} SET {value} = 6 WHERE {site.quote("part")} = {database.param}'
     try:
         database.execute_sql(f'DROP TABLE {table}')
+        database.execute_sql(f'ALTER TABLE {site.quote("file")} DROP COLUMN {site.quote("recall_date")}')
         database.execute_sql(minor, ('minor',))
     finally:
         database.close()
+    assert 'recall_date' not in site.columns()['file']
     assert site.ours('dbchk').returncode != 0
     site.ours_ok('dbsync')
     assert site.version() == {'major': 2, 'minor': 7} and site.counters() == EXPECTED_COUNTERS
+    assert 'recall_date' in site.columns()['file']
     database = site.database()
     try:
         database.execute_sql(f'UPDATE {table} SET {value} = 41 WHERE {name} = {database.param}', ('files_staged',))

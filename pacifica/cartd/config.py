@@ -67,6 +67,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option('database', 'debug_logging', 'DATABASE_DEBUG_LOGGING', 'False'),
     Option('metrics', 'enabled', 'METRICS_ENABLED', 'on'),
     Option('metrics', 'multiprocess_dir', 'METRICS_MULTIPROCESS_DIR', ''),
+    Option('metrics', 'worker_port', 'METRICS_WORKER_PORT', '0'),
+    Option('metrics', 'worker_address', 'METRICS_WORKER_ADDRESS', '127.0.0.1'),
 )
 
 CONFIG_ENV = 'CARTD_CONFIG'
@@ -148,6 +150,14 @@ def _optional_absolute_path(text: str) -> Optional[Path]:
     return Path(path) if path else None
 
 
+def _port(text: str) -> int:
+    """A TCP port, or 0 (off)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f'not a port (0 to 65535): {text!r}')
+    return value
+
+
 FILESYSTEM_BROKER = 'filesystem://'
 
 
@@ -200,6 +210,8 @@ class Settings:
     database_debug_logging: bool
     metrics_enabled: bool = True
     metrics_multiprocess_dir: Optional[Path] = None
+    metrics_worker_port: int = 0
+    metrics_worker_address: str = '127.0.0.1'
     config_file: Optional[str] = None
 
 
@@ -234,6 +246,8 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('database', 'debug_logging'): ('database_debug_logging', parse_bool),
     ('metrics', 'enabled'): ('metrics_enabled', parse_bool),
     ('metrics', 'multiprocess_dir'): ('metrics_multiprocess_dir', _optional_absolute_path),
+    ('metrics', 'worker_port'): ('metrics_worker_port', _port),
+    ('metrics', 'worker_address'): ('metrics_worker_address', str.strip),
 }
 
 

@@ -1,10 +1,12 @@
-"""The server's Prometheus metrics (`GET /-/metrics`): the database's at each scrape, and the server's own requests.
+"""Prometheus metrics: the server's (`GET /-/metrics`: the database's at each scrape, and its own requests),
+and each worker's (archive requests, tape recalls) on a port of its own.
 
 Gauges of the carts and files and the fleet-wide counters are read from the database at
 each scrape (three aggregate queries and the counters table), so every server process of
 every host answers the same. The HTTP counters are this server's: under uWSGI each process
 writes its own to files in a shared directory (prometheus_client's multiprocess mode) and a
-scrape sums them. prometheus_client is imported here only.
+scrape sums them. A celery worker's pool processes do the same with a directory of the worker's
+own, served by its main process. prometheus_client is imported here only.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server, values
 from prometheus_client import multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -174,3 +176,44 @@ class ServerMetrics:
         """The metrics in the text exposition format (see CONTENT_TYPE)."""
         with self._lock:  # one scrape at a time reads the database and the files
             return generate_latest(self.registry)
+
+
+ARCHIVE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, float('inf'))
+# A recall takes from a minute (a mounted tape) to days (a busy library).
+RECALL_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600, 86400, 2 * 86400, 4 * 86400,
+                  7 * 86400, float('inf'))
+
+
+class WorkerMetrics:
+    """A worker process's metrics: its requests to the archive and the tape recalls it saw end (file-backed in the
+    worker's multiprocess directory, served by its main process: see serve_worker_metrics)."""
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        """Make the metrics (registered in `registry`, if given: a test's)."""
+        self.archive_requests = Counter('cartd_archive_requests', 'Requests to the archive interface by method '
+                                        '(HEAD: status, POST: recall, GET: download) and how they ended',
+                                        ['method', 'outcome'], registry=registry)
+        self.archive_durations = Histogram('cartd_archive_request_duration_seconds',
+                                           'Time of a request to the archive (a download: to its last byte)',
+                                           ['method'], registry=registry, buckets=ARCHIVE_BUCKETS)
+        self.recalls = Histogram('cartd_tape_recall_duration_seconds',
+                                 'Time from a file first found on tape to its being staged',
+                                 registry=registry, buckets=RECALL_BUCKETS)
+
+    def archive_request(self, method: str, outcome: str, seconds: float) -> None:
+        """Count one request to the archive (archive.Observer)."""
+        self.archive_requests.labels(method, outcome).inc()
+        self.archive_durations.labels(method).observe(seconds)
+
+    def tape_recall(self, seconds: float) -> None:
+        """Count one file staged after a recall."""
+        self.recalls.observe(seconds)
+
+
+def serve_worker_metrics(address: str, port: int, directory: Path) -> None:
+    """Serve the metrics every process of this worker writes under `directory` at http://address:port/ (a thread
+    of the calling process: the worker's main process, before it forks its pool)."""
+    registry = CollectorRegistry(auto_describe=False)
+    multiprocess.MultiProcessCollector(registry, path=str(directory))
+    start_http_server(port, addr=address, registry=registry)
+    LOGGER.info('worker metrics at http://%s:%d/metrics', address, port)

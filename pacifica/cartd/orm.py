@@ -163,6 +163,8 @@ class File(BaseModel):
     tar_offset = BigIntegerField(null=True)
     # Added in schema 2.4: downloads of the file started so far (a retry and a re-fetch each count).
     attempts = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    # Added in schema 2.7: when the file was first found on tape (a recall asked for), until it is staged.
+    recall_date = DateTimeField(null=True)
 
     class Meta:
         """Table name of the published schema."""
@@ -284,6 +286,7 @@ class StagedCount(NamedTuple):
     newly_sized: int = 0  # of them, files whose size was not known before
     size_change: int = 0  # added to bytes_total (a size learnt, or changed since it was learnt)
     bytes: int = 0  # added to bytes_staged
+    recalls: Tuple[float, ...] = ()  # of them, the seconds from each recalled file's first sight on tape to now
 
 
 # ---- carts ---------------------------------------------------------------------------
@@ -671,7 +674,7 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
     """
     if not rows:
         return StagedCount()
-    before = {row.id: row for row in File.select(File.id, File.size, File.status).where(
+    before = {row.id: row for row in File.select(File.id, File.size, File.status, File.recall_date).where(
         File.id.in_([row[0] for row in rows]) & (File.status != FileStatus.STAGED.value))}
     fresh = [row for row in rows if row[0] in before]
     if not fresh:
@@ -680,6 +683,11 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
                            attempts=attempts)
                       for file_id, size, mtime, attempts in fresh],
                      fields=[File.status, File.size, File.mtime, File.error, File.attempts], batch_size=INSERT_CHUNK)
+    moment = now()
+    recalled = {row[0]: _as_datetime(before[row[0]].recall_date) for row in fresh
+                if before[row[0]].recall_date is not None}
+    if recalled:  # timed once: a file staged again later (evicted, re-fetched) was not recalled again
+        File.update(recall_date=None).where(File.id.in_(list(recalled))).execute()
     sizes = {row[0]: row[1] for row in fresh}
     newly_sized, size_change = _size_gain({file_id: row.size for file_id, row in before.items()}, sizes)
 
@@ -688,7 +696,8 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
 
     staged = StagedCount(
         files=len(fresh), from_tape=were(FileStatus.RECALLING), from_transfer=were(FileStatus.TRANSFERRING),
-        newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()))
+        newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()),
+        recalls=tuple(max((moment - since).total_seconds(), 0.0) for since in recalled.values() if since is not None))
     bump_counters({(FILES_STAGED, ''): staged.files, (STAGED_BYTES, ''): staged.bytes})
     return staged
 
@@ -760,7 +769,8 @@ def mark_recalling(cart_id: int, sizes: Dict[int, Optional[int]]) -> int:
     if not sizes:
         return 0
     learn_sizes(cart_id, {file_id: size for file_id, size in sizes.items() if size is not None})
-    newly = (File.update(status=FileStatus.RECALLING.value)
+    newly = (File.update(status=FileStatus.RECALLING.value,
+                         recall_date=fn.COALESCE(File.recall_date, now()))  # a file recalled before keeps its start
              .where(File.id.in_(list(sizes)) & (File.status == FileStatus.WAITING.value)).execute())
     if newly:
         Cart.update(files_on_tape=Cart.files_on_tape + newly).where(Cart.id == cart_id).execute()

@@ -20,7 +20,8 @@ Version = Tuple[int, int]
 # HEAD reports and when a cart became ready; 2.4 adds what GET /<uid>/status reports (the
 # downloads started per file, the files transferring and the high-water percent of a cart);
 # 2.5 adds a cart's lifetime and when it expires; 2.6 whether it skips files it cannot stage;
-# 2.7 the table of fleet-wide counters the metrics report (cartcounter).
+# 2.7 the table of fleet-wide counters the metrics report (cartcounter) and when a file was first
+# found on tape (file.recall_date).
 # All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
 # write to the database.
 SCHEMA_VERSION: Version = (2, 7)
@@ -127,8 +128,11 @@ def _upgrade_2_5_to_2_6() -> None:
 
 
 def _upgrade_2_6_to_2_7() -> None:
-    """Add the counters table with its rows at 0 (resumable: made if missing, rows made if missing).
-    The counters start at this upgrade: what was done before is not counted."""
+    """Add when a file was first found on tape, and the counters table with its rows at 0 (resumable: each
+    made if missing). The counters start at this upgrade: what was done before is not counted; files
+    recalling now have no start and their recalls are not timed."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    migrate(*_add_columns(migrator, [('file', File.recall_date)]))
     DB.create_tables([CartCounter], safe=True)
     seed_counters()
 

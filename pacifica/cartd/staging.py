@@ -92,13 +92,15 @@ class Stager:
     """Stages files of carts with stage_concurrency threads; whoever records a cart's last file finishes it."""
 
     def __init__(self, settings: Settings, volume: CartVolume, archive: ArchiveClient, space: SpaceKeeper,
-                 bundler: Bundler) -> None:
-        """Pull from `archive` onto `volume`, admitting each download through `space`."""
+                 bundler: Bundler, on_recalled: Optional[Callable[[float], None]] = None) -> None:
+        """Pull from `archive` onto `volume`, admitting each download through `space`; `on_recalled` hears,
+        for each file staged after a tape recall, the seconds since it was first found on tape."""
         self.settings = settings
         self.volume = volume
         self.archive = archive
         self.space = space
         self.bundler = bundler
+        self.on_recalled = on_recalled
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_lock = threading.Lock()
 
@@ -381,4 +383,7 @@ class Stager:
         except CartGone:
             cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')
             raise
+        if self.on_recalled is not None:
+            for seconds in fresh.recalls:
+                self.on_recalled(seconds)
         self.bundler.finish(cart.id)

@@ -7,13 +7,17 @@ worker process runs on is made in wiring.py.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any, List, Optional
 
 from celery import signals
 
 from . import database
 from .celeryapp import BUNDLE_TASK, STAGE_TASK, app
+from .metrics import mark_process_dead, serve_worker_metrics, use_multiprocess_dir
 from .wiring import forget_worker_service, process_settings, worker_service
 
 LOGGER = logging.getLogger(__name__)
@@ -25,6 +29,43 @@ __all__ = ['app', 'stage_files', 'bundle_cart']
 def _reset_after_fork(**_kwargs: Any) -> None:
     """A forked pool process must not share the parent's connections or threads."""
     forget_worker_service()
+
+
+class WorkerMetricsDir:
+    """With [metrics] worker_port set: the directory where this worker's processes keep their metrics."""
+
+    def __init__(self) -> None:
+        self.path: Optional[Path] = None
+
+    def start(self) -> None:
+        """In the main process, before the pool forks: a fresh directory, and its metrics served on the port."""
+        settings = process_settings()
+        if not settings.metrics_worker_port or self.path is not None:
+            return
+        self.path = use_multiprocess_dir(Path(tempfile.mkdtemp(prefix='pacifica-cartd-worker-metrics-')))
+        try:
+            serve_worker_metrics(settings.metrics_worker_address, settings.metrics_worker_port, self.path)
+        except OSError as exc:  # the port is taken: the worker stages all the same
+            LOGGER.error('cannot serve the worker metrics on %s:%d: %s', settings.metrics_worker_address,
+                         settings.metrics_worker_port, exc)
+
+    def process_ended(self, pid: int) -> None:
+        """A pool process exits: its live gauges go (its counts stay in the sum)."""
+        if self.path is not None:
+            mark_process_dead(self.path, pid)
+
+
+WORKER_METRICS = WorkerMetricsDir()
+
+
+@signals.worker_init.connect
+def _serve_worker_metrics(**_kwargs: Any) -> None:
+    WORKER_METRICS.start()
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_ended(pid: Optional[int] = None, **_kwargs: Any) -> None:
+    WORKER_METRICS.process_ended(pid or os.getpid())
 
 
 class Reconciler:
