@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from typing import Any, Dict, Iterator, List, Set, Tuple
 
@@ -21,7 +23,7 @@ from pacifica.cartd import database, schema
 from pacifica.cartd.archive import ArchiveClient
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.errors import ArchiveError, ArchiveFileMissing, HashMismatch
-from pacifica.cartd.metrics import ServerMetrics, WorkerMetrics
+from pacifica.cartd.metrics import ServerMetrics, WorkerMetrics, fresh_multiprocess_dir, remove_multiprocess_dir
 from pacifica.cartd.orm import (Cart, CartStatus, File, mark_transferring, StagedCount, bump_counters, claim_eviction, claim_expiry,
                                 claim_for_bundling, count_hash_mismatches, count_staged, counter_values, fail_cart,
                                 files_to_stage, insert_cart, mark_ready, mark_recalling, mark_staged, oldest_evictable,
@@ -361,3 +363,20 @@ def test_worker_metrics_are_named_as_documented() -> None:
     monitoring = (DOCS / 'monitoring.md').read_text(encoding='utf-8')
     for name in WORKER_FAMILIES:
         assert f'| `{name}' in monitoring, name
+
+
+def test_a_fresh_directory_clears_those_of_processes_gone() -> None:
+    prefix = f'cartd-test-metrics-{os.getpid()}x'
+    ended = subprocess.Popen([sys.executable, '-c', 'pass'])
+    ended.wait(timeout=30)
+    gone = pathlib.Path(tempfile.mkdtemp(prefix=f'{prefix}{ended.pid}-'))
+    (gone / 'counter_1.db').write_bytes(b'')
+    alive = pathlib.Path(tempfile.mkdtemp(prefix=f'{prefix}1-'))  # pid 1 is always there
+    made = fresh_multiprocess_dir(prefix)
+    try:
+        assert not gone.exists() and alive.is_dir() and made.is_dir()
+        assert made.name.startswith(f'{prefix}{os.getpid()}-')
+    finally:
+        for directory in (alive, made):
+            remove_multiprocess_dir(directory)
+    assert not made.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Tuple
@@ -126,6 +127,40 @@ def use_multiprocess_dir(directory: Path) -> Path:
     os.environ[MULTIPROCESS_ENV] = str(directory)
     values.ValueClass = values.get_value_class()
     return directory
+
+
+def fresh_multiprocess_dir(prefix: str) -> Path:
+    """A new temporary directory named after this process (`<prefix><pid>-<random>`), after removing this user's
+    directories of the same prefix whose makers are gone (a server killed, or stopped before its exit hooks ran)."""
+    for stale in Path(tempfile.gettempdir()).glob(f'{prefix}*'):
+        maker = stale.name[len(prefix):].split('-', 1)[0]
+        try:
+            owned = stale.is_dir() and stale.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if owned and maker.isdigit() and int(maker) != os.getpid() and not _alive(int(maker)):
+            remove_multiprocess_dir(stale)
+    return Path(tempfile.mkdtemp(prefix=f'{prefix}{os.getpid()}-'))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_multiprocess_dir(directory: Path) -> None:
+    """Remove a temporary multiprocess directory and its files (its maker's exit: no process writes to it then)."""
+    for leftover in directory.glob('*.db'):
+        leftover.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError as exc:  # something else put a file there: leave it
+        LOGGER.warning('metrics: cannot remove %s: %s', directory, exc.strerror)
 
 
 def mark_process_dead(directory: Path, pid: int) -> None:

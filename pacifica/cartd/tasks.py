@@ -6,9 +6,9 @@ worker process runs on is made in wiring.py.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, List, Optional
@@ -17,7 +17,8 @@ from celery import signals
 
 from . import database
 from .celeryapp import BUNDLE_TASK, STAGE_TASK, app
-from .metrics import mark_process_dead, serve_worker_metrics, use_multiprocess_dir
+from .metrics import (fresh_multiprocess_dir, mark_process_dead, remove_multiprocess_dir, serve_worker_metrics,
+                      use_multiprocess_dir)
 from .wiring import forget_worker_service, process_settings, worker_service
 
 LOGGER = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class WorkerMetricsDir:
         settings = process_settings()
         if not settings.metrics_worker_port or self.path is not None:
             return
-        self.path = use_multiprocess_dir(Path(tempfile.mkdtemp(prefix='pacifica-cartd-worker-metrics-')))
+        self.path = use_multiprocess_dir(fresh_multiprocess_dir('pacifica-cartd-worker-metrics-'))
+        main, path = os.getpid(), self.path
+        atexit.register(lambda: remove_multiprocess_dir(path) if os.getpid() == main else None)
         try:
             serve_worker_metrics(settings.metrics_worker_address, settings.metrics_worker_port, self.path)
         except OSError as exc:  # the port is taken: the worker stages all the same

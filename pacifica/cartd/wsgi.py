@@ -7,7 +7,6 @@ download holds no read buffer. Any other WSGI server gets the CherryPy applicati
 """
 import atexit
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -15,13 +14,14 @@ import cherrypy
 
 from .app import mount
 from .config import default_cpconfig_path, load_settings
-from .metrics import mark_process_dead, use_multiprocess_dir
+from .metrics import fresh_multiprocess_dir, mark_process_dead, remove_multiprocess_dir, use_multiprocess_dir
 from .transport import SENDFILE_ENVIRON_KEY, socket_sendfile
 from .uwsgiadapter import UwsgiAdapter
 from .wiring import prepare_server
 
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict, StartResponse], Iterable[bytes]]
+METRICS_DIR_PREFIX = 'pacifica-cartd-metrics-'  # the default multiprocess directory: <tmp>/<prefix><master pid>-...
 UWSGI_SOCKET_TIMEOUT_S = 4.0  # uWSGI's own --socket-timeout default: how long its writes wait for a client
 
 
@@ -57,8 +57,15 @@ def multiprocess_metrics(configured: Optional[Path]) -> Path:
     """Under uWSGI (its master imports this module before it forks the workers): the directory where every
     worker process keeps its metrics for a scrape to sum, emptied now (the configured one, or a fresh
     temporary one), and each process's live gauges dropped from it when that process exits."""
-    directory = use_multiprocess_dir(configured or Path(tempfile.mkdtemp(prefix='pacifica-cartd-metrics-')))
-    atexit.register(lambda: mark_process_dead(directory, os.getpid()))  # runs in each forked worker too
+    directory = use_multiprocess_dir(configured or fresh_multiprocess_dir(METRICS_DIR_PREFIX))
+    master = os.getpid()
+
+    def at_exit() -> None:  # registered before the fork: runs in the master and in each worker
+        if os.getpid() != master:
+            mark_process_dead(directory, os.getpid())
+        elif configured is None:
+            remove_multiprocess_dir(directory)
+    atexit.register(at_exit)
     return directory
 
 
