@@ -24,10 +24,11 @@ from pacifica.cartd.archive import ArchiveClient
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.errors import ArchiveError, ArchiveFileMissing, HashMismatch
 from pacifica.cartd.metrics import ServerMetrics, WorkerMetrics, fresh_multiprocess_dir, remove_multiprocess_dir
-from pacifica.cartd.orm import (Cart, CartStatus, File, mark_transferring, StagedCount, bump_counters, claim_eviction, claim_expiry,
-                                claim_for_bundling, count_hash_mismatches, count_staged, counter_values, fail_cart,
-                                files_to_stage, insert_cart, mark_ready, mark_recalling, mark_staged, oldest_evictable,
-                                add_reservation, EVICTIONS)
+from pacifica.cartd.orm import (EVICTIONS, Cart, File, StagedCount, add_reservation, bump_counters,
+                                claim_eviction, claim_expiry, claim_for_bundling, count_files_staged,
+                                count_hash_mismatches, count_staged, counter_values, fail_cart, files_to_stage,
+                                insert_cart, mark_ready, mark_recalling, mark_staged, mark_transferring,
+                                oldest_evictable)
 from pacifica.cartd.rest import METRICS_PATH, MetricsLane, OpsLane
 from pacifica.cartd.transport import SENDFILE_ENVIRON_KEY
 from pacifica.cartd.volume import CartVolume
@@ -68,6 +69,7 @@ def _stage(cart_id: int, file_ids: List[int], size: int) -> StagedCount:
     with database.connection(), database.atomic():
         fresh = mark_staged([(file_id, size, 0.0, 1) for file_id in file_ids])
         count_staged(cart_id, fresh)
+        count_files_staged(fresh)  # as staging's batches do
     return fresh
 
 
@@ -151,7 +153,7 @@ def test_a_rolled_back_change_counts_nothing(bound: pathlib.Path) -> None:
     with database.connection():
         with pytest.raises(RuntimeError):
             with database.atomic():
-                mark_staged([(file_ids[0], 5, 0.0, 1)])
+                count_files_staged(mark_staged([(file_ids[0], 5, 0.0, 1)]))
                 raise RuntimeError('the batch failed')
         assert counter_values()[('files_staged', '')] == 0
         assert [file.id for file in files_to_stage(file_ids)] == file_ids

@@ -698,7 +698,6 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
         files=len(fresh), from_tape=were(FileStatus.RECALLING), from_transfer=were(FileStatus.TRANSFERRING),
         newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()),
         recalls=tuple(max((moment - since).total_seconds(), 0.0) for since in recalled.values() if since is not None))
-    bump_counters({(FILES_STAGED, ''): staged.files, (STAGED_BYTES, ''): staged.bytes})
     return staged
 
 
@@ -967,6 +966,12 @@ def bump_counters(amounts: Dict[Tuple[str, str], int]) -> None:
         for name, label in keys:
             if (name, label) not in existing:
                 CartCounter.create(name=name, label=label, value=wanted[(name, label)])
+
+
+def count_files_staged(count: StagedCount) -> None:
+    """Count files recorded staged and their bytes (last in the batch's transaction: every batch of every
+    worker updates these two rows, so their row locks are held only until the commit that follows)."""
+    bump_counters({(FILES_STAGED, ''): count.files, (STAGED_BYTES, ''): count.bytes})
 
 
 def count_hash_mismatches(count: int) -> None:

@@ -21,9 +21,10 @@ from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageEr
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
-from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_hash_mismatches,
-                  count_staged, count_staged_of_failed, fail_cart, fail_file, files_to_stage, get_cart, get_file,
-                  grow_bundle, mark_recalling, mark_staged, mark_transferring, place_file, tar_place)
+from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_files_staged,
+                  count_hash_mismatches, count_staged, count_staged_of_failed, fail_cart, fail_file, files_to_stage,
+                  get_cart, get_file, grow_bundle, mark_recalling, mark_staged, mark_transferring, place_file,
+                  tar_place)
 from .tarlayout import member_region
 from .volume import CartVolume
 
@@ -378,6 +379,7 @@ class Stager:
                 live = count_staged(cart.id, fresh)
                 if not live and not count_staged_of_failed(cart.id, fresh):
                     raise CartGone(f'cart id {cart.id} is no longer staging')
+                count_files_staged(fresh)
             if not live:
                 raise CartGone(f'cart id {cart.id} failed')
         except CartGone:
