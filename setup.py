@@ -29,6 +29,7 @@ setup(
         'jsonschema>=4.17',
         'PyYAML>=6.0',
         'tqdm>=4.66',
+        'prometheus_client>=0.26',  # metrics.py: multiprocess mode, its value class chosen again (tested: 0.26.0)
     ],
     extras_require={
         'postgres': ['psycopg2-binary>=2.9'],

@@ -32,6 +32,7 @@ OWNERS: Dict[str, Set[str]] = {
     'fcntl': {'fileio'},
     'tqdm': {'__main__'},
     'yaml': {'__main__'},
+    'prometheus_client': {'metrics'},
 }
 
 # Each module's place, lowest first: a module imports only modules of a lower rank.
@@ -42,7 +43,8 @@ LAYERS: Dict[str, Dict[str, float]] = {
                         'webhook': 5},
     'policy': {'cartrequest': 6, 'heartbeat': 6, 'cleanup': 6, 'taskqueue': 6, 'cartlayout': 6, 'eviction': 6,
                'expiry': 6, 'cartstate': 6.2, 'cartreport': 6.5, 'workers': 6.5, 'events': 6.7},
-    'use cases': {'bundling': 7, 'health': 7, 'staging': 8, 'carts': 8, 'recovery': 8, 'delivery': 8, 'admin': 9},
+    'use cases': {'bundling': 7, 'health': 7, 'metrics': 7, 'staging': 8, 'carts': 8, 'recovery': 8, 'delivery': 8,
+                  'admin': 9},
     'facade': {'service': 10},
     'adapters': {'transport': 11, 'celeryapp': 11, 'uwsgiadapter': 11, 'rest': 12, 'httpserver': 12},
     'composition root': {'wiring': 13},
@@ -52,7 +54,8 @@ RANK = {module: rank for layer in LAYERS.values() for module, rank in layer.item
 LAYER_OF = {module: name for name, layer in LAYERS.items() for module in layer}
 # Where the tables of the database may be queried; everywhere else goes through orm's named queries.
 QUERYING = {'orm', 'schema', 'database'}
-MODEL_NAMES = {'Cart', 'File', 'CartTasks', 'SpaceReservation', 'CartSystem', 'CartEvent'}
+MODEL_NAMES = {'Cart', 'File', 'CartTasks', 'SpaceReservation', 'CartSystem', 'CartEvent', 'CartCounter',
+               'WorkerSighting'}
 QUERY_METHODS = {'select', 'update', 'delete', 'insert', 'insert_many', 'create', 'get', 'get_or_none',
                  'get_by_id', 'bulk_update', 'bulk_create', 'replace'}
 

@@ -189,6 +189,8 @@ EXPECT: Dict[str, Expect] = {
     'failed-cart': Expect(),
     # deployment.md
     'ready': Expect(),
+    # monitoring.md
+    'metrics': Expect(),
     # admin.md
     'exit-codes': Expect(),
     'no-database': Expect(),

@@ -49,13 +49,16 @@ PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total
 ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'cart': ('files_total', 'files_staged', 'bundle_size') + PROGRESS_COLUMNS + ('ready_date',)
     + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error', 'callback_url'),
-    'file': ('size', 'mtime', 'tar_offset', 'attempts'),
+    'file': ('size', 'mtime', 'tar_offset', 'attempts', 'recall_date'),
 }
 # The tables later schemas add (2.1: spacereservation; 2.7: workersighting; 2.8: cartevent, the completion
-# events' outbox), all empty after an upgrade.
-ADDED_TABLES = ('spacereservation', 'workersighting', 'cartevent')
+# events' outbox; 2.9: cartcounter, the metrics' fleet-wide counters), empty after an upgrade but for the counters.
+ADDED_TABLES = ('spacereservation', 'workersighting', 'cartevent', 'cartcounter')
 EVENT_COLUMNS = sorted(('id', 'event_id', 'cart_id', 'event_type', 'subject', 'event_time', 'data', 'target_url',
                         'state', 'next_attempt', 'attempts', 'last_error', 'created', 'delivered_date'))
+# 2.9: the fleet-wide counters of the metrics, one row each, made with the table.
+EXPECTED_COUNTERS = {('files_staged', ''): 0, ('staged_bytes', ''): 0, ('hash_mismatches', ''): 0, ('evictions', ''): 0,
+                     ('carts_finished', 'ready'): 0, ('carts_finished', 'error'): 0, ('carts_finished', 'expired'): 0}
 ORDER_BY = {'workersighting': 'name', 'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
 
 # Run by 0.7.0's own interpreter: three carts in the states a live 0.7.0 database holds.
@@ -212,6 +215,16 @@ class Site:
         finally:
             database.close()
 
+    def counters(self) -> Dict[Tuple[str, str], int]:
+        """The cartcounter rows (schema 2.7) by (name, label)."""
+        database = self.database()
+        try:
+            columns = ', '.join(self.quote(column) for column in ('name', 'label', 'value'))
+            rows = database.execute_sql(f'SELECT {columns} FROM {self.quote("cartcounter")}').fetchall()
+            return {(str(name), str(label)): int(value) for name, label, value in rows}
+        finally:
+            database.close()
+
     def version(self) -> Dict[str, int]:
         """The cartsystem rows."""
         return {part: int(value) for part, value in self.dump({'cartsystem': ('part', 'value')})['cartsystem']}
@@ -303,6 +316,7 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     assert shape[('file', 'attempts')][1:] == (False, True), shape
     assert shape[('cart', 'callback_url')][1] is True, shape  # NULL: no callback, as every 0.7.0 cart
     assert sorted(site.added_tables()['cartevent']) == EVENT_COLUMNS
+    assert shape[('file', 'recall_date')][1] is True, shape  # nullable: 0.7.0 inserts files without it
 
     # The counters come from the file rows; the file metadata is unknown (NULL).
     counters = site.dump({'cart': ('id', 'cart_uid', 'files_total', 'files_staged')})['cart']
@@ -324,6 +338,9 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
         == {(0, None, 'fail')}
     ready_dates = site.dump({'cart': ('id', 'ready_date', 'updated_date')})['cart']
     assert [(row[0], row[1] == row[2]) for row in ready_dates if row[1] is not None] == [(ids['ready'], True)]
+
+    # 2.7's counters table, every counter at 0 (what 0.7.0 did before is not counted).
+    assert site.counters() == EXPECTED_COUNTERS
 
     # A second dbsync changes nothing and still succeeds.
     everything = {table: cols + ADDED_COLUMNS.get(table, ()) for table, cols in ORIGINAL_COLUMNS.items()}
@@ -377,6 +394,8 @@ def test_fresh_database(site: Site) -> None:
     assert fresh_shape[('cart', 'files_total')][1:] == (False, True)
     assert fresh_shape[('file', 'size')][1] is True
     assert sorted(site.added_tables()['cartevent']) == EVENT_COLUMNS
+
+    assert site.counters() == EXPECTED_COUNTERS
 
     # 0.7.0 can write to a database our code created, too.
     rolled = site.reference_script(ROLLING_SCRIPT)
@@ -435,6 +454,36 @@ def test_interrupted_upgrade_can_be_finished(site: Site) -> None:
     assert site.ours('dbchk', '--equal').returncode == 0
     totals = sorted(row[0] for row in site.dump({'cart': ('files_total',)})['cart'])
     assert totals == [1, 2, 3]
+
+
+def test_the_2_9_step_is_resumable(site: Site) -> None:
+    """A 2.8 database gets file.recall_date and the counters table; a step cut off after the column and the
+    table were made (rows missing, still 2.8) is finished by a rerun; counters already counting keep their values."""
+    site.ours_ok('dbsync')
+    database = site.database()
+    table, name, value = site.quote('cartcounter'), site.quote('name'), site.quote('value')
+    minor = f'UPDATE {site.quote("cartsystem")} SET {value} = 8 WHERE {site.quote("part")} = {database.param}'
+    try:
+        database.execute_sql(f'DROP TABLE {table}')
+        database.execute_sql(f'ALTER TABLE {site.quote("file")} DROP COLUMN {site.quote("recall_date")}')
+        database.execute_sql(minor, ('minor',))
+    finally:
+        database.close()
+    assert 'recall_date' not in site.columns()['file']
+    assert site.ours('dbchk').returncode != 0
+    site.ours_ok('dbsync')
+    assert site.version() == VERSION_ROW and site.counters() == EXPECTED_COUNTERS
+    assert 'recall_date' in site.columns()['file']
+    database = site.database()
+    try:
+        database.execute_sql(f'UPDATE {table} SET {value} = 41 WHERE {name} = {database.param}', ('files_staged',))
+        database.execute_sql(f'DELETE FROM {table} WHERE {name} <> {database.param}', ('files_staged',))
+        database.execute_sql(minor, ('minor',))
+    finally:
+        database.close()
+    site.ours_ok('dbsync')
+    assert site.counters() == {**EXPECTED_COUNTERS, ('files_staged', ''): 41}
+    site.ours_ok('dbchk', '--equal')
 
 
 def test_database_errors_are_one_line(site: Site) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
 from urllib.parse import quote, urlsplit
 
-from .errors import ArchiveError, ArchiveFileMissing, ArchiveShortRead, HashMismatch
+from .errors import ArchiveError, ArchiveFileMissing, ArchiveShortRead, ArchiveTimeout, HashMismatch
 from .fileio import write_all_at
 
 LOGGER = logging.getLogger(__name__)
@@ -29,6 +29,12 @@ ERROR_PAGE_BYTES = 65536  # of an error answer's body, read for its message; a l
 T = TypeVar('T')
 # What a broken or refused connection raises, beside the socket's own timeout.
 NETWORK_ERRORS: Tuple[Type[Exception], ...] = (OSError, http.client.HTTPException)
+# Hears how each request to the archive ended: (HEAD, POST or GET, outcome, seconds).
+Observer = Callable[[str, str, float], None]
+# A failed request's outcome by its exception, the most specific first (others: 'error').
+OUTCOMES: Tuple[Tuple[Type[Exception], str], ...] = (
+    (ArchiveFileMissing, 'missing'), (ArchiveTimeout, 'timeout'), (ArchiveShortRead, 'short_read'),
+    (HashMismatch, 'hash_mismatch'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +129,9 @@ class ArchiveClient:
     """
 
     def __init__(self, base_url: str, timeout: float, transfer_size: int, retries: int, retry_wait: float,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        """Remember the archive's URL (ending in '/') and how patiently to talk to it."""
+                 sleep: Callable[[float], None] = time.sleep, observe: Optional[Observer] = None) -> None:
+        """Remember the archive's URL (ending in '/') and how patiently to talk to it; `observe` hears of
+        each status, stage and download: (method, outcome, seconds)."""
         self.base_url = base_url
         parts = urlsplit(base_url)
         self._https = parts.scheme == 'https'
@@ -136,6 +143,7 @@ class ArchiveClient:
         self.retries = retries
         self.retry_wait = retry_wait
         self._sleep = sleep
+        self._observe = observe
         self._local = threading.local()
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -167,7 +175,7 @@ class ArchiveClient:
                 return connection.getresponse()
             except socket.timeout as exc:
                 self._drop_connection()
-                raise ArchiveError(f'archive {method} timed out after {self.timeout:g} s') from exc
+                raise ArchiveTimeout(f'archive {method} timed out after {self.timeout:g} s') from exc
             except NETWORK_ERRORS as exc:
                 self._drop_connection()
                 # A kept-alive connection the archive closed meanwhile: try once on a new one.
@@ -216,7 +224,7 @@ class ArchiveClient:
             response.read()
         except socket.timeout as exc:
             self._drop_connection()
-            raise ArchiveError(f'archive {method} timed out after {self.timeout:g} s') from exc
+            raise ArchiveTimeout(f'archive {method} timed out after {self.timeout:g} s') from exc
         except NETWORK_ERRORS as exc:
             self._drop_connection()
             raise ArchiveError(f'archive {method} failed: {type(exc).__name__}: {exc}') from exc
@@ -254,7 +262,27 @@ class ArchiveClient:
                 self._sleep(wait)
         raise AssertionError('unreachable')
 
+    def _observed(self, method: str, action: Callable[[], T]) -> T:
+        """Run one request (its retries are requests of their own), telling the observer how it ended."""
+        if self._observe is None:
+            return action()
+        started = time.monotonic()
+        outcome = 'error'
+        try:
+            result = action()
+            outcome = 'ok'
+            return result
+        except Exception as exc:
+            outcome = next((name for kind, name in OUTCOMES if isinstance(exc, kind)), 'error')
+            raise
+        finally:
+            self._observe(method, outcome, time.monotonic() - started)
+
     def status(self, archive_id: str) -> ArchiveStatus:
+        """HEAD the file (see _status)."""
+        return self._observed('HEAD', lambda: self._status(archive_id))
+
+    def _status(self, archive_id: str) -> ArchiveStatus:
         """HEAD the file: where it is (disk/tape/error), its size and mtime.
 
         Quirks handled: the message header is spelt X-Pacifica-Messsage, Last-Modified is
@@ -273,11 +301,18 @@ class ArchiveClient:
 
     def stage(self, archive_id: str) -> None:
         """Ask the archive to bring the file to disk (a tape recall); returns when it has accepted."""
-        self._finish('POST', self._request('POST', archive_id))
+        self._observed('POST', lambda: self._finish('POST', self._request('POST', archive_id)))
 
     def download(self, archive_id: str, target: Path, hash_type: str, hash_value: str,
                  expected_size: Optional[int], progress: Optional[Callable[[], None]] = None,
                  offset: Optional[int] = None) -> Download:
+        """GET the file (see _download)."""
+        return self._observed('GET', lambda: self._download(archive_id, target, hash_type, hash_value,
+                                                            expected_size, progress, offset))
+
+    def _download(self, archive_id: str, target: Path, hash_type: str, hash_value: str,
+                  expected_size: Optional[int], progress: Optional[Callable[[], None]],
+                  offset: Optional[int]) -> Download:
         """GET the file into `target`, hashing while writing; raise unless whole and matching.
 
         Without `offset`, `target` is a temp file, created or emptied, that the caller renames

@@ -78,6 +78,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option('notifications', 'retry_wait', 'NOTIFICATIONS_RETRY_WAIT', '1'),
     Option('notifications', 'retry_wait_max', 'NOTIFICATIONS_RETRY_WAIT_MAX', '300'),
     Option('notifications', 'give_up_after', 'NOTIFICATIONS_GIVE_UP_AFTER', '604800'),
+    Option('metrics', 'enabled', 'METRICS_ENABLED', 'on'),
+    Option('metrics', 'multiprocess_dir', 'METRICS_MULTIPROCESS_DIR', ''),
+    Option('metrics', 'worker_port', 'METRICS_WORKER_PORT', '0'),
+    Option('metrics', 'worker_address', 'METRICS_WORKER_ADDRESS', '127.0.0.1'),
 )
 
 CONFIG_ENV = 'CARTD_CONFIG'
@@ -185,6 +189,22 @@ def _uri_reference(text: str) -> str:
     return value
 
 
+def _optional_absolute_path(text: str) -> Optional[Path]:
+    """Empty (None), or an absolute directory path."""
+    path = text.strip()
+    if path and not os.path.isabs(path):
+        raise ValueError(f'not an absolute path: {text!r}')
+    return Path(path) if path else None
+
+
+def _port(text: str) -> int:
+    """A TCP port, or 0 (off)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f'not a port (0 to 65535): {text!r}')
+    return value
+
+
 FILESYSTEM_BROKER = 'filesystem://'
 
 
@@ -246,6 +266,10 @@ class Settings:
     notifications_retry_wait: float = 1.0
     notifications_retry_wait_max: float = 300.0
     notifications_give_up_after: float = 604800.0
+    metrics_enabled: bool = True
+    metrics_multiprocess_dir: Optional[Path] = None
+    metrics_worker_port: int = 0
+    metrics_worker_address: str = '127.0.0.1'
     config_file: Optional[str] = None
 
     @property
@@ -294,6 +318,10 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('notifications', 'retry_wait'): ('notifications_retry_wait', _non_negative(float, strictly=True)),
     ('notifications', 'retry_wait_max'): ('notifications_retry_wait_max', _non_negative(float, strictly=True)),
     ('notifications', 'give_up_after'): ('notifications_give_up_after', _non_negative(float)),
+    ('metrics', 'enabled'): ('metrics_enabled', parse_bool),
+    ('metrics', 'multiprocess_dir'): ('metrics_multiprocess_dir', _optional_absolute_path),
+    ('metrics', 'worker_port'): ('metrics_worker_port', _port),
+    ('metrics', 'worker_address'): ('metrics_worker_address', str.strip),
 }
 
 

@@ -99,6 +99,10 @@ class ArchiveMediaError(FileStageError):
     """The archive reports the file's media as 'error'."""
 
 
+class ArchiveTimeout(ArchiveError):
+    """The archive did not answer (or send more bytes) within the timeout."""
+
+
 class ArchiveShortRead(ArchiveError):
     """The archive closed the body before sending every byte it announced."""
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import datetime
 import enum
+import functools
 import io
 import math
+import operator
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 from peewee import (
@@ -17,6 +19,7 @@ from peewee import (
     BooleanField,
     Case,
     CharField,
+    CompositeKey,
     DatabaseProxy,
     DateTimeField,
     DoubleField,
@@ -163,6 +166,8 @@ class File(BaseModel):
     tar_offset = BigIntegerField(null=True)
     # Added in schema 2.4: downloads of the file started so far (a retry and a re-fetch each count).
     attempts = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+    # Added in schema 2.9: when the file was first found on tape (a recall asked for), until it is staged.
+    recall_date = DateTimeField(null=True)
 
     class Meta:
         """Table name of the published schema."""
@@ -238,7 +243,32 @@ class CartEvent(BaseModel):
         indexes = ((('state', 'next_attempt'), False),)
 
 
-MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, WorkerSighting, CartEvent)
+class CartCounter(BaseModel):
+    """Fleet-wide counters (schema 2.9): what every process did, kept across restarts, one row per name and label.
+
+    Bumped with `value = value + n` in the transaction that makes the change, so a rolled-back
+    change counts nothing and every process and host adds to the same rows.
+    """
+
+    name = CharField(max_length=64)
+    label = CharField(max_length=32, default='', constraints=[SQL("DEFAULT ''")])
+    value = BigIntegerField(default=0, constraints=[SQL('DEFAULT 0')])
+
+    class Meta:
+        """Not a 0.7.0 table."""
+
+        table_name = 'cartcounter'
+        primary_key = CompositeKey('name', 'label')
+
+
+MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, WorkerSighting, CartEvent, CartCounter)
+
+FILES_STAGED, STAGED_BYTES, HASH_MISMATCHES, EVICTIONS, CARTS_FINISHED = (
+    'files_staged', 'staged_bytes', 'hash_mismatches', 'evictions', 'carts_finished')
+# Every counter row, made with the table: a bump is then always an UPDATE of an existing row.
+COUNTER_ROWS: Tuple[Tuple[str, str], ...] = (
+    (FILES_STAGED, ''), (STAGED_BYTES, ''), (HASH_MISMATCHES, ''), (EVICTIONS, ''),
+    (CARTS_FINISHED, 'ready'), (CARTS_FINISHED, 'error'), (CARTS_FINISHED, 'expired'))
 
 
 LIVE_STATUSES = (CartStatus.WAITING.value, CartStatus.STAGING.value)
@@ -311,6 +341,7 @@ class StagedCount(NamedTuple):
     newly_sized: int = 0  # of them, files whose size was not known before
     size_change: int = 0  # added to bytes_total (a size learnt, or changed since it was learnt)
     bytes: int = 0  # added to bytes_staged
+    recalls: Tuple[float, ...] = ()  # of them, the seconds from each recalled file's first sight on tape to now
 
 
 # ---- carts ---------------------------------------------------------------------------
@@ -499,17 +530,25 @@ def mark_ready(cart_id: int, bundle_path: str, message: str = '') -> bool:
     moment = now()
     lifetime = int(Cart.select(Cart.lifetime).where(Cart.id == cart_id).scalar() or 0)
     expires = moment + datetime.timedelta(seconds=lifetime) if lifetime > 0 else None
-    return bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=moment,
-                            ready_date=moment, expires_date=expires, error=message[:2000])
-                .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
+    with DB.atomic():
+        ready = bool(Cart.update(status=CartStatus.READY.value, bundle_path=bundle_path, updated_date=moment,
+                                 ready_date=moment, expires_date=expires, error=message[:2000])
+                     .where((Cart.id == cart_id) & (Cart.status == CartStatus.BUNDLING.value)).execute())
+        if ready:
+            bump_counters({(CARTS_FINISHED, CartStatus.READY.value): 1})
+    return ready
 
 
 def fail_cart(cart_id: int, message: str) -> bool:
-    """Move a cart that is still being worked on to error, with the message clients will see;
-    True for the one caller that did it."""
-    return bool(Cart.update(status=CartStatus.ERROR.value, error=message, updated_date=now())
-                .where((Cart.id == cart_id) & (Cart.status.in_(ACTIVE_STATUSES)))
-                .execute())
+    """Move a cart that is still being worked on to error, with the message clients will see (and count it
+    finished in error); True for the one caller that did it."""
+    with DB.atomic():
+        failed = bool(Cart.update(status=CartStatus.ERROR.value, error=message, updated_date=now())
+                      .where((Cart.id == cart_id) & (Cart.status.in_(ACTIVE_STATUSES)))
+                      .execute())
+        if failed:
+            bump_counters({(CARTS_FINISHED, CartStatus.ERROR.value): 1})
+    return failed
 
 
 def grow_bundle(cart_id: int, region: int) -> Optional[int]:
@@ -610,9 +649,13 @@ def expired_unused(moment: datetime.datetime, used_before: datetime.datetime, li
 
 def claim_expiry(cart: Cart) -> bool:
     """Mark a cart found by expired_unused expired (its files to remove), unless it was used or changed since."""
-    return bool(Cart.update(status=CartStatus.EXPIRED.value, deleted_date=now())
-                .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
-                       & (Cart.updated_date == cart.updated_date)).execute())
+    with DB.atomic():
+        expired = bool(Cart.update(status=CartStatus.EXPIRED.value, deleted_date=now())
+                       .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
+                              & (Cart.updated_date == cart.updated_date)).execute())
+        if expired:
+            bump_counters({(CARTS_FINISHED, CartStatus.EXPIRED.value): 1})
+    return expired
 
 
 def newest_deleted_cart(cart_uid: str) -> Optional[Cart]:
@@ -628,7 +671,7 @@ def claim_eviction(cart: Cart) -> bool:
     A ready cart is marked deleted by eviction. A failed cart keeps its row, status, error and
     counters (HEAD answers as before; counters never go down); deleted_date records that its
     files left the volume (so it is not found again), its files go back to waiting and its
-    reservations are dropped.
+    reservations are dropped. Counted in the caller's transaction (the reservation's, serialised).
     """
     if cart.status == CartStatus.ERROR.value:
         claimed = bool(Cart.update(deleted_date=now())
@@ -638,11 +681,14 @@ def claim_eviction(cart: Cart) -> bool:
             (File.update(status=FileStatus.WAITING.value)
              .where((File.cart == cart.id) & (File.status == FileStatus.STAGED.value)).execute())
             drop_cart_reservations(cart.id)
-        return claimed
-    return bool(Cart.update(status=CartStatus.DELETED.value, deleted_date=now(),
-                            error='evicted to make room on the volume')
-                .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
-                       & (Cart.updated_date == cart.updated_date)).execute())
+    else:
+        claimed = bool(Cart.update(status=CartStatus.DELETED.value, deleted_date=now(),
+                                   error='evicted to make room on the volume')
+                       .where((Cart.id == cart.id) & (Cart.status == CartStatus.READY.value)
+                              & (Cart.updated_date == cart.updated_date)).execute())
+    if claimed:
+        bump_counters({(EVICTIONS, ''): 1})
+    return claimed
 
 
 # ---- the event outbox -------------------------------------------------------------------
@@ -759,15 +805,16 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
     Files already staged (by a duplicate task) are left alone and not counted. Each file moves by
     compare-and-set on the state it was read in, so what it is counted as leaving (on tape,
     transferring) is where it was: the task thread may record a file transferring while the file's
-    own thread, which wrote it into the bundle tar in place, records it staged.
+    own thread, which wrote it into the bundle tar in place, records it staged. A file recalled from
+    tape is timed from when it was found there (its recall_date, then cleared: timed once).
     """
     wanted = {row[0]: row for row in rows}
-    left: Dict[int, Tuple[Optional[int], str]] = {}  # file id -> (its size before, the state it left)
+    left: Dict[int, Tuple[Optional[int], str, Optional[datetime.datetime]]] = {}  # id -> size, state, recall date
     pending = set(wanted)
     for _ in range(MARK_STAGED_TRIES):
         if not pending:
             break
-        current = {row.id: row for row in File.select(File.id, File.size, File.status).where(
+        current = {row.id: row for row in File.select(File.id, File.size, File.status, File.recall_date).where(
             File.id.in_(list(pending)) & (File.status != FileStatus.STAGED.value))}
         groups: Dict[str, List[int]] = {}
         for file_id, row in current.items():
@@ -778,19 +825,25 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
             else:  # some moved on meanwhile: those still not staged are tried again from where they are
                 moved = [row.id for row in File.select(File.id).where(
                     File.id.in_(file_ids) & (File.status == FileStatus.STAGED.value))]
-            left.update({file_id: (current[file_id].size, before) for file_id in moved})
+            left.update({file_id: (current[file_id].size, before, _as_datetime(current[file_id].recall_date))
+                         for file_id in moved})
         pending = set(current) - set(left)
     if not left:
         return StagedCount()
+    moment = now()
+    recalled = {file_id: since for file_id, (_, _, since) in left.items() if since is not None}
+    if recalled:  # timed once: a file staged again later (evicted, re-fetched) was not recalled again
+        File.update(recall_date=None).where(File.id.in_(list(recalled))).execute()
     sizes = {file_id: wanted[file_id][1] for file_id in left}
-    newly_sized, size_change = _size_gain({file_id: size for file_id, (size, _) in left.items()}, sizes)
+    newly_sized, size_change = _size_gain({file_id: size for file_id, (size, _, _) in left.items()}, sizes)
 
     def were(status: FileStatus) -> int:
-        return sum(1 for _, state in left.values() if state == status.value)
+        return sum(1 for _, state, _ in left.values() if state == status.value)
 
     return StagedCount(
         files=len(left), from_tape=were(FileStatus.RECALLING), from_transfer=were(FileStatus.TRANSFERRING),
-        newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()))
+        newly_sized=newly_sized, size_change=size_change, bytes=sum(sizes.values()),
+        recalls=tuple(max((moment - since).total_seconds(), 0.0) for since in recalled.values()))
 
 
 def mark_transferring(cart_id: int, attempts: Dict[int, int]) -> int:
@@ -860,7 +913,8 @@ def mark_recalling(cart_id: int, sizes: Dict[int, Optional[int]]) -> int:
     if not sizes:
         return 0
     learn_sizes(cart_id, {file_id: size for file_id, size in sizes.items() if size is not None})
-    newly = (File.update(status=FileStatus.RECALLING.value)
+    newly = (File.update(status=FileStatus.RECALLING.value,
+                         recall_date=fn.COALESCE(File.recall_date, now()))  # a file recalled before keeps its start
              .where(File.id.in_(list(sizes)) & (File.status == FileStatus.WAITING.value)).execute())
     if newly:
         Cart.update(files_on_tape=Cart.files_on_tape + newly).where(Cart.id == cart_id).execute()
@@ -1054,3 +1108,84 @@ def workers_seen_since(moment: datetime.datetime) -> Tuple[int, Optional[datetim
     if row is None:
         return 0, None
     return int(row[0] or 0), _as_datetime(row[1])
+
+
+# ---- counters and the metrics' snapshot ------------------------------------------------
+
+def seed_counters() -> None:
+    """Make the counter rows that are missing (at 0)."""
+    existing = {(row.name, row.label) for row in CartCounter.select(CartCounter.name, CartCounter.label)}
+    for name, label in COUNTER_ROWS:
+        if (name, label) not in existing:
+            CartCounter.create(name=name, label=label, value=0)
+
+
+def bump_counters(amounts: Dict[Tuple[str, str], int]) -> None:
+    """Add to counters, in one UPDATE, inside the caller's transaction (amounts of 0 left out).
+
+    Only positive amounts, so on MySQL (whose row count is rows changed) every matched row
+    counts; a row found missing (a database whose rows were removed by hand) is made.
+    """
+    wanted = {key: amount for key, amount in amounts.items() if amount > 0}
+    if not wanted:
+        return
+    keys = list(wanted)
+    matches = [(CartCounter.name == name) & (CartCounter.label == label) for name, label in keys]
+    where = functools.reduce(operator.or_, matches)
+    increment = CartCounter.value + Case(None, [(match, wanted[key]) for match, key in zip(matches, keys, strict=True)],
+                                         0)
+    changed = CartCounter.update(value=increment).where(where).execute()
+    if changed < len(keys):
+        existing = {(row.name, row.label) for row in CartCounter.select(CartCounter.name, CartCounter.label)
+                    .where(where)}
+        for name, label in keys:
+            if (name, label) not in existing:
+                CartCounter.create(name=name, label=label, value=wanted[(name, label)])
+
+
+def count_files_staged(count: StagedCount) -> None:
+    """Count files recorded staged and their bytes (last in the batch's transaction: every batch of every
+    worker updates these two rows, so their row locks are held only until the commit that follows)."""
+    bump_counters({(FILES_STAGED, ''): count.files, (STAGED_BYTES, ''): count.bytes})
+
+
+def count_hash_mismatches(count: int) -> None:
+    """Count downloads whose bytes did not have the hash the client gave."""
+    bump_counters({(HASH_MISMATCHES, ''): count})
+
+
+def counter_values() -> Dict[Tuple[str, str], int]:
+    """Every counter's value by (name, label)."""
+    rows = cast(Iterable[Tuple[Any, Any, Any]],
+                CartCounter.select(CartCounter.name, CartCounter.label, CartCounter.value).tuples())
+    return {(str(name), str(label)): int(value or 0) for name, label, value in rows}
+
+
+class Snapshot(NamedTuple):
+    """What the metrics read of the database at a scrape: carts by status, the files of the carts being
+    worked on by state, when the oldest of those carts was made, and the bytes reserved by downloads."""
+
+    carts: Dict[str, int]
+    files: Dict[str, int]
+    oldest_active: Optional[datetime.datetime]
+    reserved_bytes: int
+
+
+def metrics_snapshot() -> Snapshot:
+    """The snapshot in three aggregate queries (none per cart or per file): carts grouped by status,
+    the counters of the carts being worked on summed, the reservations of live carts summed."""
+    by_status = cast(Iterable[Tuple[Any, Any]], Cart.select(Cart.status, fn.COUNT(Cart.id)).group_by(Cart.status)
+                     .tuples())
+    carts = {str(status): int(count) for status, count in by_status}
+    row = (Cart.select(fn.MIN(Cart.creation_date), fn.SUM(Cart.files_total), fn.SUM(Cart.files_staged),
+                       fn.SUM(Cart.files_failed), fn.SUM(Cart.files_on_tape), fn.SUM(Cart.files_transferring))
+           .where(Cart.status.in_(ACTIVE_STATUSES)).tuples().first())
+    oldest, total, staged, failed, on_tape, transferring = (row or (None, 0, 0, 0, 0, 0))
+    total, staged, failed, on_tape, transferring = (int(value or 0) for value in
+                                                    (total, staged, failed, on_tape, transferring))
+    files = {'on_tape': on_tape, 'transferring': transferring, 'staged': staged, 'failed': failed,
+             'queued': max(total - staged - failed - on_tape - transferring, 0)}
+    reserved = (SpaceReservation.select(fn.COALESCE(fn.SUM(SpaceReservation.bytes), 0))
+                .join(Cart, on=(SpaceReservation.cart == Cart.id))
+                .where(Cart.status != CartStatus.DELETED.value).scalar())
+    return Snapshot(carts, files, _as_datetime(oldest), int(reserved or 0))

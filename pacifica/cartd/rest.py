@@ -25,6 +25,7 @@ from .errors import BadRequest, CartError, CartNotReady, PayloadTooLarge, RangeN
 from .expiry import http_date
 from .health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
 from .logcontext import about
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from .paths import tar_top_name
 from .service import CartService
 from .transport import SENDFILE_ENVIRON_KEY, response_body
@@ -418,21 +419,28 @@ def access_log(environ: Dict[str, Any], status: int, length: Optional[int]) -> N
 OPS_PATHS = ('/-/healthy', '/-/ready')  # two segments: no cart uid is shadowed (a uid is one segment)
 
 
+METRICS_PATH = '/-/metrics'
+
+
 class OpsLane:
     """WSGI middleware: `GET /-/healthy` and `GET /-/ready` (and HEAD of them) for load balancers and
-    orchestrators, answered in front of CherryPy with no request machinery and, for /-/healthy,
-    without the database; everything else goes on to CherryPy."""
+    orchestrators, and `GET /-/metrics` for Prometheus (when metrics are on), answered in front of CherryPy
+    with no request machinery and, for /-/healthy, without the database; everything else goes on to CherryPy
+    (so /-/metrics with metrics off is an unknown path: 404)."""
 
-    def __init__(self, nextapp: Callable[..., Any], service_factory: Callable[[], CartService]) -> None:
+    def __init__(self, nextapp: Callable[..., Any], service_factory: Callable[[], CartService],
+                 metrics: Optional[ServerMetrics] = None) -> None:
         """Answer in front of `nextapp` (the CherryPy application)."""
         self.nextapp = nextapp
         self.service_factory = service_factory
+        self.metrics = metrics
         self.server = f'CherryPy/{cherrypy.__version__}'
+        self.paths = OPS_PATHS + ((METRICS_PATH,) if metrics is not None else ())
 
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        """Answer the two paths, or pass the request on."""
+        """Answer the ops paths, or pass the request on."""
         path = environ.get('PATH_INFO', '')
-        if path not in OPS_PATHS:
+        if path not in self.paths:
             return self.nextapp(environ, start_response)
         method = environ.get('REQUEST_METHOD', '')
         headers = [('Server', self.server), ('Date', email.utils.formatdate(usegmt=True)),
@@ -441,6 +449,9 @@ class OpsLane:
             status, body = 405, error_document('405 Method Not Allowed',
                                                'Specified method is invalid for this resource', cherrypy.__version__)
             headers.append(('Content-Type', 'application/json'))
+        elif path == METRICS_PATH and self.metrics is not None:
+            status, body = 200, self.metrics.exposition().decode('utf-8')
+            headers.append(('Content-Type', METRICS_CONTENT_TYPE))
         else:
             health = self.service_factory().health
             status, document = (200, health.healthy()) if path == OPS_PATHS[0] else health.ready()
@@ -451,6 +462,79 @@ class OpsLane:
         start_response(f'{status} {HTTPStatus(status).phrase}', headers)
         access_log(environ, status, len(payload))
         return [] if method == 'HEAD' else [payload]
+
+
+class MetricsLane:
+    """WSGI middleware, outermost: counts every request that reaches the application (the pollers' HEAD lane and
+    the ops paths included, scrapes of /-/metrics left out so a scrape does not move what it reports), its
+    duration to the last byte, and the body bytes sent, those the server sends from files included."""
+
+    def __init__(self, nextapp: Callable[..., Any], metrics: ServerMetrics) -> None:
+        """Count in front of `nextapp`."""
+        self.nextapp = nextapp
+        self.metrics = metrics
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        """Pass the request on, counting what it sends: the request when its answer starts (so a client that
+        has its answer finds it counted), its duration once its body is done (closed)."""
+        if environ.get('PATH_INFO') == METRICS_PATH:
+            return self.nextapp(environ, start_response)
+        started = time.perf_counter()
+        metrics = self.metrics
+        method = environ.get('REQUEST_METHOD', '')
+        counted: List[bool] = []
+        server_send = environ.get(SENDFILE_ENVIRON_KEY)
+        if server_send is not None:
+            def counted_send(handle: Any, offset: int, count: int) -> int:
+                sent: int = server_send(handle, offset, count)
+                metrics.count_served(sent)
+                return sent
+            environ[SENDFILE_ENVIRON_KEY] = counted_send
+
+        def counted_start(status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], Any]:
+            if not counted:  # a second call (exc_info: an error after the first) answers the same request
+                counted.append(True)
+                metrics.count_request(method, status[:3])
+            write = start_response(status, headers, exc_info)
+
+            def counted_write(data: bytes) -> Any:
+                metrics.count_served(len(data))
+                return write(data)
+            return counted_write
+
+        def done() -> None:
+            metrics.observe_duration(time.perf_counter() - started)
+        try:
+            body = self.nextapp(environ, counted_start)
+        except BaseException:
+            if not counted:  # the server answers 500 for an application that raises
+                metrics.count_request(method, '500')
+            done()
+            raise
+        return _CountedBody(body, metrics, done)
+
+
+class _CountedBody:
+    """A response body whose chunks are counted as they are taken, and whose end (close) counts the request."""
+
+    def __init__(self, body: Any, metrics: ServerMetrics, done: Callable[[], None]) -> None:
+        self.body = body
+        self.metrics = metrics
+        self.done = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.body:
+            self.metrics.count_served(len(chunk))
+            yield chunk
+
+    def close(self) -> None:
+        """Close the body (PEP 3333) and count the request."""
+        try:
+            close = getattr(self.body, 'close', None)
+            if close is not None:
+                close()
+        finally:
+            self.done()
 
 
 class QuietRequest(cherrypy._cprequest.Request):

@@ -8,8 +8,8 @@ from peewee import Field, fn
 from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
-from .orm import (DB, MODELS, Cart, CartEvent, CartStatus, CartSystem, File, FileStatus, SpaceReservation,
-                  WorkerSighting, counters_from_rows)
+from .orm import (DB, MODELS, Cart, CartCounter, CartEvent, CartStatus, CartSystem, File, FileStatus,
+                  SpaceReservation, WorkerSighting, counters_from_rows, seed_counters)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -21,10 +21,11 @@ Version = Tuple[int, int]
 # downloads started per file, the files transferring and the high-water percent of a cart);
 # 2.5 adds a cart's lifetime and when it expires; 2.6 whether it skips files it cannot stage;
 # 2.7 the table of the workers' last sightings; 2.8 the completion events' outbox (table
-# cartevent) and a cart's callback_url.
+# cartevent) and a cart's callback_url; 2.9 the table of fleet-wide counters the metrics report
+# (cartcounter) and when a file was first found on tape (file.recall_date).
 # All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
 # write to the database.
-SCHEMA_VERSION: Version = (2, 8)
+SCHEMA_VERSION: Version = (2, 9)
 
 
 def current_version() -> Optional[Version]:
@@ -141,6 +142,16 @@ def _upgrade_2_7_to_2_8() -> None:
     DB.create_tables([CartEvent], safe=True)
 
 
+def _upgrade_2_8_to_2_9() -> None:
+    """Add when a file was first found on tape, and the counters table with its rows at 0 (resumable: each
+    made if missing). The counters start at this upgrade: what was done before is not counted; files
+    recalling now have no start and their recalls are not timed."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    migrate(*_add_columns(migrator, [('file', File.recall_date)]))
+    DB.create_tables([CartCounter], safe=True)
+    seed_counters()
+
+
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
     ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
@@ -150,6 +161,7 @@ UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 5), (2, 6), _upgrade_2_5_to_2_6),
     ((2, 6), (2, 7), _upgrade_2_6_to_2_7),
     ((2, 7), (2, 8), _upgrade_2_7_to_2_8),
+    ((2, 8), (2, 9), _upgrade_2_8_to_2_9),
 ]
 
 
@@ -159,6 +171,7 @@ def sync() -> Version:
         version = current_version()
         if version is None:
             DB.create_tables(MODELS, safe=True)
+            seed_counters()
             _store_version(SCHEMA_VERSION)
             LOGGER.info('created schema %d.%d', *SCHEMA_VERSION)
             return SCHEMA_VERSION

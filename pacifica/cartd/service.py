@@ -20,6 +20,7 @@ from .delivery import EventDelivery
 from .events import EXPIRED, EventOutbox
 from .eviction import SpaceKeeper, remove_expired
 from .health import Health
+from .metrics import WorkerMetrics
 from .recovery import Recovery
 from .staging import Stager, StageOutcome
 from .taskqueue import CartQueue, TaskQueue
@@ -31,25 +32,31 @@ class CartService:
     """Every use case of the cart, callable from the REST layer, a task or the command line."""
 
     def __init__(self, settings: Settings, queue: Optional[TaskQueue] = None,
-                 archive: Optional[ArchiveClient] = None, sleep: Optional[Callable[[float], None]] = None) -> None:
-        """Wire the settings, the volume, and (where needed) the task queue and archive client."""
+                 archive: Optional[ArchiveClient] = None, sleep: Optional[Callable[[float], None]] = None,
+                 worker_metrics: Optional[WorkerMetrics] = None) -> None:
+        """Wire the settings, the volume, and (where needed) the task queue, archive client and the worker's
+        metrics (archive requests and tape recalls counted)."""
         self._queue = queue
         self._archive = archive
         self._sleep = sleep
+        self._metrics = worker_metrics
         self._build(settings)
 
     def _build(self, settings: Settings) -> None:
         self._settings = settings
         self.volume = CartVolume(settings.volume_path)
         self.queue = self._queue
+        metrics = self._metrics
         self.archive = self._archive or ArchiveClient(
             settings.archive_url, settings.archive_timeout, settings.transfer_size,
-            settings.archive_retries, settings.archive_retry_wait)
+            settings.archive_retries, settings.archive_retry_wait,
+            observe=None if metrics is None else metrics.archive_request)
         cart_queue = CartQueue(self._queue, settings.stage_batch_size)
         self.outbox = EventOutbox(settings)
         self.bundler = Bundler(self.volume, self.outbox)
         self.delivery = EventDelivery(settings)
-        self.stager = Stager(settings, self.volume, self.archive, SpaceKeeper(settings, self.volume), self.bundler)
+        self.stager = Stager(settings, self.volume, self.archive, SpaceKeeper(settings, self.volume), self.bundler,
+                             None if metrics is None else metrics.tape_recall)
         self.presence = WorkerPresence(settings.worker_heartbeat)
         self.carts = Carts(settings, self.volume, cart_queue, self.bundler, self.presence)
         self.recovery = Recovery(settings, cart_queue)

@@ -23,9 +23,10 @@ from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
 from .logcontext import about, settle
-from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_staged,
-                  count_staged_of_failed, fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle,
-                  mark_recalling, mark_staged, mark_transferring, place_file, tar_place)
+from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_files_staged,
+                  count_hash_mismatches, count_staged, count_staged_of_failed, fail_cart, fail_file, files_to_stage,
+                  get_cart, get_file, grow_bundle, mark_recalling, mark_staged, mark_transferring, place_file,
+                  tar_place)
 from .tarlayout import member_region
 from .volume import CartVolume
 
@@ -94,13 +95,15 @@ class Stager:
     """Stages files of carts with stage_concurrency threads; whoever records a cart's last file finishes it."""
 
     def __init__(self, settings: Settings, volume: CartVolume, archive: ArchiveClient, space: SpaceKeeper,
-                 bundler: Bundler) -> None:
-        """Pull from `archive` onto `volume`, admitting each download through `space`."""
+                 bundler: Bundler, on_recalled: Optional[Callable[[float], None]] = None) -> None:
+        """Pull from `archive` onto `volume`, admitting each download through `space`; `on_recalled` hears,
+        for each file staged after a tape recall, the seconds since it was first found on tape."""
         self.settings = settings
         self.volume = volume
         self.archive = archive
         self.space = space
         self.bundler = bundler
+        self.on_recalled = on_recalled
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pool_lock = threading.Lock()
 
@@ -200,7 +203,7 @@ class Stager:
         after the retries): then the file is left out and the cart goes on. Room on the volume
         and writing to it are the cart service's failures: they fail the cart in either case.
         """
-        skippable = False
+        skippable = mismatch = False
         try:
             return self._stage_one(cart, file, log)
         except ArchiveFileMissing as exc:
@@ -211,6 +214,7 @@ class Stager:
             message = exc.message
             cart_error = _cart_message(file, message)
             skippable = not isinstance(exc, NoSpace)
+            mismatch = isinstance(exc, HashMismatch)
             LOGGER.warning('cart %s file %s (%s) failed: %s', cart.cart_uid, file.bundle_path, file.file_name, exc)
         except OSError as exc:
             message = f'cannot write to the volume: {exc.strerror or exc}'
@@ -225,6 +229,8 @@ class Stager:
         skip = skippable and cart.on_file_error == SKIP
         with database.connection():
             with database.atomic():
+                if mismatch:
+                    count_hash_mismatches(1)
                 if fail_file(cart.id, file.id, message, log.attempts(file.id)) and not skip:
                     if fail_cart(cart.id, cart_error) and self.bundler.outbox is not None:
                         self.bundler.outbox.record(cart.id, ERROR)
@@ -324,6 +330,8 @@ class Stager:
             return attempt()
         except HashMismatch:
             LOGGER.info('cart %s file %s: hash mismatch, downloading once more', cart.cart_uid, file.bundle_path)
+            with database.connection(), database.atomic():
+                count_hash_mismatches(1)
         return attempt()
 
     def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path, partial: Path,
@@ -380,9 +388,13 @@ class Stager:
                 live = count_staged(cart.id, fresh)
                 if not live and not count_staged_of_failed(cart.id, fresh):
                     raise CartGone(f'cart id {cart.id} is no longer staging')
+                count_files_staged(fresh)
             if not live:
                 raise CartGone(f'cart id {cart.id} failed')
         except CartGone:
             cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')
             raise
+        if self.on_recalled is not None:
+            for seconds in fresh.recalls:
+                self.on_recalled(seconds)
         self.bundler.finish(cart.id)

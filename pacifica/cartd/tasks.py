@@ -7,10 +7,12 @@ worker process runs on is made in wiring.py.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
 import threading
+from pathlib import Path
 from typing import Any, List, Optional
 
 from celery import signals
@@ -19,6 +21,8 @@ from . import database
 from .celeryapp import BUNDLE_TASK, STAGE_TASK, app
 from .config import Settings
 from .logcontext import forget, settle, use_format
+from .metrics import (fresh_multiprocess_dir, mark_process_dead, remove_multiprocess_dir, serve_worker_metrics,
+                      use_multiprocess_dir)
 from .orm import now
 from .wiring import forget_worker_service, process_settings, worker_service
 
@@ -32,6 +36,45 @@ __all__ = ['app', 'stage_files', 'bundle_cart']
 def _reset_after_fork(**_kwargs: Any) -> None:
     """A forked pool process must not share the parent's connections or threads."""
     forget_worker_service()
+
+
+class WorkerMetricsDir:
+    """With [metrics] worker_port set: the directory where this worker's processes keep their metrics."""
+
+    def __init__(self) -> None:
+        self.path: Optional[Path] = None
+
+    def start(self) -> None:
+        """In the main process, before the pool forks: a fresh directory, and its metrics served on the port."""
+        settings = process_settings()
+        if not settings.metrics_worker_port or self.path is not None:
+            return
+        self.path = use_multiprocess_dir(fresh_multiprocess_dir('pacifica-cartd-worker-metrics-'))
+        main, path = os.getpid(), self.path
+        atexit.register(lambda: remove_multiprocess_dir(path) if os.getpid() == main else None)
+        try:
+            serve_worker_metrics(settings.metrics_worker_address, settings.metrics_worker_port, self.path)
+        except OSError as exc:  # the port is taken: the worker stages all the same
+            LOGGER.error('cannot serve the worker metrics on %s:%d: %s', settings.metrics_worker_address,
+                         settings.metrics_worker_port, exc)
+
+    def process_ended(self, pid: int) -> None:
+        """A pool process exits: its live gauges go (its counts stay in the sum)."""
+        if self.path is not None:
+            mark_process_dead(self.path, pid)
+
+
+WORKER_METRICS = WorkerMetricsDir()
+
+
+@signals.worker_init.connect
+def _serve_worker_metrics(**_kwargs: Any) -> None:
+    WORKER_METRICS.start()
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_ended(pid: Optional[int] = None, **_kwargs: Any) -> None:
+    WORKER_METRICS.process_ended(pid or os.getpid())
 
 
 @signals.after_setup_logger.connect

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from . import database, schema
 from .celeryapp import CeleryTaskQueue, app as celery_app, check_broker, configure
 from .config import Settings, check_volume, load_settings
+from .metrics import WorkerMetrics
 from .service import CartService
 
 
@@ -97,7 +98,8 @@ def worker_service() -> CartService:
         if _PROCESS.service is None or _PROCESS.service_pid != pid:
             check_volume(settings)
             database.bind(settings)
-            _PROCESS.service = CartService(settings, CeleryTaskQueue(celery_app))
+            metrics = WorkerMetrics() if settings.metrics_worker_port else None  # tasks.py serves them
+            _PROCESS.service = CartService(settings, CeleryTaskQueue(celery_app), worker_metrics=metrics)
             _PROCESS.service_pid = pid
         return _PROCESS.service
 
