@@ -32,6 +32,7 @@ from pacifica.cartd.orm import (EVICTIONS, Cart, File, StagedCount, add_reservat
 from pacifica.cartd.rest import METRICS_PATH, MetricsLane, OpsLane
 from pacifica.cartd.transport import SENDFILE_ENVIRON_KEY
 from pacifica.cartd.volume import CartVolume
+from pacifica.cartd.workers import REMEMBER_S, WorkerPresence
 from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.procs import free_port
 
@@ -282,8 +283,8 @@ WORKER_FAMILIES = {'cartd_archive_requests_total', 'cartd_archive_request_durati
 
 
 def _exposed_names(volume: pathlib.Path) -> Set[str]:
-    """The sample names a server and a worker expose."""
-    metrics = ServerMetrics(CartVolume(volume))
+    """The sample names a server and a worker expose (the server's with workers checking in)."""
+    metrics = ServerMetrics(CartVolume(volume), presence=WorkerPresence(10))
     metrics.observe('GET', '200', 0.01)
     metrics.count_served(1)
     registry = CollectorRegistry()
@@ -303,7 +304,7 @@ def test_the_dashboard_and_alerts_use_only_exposed_metrics(bound: pathlib.Path) 
     scrape = yaml.safe_load((DOCS / 'prometheus-scrape.yml').read_text(encoding='utf-8'))
     assert scrape['scrape_configs'][0]['metrics_path'] == METRICS_PATH
     assert {rule['alert'] for group in rules['groups'] for rule in group['rules']} >= {
-        'CartdCartsStuck', 'CartdHashMismatchesRising', 'CartdVolumeNearlyFull'}
+        'CartdCartsStuck', 'CartdHashMismatchesRising', 'CartdVolumeNearlyFull', 'CartdNoWorker'}
     for expression in graphed + alerted:
         used = set(METRIC_NAME.findall(expression))
         assert used and used <= exposed, (expression, used - exposed)
@@ -382,3 +383,16 @@ def test_a_fresh_directory_clears_those_of_processes_gone() -> None:
         for directory in (alive, made):
             remove_multiprocess_dir(directory)
     assert not made.exists()
+
+
+def test_the_workers_that_checked_in_are_a_gauge(bound: pathlib.Path) -> None:
+    moment = [0.0]
+    presence = WorkerPresence(0.5, clock=lambda: moment[0])
+    assert samples(ServerMetrics(CartVolume(bound), presence=presence).exposition().decode('utf-8'))[
+        ('cartd_workers', ())] == 0
+    presence.check_in('celery@a', 1, datetime.datetime.now())
+    presence.check_in('celery@b', 2, datetime.datetime.now())
+    moment[0] += REMEMBER_S  # what a server read of the workers is remembered a while
+    assert samples(ServerMetrics(CartVolume(bound), presence=presence).exposition().decode('utf-8'))[
+        ('cartd_workers', ())] == 2
+    assert ('cartd_workers', ()) not in _scrape(bound)  # no presence (worker_heartbeat 0): not reported

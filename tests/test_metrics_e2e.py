@@ -82,6 +82,7 @@ def _files(stack: CartStack, uid: str, sizes: List[int], wrong_hash: bool = Fals
 def test_the_counters_move_by_what_was_done(stack: CartStack) -> None:
     before = scrape(stack.url)
     assert value(before, 'cartd_database_up') == 1
+    assert value(before, 'cartd_workers') == 1  # the stack's one worker has checked in
     good, bad = f'good-{uuid.uuid4().hex[:8]}', f'bad-{uuid.uuid4().hex[:8]}'
     sizes = [1000, 70_000, 3]
     assert stack.post(good, _files(stack, good, sizes)).status_code == 201

@@ -15,6 +15,7 @@ from .metrics import ServerMetrics
 from .rest import CartRoot, HeadFastLane, MetricsLane, OpsLane, QuietRequest, app_config, error_page
 from .volume import CartVolume
 from .wiring import server_service
+from .workers import WorkerPresence
 
 LOGGER = logging.getLogger(__name__)
 LOG_LINE = '%(asctime)s %(levelname)s %(name)s: %(message)s'  # the server's own lines, plain
@@ -45,7 +46,8 @@ def mount(settings: Settings, cpconfig: Optional[str],
     service = server_service(settings)
     application = cherrypy.tree.mount(CartRoot(service), '/', app_config())
     application.request_class = QuietRequest
-    metrics = ServerMetrics(CartVolume(settings.volume_path), metrics_dir) if settings.metrics_enabled else None
+    metrics = (ServerMetrics(CartVolume(settings.volume_path), metrics_dir, WorkerPresence(settings.worker_heartbeat))
+               if settings.metrics_enabled else None)
     if metrics is not None:  # the pipeline's first entry is the outermost
         application.wsgiapp.pipeline.append(('metrics_lane', functools.partial(MetricsLane, metrics=metrics)))
     application.wsgiapp.pipeline.append(('ops_lane', functools.partial(OpsLane, service_factory=service,

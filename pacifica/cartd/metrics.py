@@ -27,6 +27,7 @@ from . import database
 from .orm import (CARTS_FINISHED, COUNTER_ROWS, EVICTIONS, FILES_STAGED, HASH_MISMATCHES, STAGED_BYTES,
                   counter_values, metrics_snapshot, now)
 from .volume import CartVolume
+from .workers import WorkerPresence
 
 LOGGER = logging.getLogger(__name__)
 
@@ -52,9 +53,10 @@ DATABASE_COUNTERS: Tuple[Tuple[str, str, str], ...] = (
 class DatabaseCollector(Collector):
     """The metrics read from the database and the volume at each scrape."""
 
-    def __init__(self, volume: CartVolume) -> None:
-        """Report on `volume` and the database the process is bound to."""
+    def __init__(self, volume: CartVolume, presence: Optional[WorkerPresence] = None) -> None:
+        """Report on `volume`, the database the process is bound to and, with `presence`, the workers."""
         self.volume = volume
+        self.presence = presence
 
     def collect(self) -> Iterable[Metric]:
         """The gauges and counters; when the database cannot be read, only cartd_database_up 0 and the volume."""
@@ -62,6 +64,7 @@ class DatabaseCollector(Collector):
         try:
             with database.connection():
                 snapshot, counters = metrics_snapshot(), counter_values()
+                seen = self.presence.sighting() if self.presence is not None else None
         except Exception as exc:  # any driver error: say so in the metrics, not with a failed scrape
             LOGGER.warning('metrics: cannot read the database: %s', ' '.join(str(exc).split()) or type(exc).__name__)
             up.add_metric([], 0)
@@ -88,6 +91,10 @@ class DatabaseCollector(Collector):
                                      'Bytes reserved on the volume by downloads in flight')
         reserved.add_metric([], snapshot.reserved_bytes)
         yield reserved
+        if seen is not None:  # worker_heartbeat 0: the workers do not check in
+            workers = GaugeMetricFamily('cartd_workers', 'Workers that checked in within three worker_heartbeats')
+            workers.add_metric([], seen.workers)
+            yield workers
         yield from self._volume()
         for row, name, documentation in DATABASE_COUNTERS:
             family = CounterMetricFamily(name, documentation)
@@ -172,8 +179,10 @@ class ServerMetrics:
     """The metrics of one server: the database's, and the HTTP requests it answered (per process, or summed
     across processes through `multiprocess_dir`)."""
 
-    def __init__(self, volume: CartVolume, multiprocess_dir: Optional[Path] = None) -> None:
-        """Report on `volume`; with `multiprocess_dir` (see use_multiprocess_dir), the sum of every process's counts."""
+    def __init__(self, volume: CartVolume, multiprocess_dir: Optional[Path] = None,
+                 presence: Optional[WorkerPresence] = None) -> None:
+        """Report on `volume` (and the workers seen through `presence`); with `multiprocess_dir` (see
+        use_multiprocess_dir), the sum of every process's counts."""
         self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry(auto_describe=False)
         own = None if multiprocess_dir is not None else self.registry
@@ -184,7 +193,7 @@ class ServerMetrics:
                                    registry=own, buckets=DURATION_BUCKETS)
         self.served = Counter('cartd_served_bytes', 'Bytes of response bodies sent to clients, downloads included',
                               registry=own)
-        self.registry.register(DatabaseCollector(volume))
+        self.registry.register(DatabaseCollector(volume, presence))
         if multiprocess_dir is not None:
             multiprocess.MultiProcessCollector(self.registry, path=str(multiprocess_dir))
         self._lock = threading.Lock()
