@@ -21,6 +21,7 @@ from .events import EXPIRED, EventOutbox
 from .eviction import SpaceKeeper, remove_expired
 from .health import Health
 from .recovery import Recovery
+from .stagedfiles import StagedFiles
 from .staging import Stager, StageOutcome
 from .taskqueue import CartQueue, TaskQueue
 from .volume import CartVolume
@@ -49,7 +50,9 @@ class CartService:
         self.outbox = EventOutbox(settings)
         self.bundler = Bundler(self.volume, self.outbox)
         self.delivery = EventDelivery(settings)
-        self.stager = Stager(settings, self.volume, self.archive, SpaceKeeper(settings, self.volume), self.bundler)
+        cache = StagedFiles(self.volume) if settings.share_staged_files else None
+        self.stager = Stager(settings, self.volume, self.archive, SpaceKeeper(settings, self.volume), self.bundler,
+                             cache)
         self.presence = WorkerPresence(settings.worker_heartbeat)
         self.carts = Carts(settings, self.volume, cart_queue, self.bundler, self.presence)
         self.recovery = Recovery(settings, cart_queue)
