@@ -12,7 +12,7 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from pacifica.cartd.orm import Cart, File, StagedFile, staged_file_ready
+from pacifica.cartd.orm import Cart, File, ReadyEntry, StagedFile, staged_files_ready
 from pacifica.cartd.service import CartService
 from pacifica.cartd.stagedfiles import StagedFiles, cache_key
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue, sqlite_service
@@ -176,15 +176,44 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_publish(tmp_pa
         StagedFile.id == first.lease.entry_id).execute()
     second = cache.find_or_claim('x', 10, None)
     assert second.lease is not None and second.lease.entry_id == first.lease.entry_id
-    assert not staged_file_ready(first.lease.entry_id, first.lease.owner, '{}')
+    assert staged_files_ready([ReadyEntry(first.lease.entry_id, first.lease.owner, '{}')]) == 0
     cache.abandon(first.lease)  # a no-op: the entry is the new holder's
     assert StagedFile.get_by_id(first.lease.entry_id).state == 'fetching'
     source = tmp_path / 'verified'
     source.write_bytes(b'0123456789')
-    assert cache.publish(second.lease, source, 'SHA1', hashlib.sha1(b'0123456789').hexdigest().upper())
+    assert staged_files_ready([cache.publish(second.lease, source, 'SHA1',
+                                             hashlib.sha1(b'0123456789').hexdigest().upper())]) == 1
     entry = StagedFile.get_by_id(second.lease.entry_id)
     assert entry.state == 'ready' and json.loads(entry.digests) == {'sha1': hashlib.sha1(b'0123456789').hexdigest()}
     assert cache.find_or_claim('x', 10, None).ready is not None
     assert service.volume.staged_file_path(entry.id).read_bytes() == b'0123456789'
     # an unknown mtime and a known one are different files
     assert cache.find_or_claim('x', 10, 1.0).lease is not None
+
+
+def test_where_the_volume_cannot_link_the_cart_gets_a_copy(tmp_path: pathlib.Path, cleanup: contextlib.ExitStack,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mock for a volume whose filesystem refuses hard links (EXDEV, EPERM, ...): this test's tmp
+    filesystem links, so the refusal is simulated; the copy, its verification and the rename are real."""
+    import errno
+
+    from pacifica.cartd import volume
+
+    def refuse(source: object, target: object) -> None:
+        raise OSError(errno.EPERM, 'hard links not permitted here')
+
+    service = _service(tmp_path, cleanup)
+    monkeypatch.setattr(volume.os, 'link', refuse)
+    first = _stage(service, 'copy-1', _fileids())
+    second = _stage(service, 'copy-2', _fileids('md5'))
+    assert first.status == second.status == 'ready'
+    assert len(_archive(service).downloads) == len(DATA)
+    assert _cart_files(service, first) == DATA == _cart_files(service, second)
+    entries = {entry.archive_id: entry for entry in StagedFile.select()}
+    assert {entry.state for entry in entries.values()} == {'ready'}
+    for archive_id, entry in entries.items():
+        cached = service.volume.staged_file_path(entry.id)
+        assert cached.read_bytes() == DATA[archive_id]
+        linked = service.volume.file_path(second.id, second.cart_uid, f'data/{archive_id.replace("/", "_")}')
+        assert os.stat(linked).st_ino != os.stat(cached).st_ino
+    assert not list((service.volume.root / 'staged-files').rglob('.*.part'))  # no temp file left behind

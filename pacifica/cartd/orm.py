@@ -778,11 +778,28 @@ def renew_staged_file_lease(entry_id: int, owner: str, new_until: datetime.datet
     return bool(StagedFile.update(lease_until=new_until).where(_held_by(entry_id, owner)).execute())
 
 
-def staged_file_ready(entry_id: int, owner: str, digests: str) -> bool:
-    """Mark the entry this download holds ready, with its digests; False when it was taken over."""
-    return bool(StagedFile.update(state=StagedFileState.READY.value, digests=digests, lease_until=None,
-                                  lease_owner=None, last_used=now())
-                .where(_held_by(entry_id, owner)).execute())
+class ReadyEntry(NamedTuple):
+    """A fetched entry to mark ready: its id, the token of the download holding it, its digests (JSON)."""
+
+    entry_id: int
+    owner: str
+    digests: str
+
+
+def staged_files_ready(entries: Sequence[ReadyEntry]) -> int:
+    """Mark the entries these downloads hold ready, with their digests (one statement per INSERT_CHUNK);
+    return how many were (one taken over meanwhile is left to its new holder)."""
+    changed = 0
+    for chunk in chunked(entries, INSERT_CHUNK):
+        changed += (StagedFile.update(state=StagedFileState.READY.value, lease_until=None, lease_owner=None,
+                                      last_used=now(),
+                                      digests=Case(StagedFile.id, [(row.entry_id, row.digests) for row in chunk]))
+                    .where(StagedFile.id.in_([row.entry_id for row in chunk])
+                           & (StagedFile.state == StagedFileState.FETCHING.value)
+                           & (StagedFile.lease_owner == Case(StagedFile.id,
+                                                             [(row.entry_id, row.owner) for row in chunk])))
+                    .execute())
+    return int(changed)
 
 
 def set_staged_file_digests(entry_id: int, before: str, after: str) -> bool:

@@ -14,8 +14,8 @@ from typing import Dict, Optional
 
 from . import database
 from .archive import new_hash
-from .orm import (StagedFile, StagedFileState, insert_staged_file, now, renew_staged_file_lease, retire_staged_file,
-                  set_staged_file_digests, staged_file_by_key, staged_file_ready, take_over_staged_file)
+from .orm import (ReadyEntry, StagedFile, StagedFileState, insert_staged_file, now, renew_staged_file_lease,
+                  retire_staged_file, set_staged_file_digests, staged_file_by_key, take_over_staged_file)
 from .volume import CartVolume
 
 LOGGER = logging.getLogger(__name__)
@@ -147,13 +147,12 @@ class StagedFiles:
                     return  # retired meanwhile: nothing to record on
                 before = str(current.digests or '{}')
 
-    def publish(self, lease: Lease, source: Path, hash_type: str, hash_value: str) -> bool:
-        """Make the entry the cart's verified file `source` and mark it ready with its digest; False when
-        another download took the entry over meanwhile (it publishes its own)."""
+    def publish(self, lease: Lease, source: Path, hash_type: str, hash_value: str) -> ReadyEntry:
+        """Make the entry the cart's verified file `source`; return what marks it ready with its digest, which
+        the caller records with the file staged (staged_files_ready; one taken over meanwhile stays the new
+        holder's, who publishes its own)."""
         self.volume.publish_staged_file(source, lease.entry_id)
-        digests = json.dumps({hash_type.lower(): hash_value.lower()})
-        with database.connection():
-            return staged_file_ready(lease.entry_id, lease.owner, digests)
+        return ReadyEntry(lease.entry_id, lease.owner, json.dumps({hash_type.lower(): hash_value.lower()}))
 
     @staticmethod
     def abandon(lease: Lease) -> None:

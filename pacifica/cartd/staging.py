@@ -23,9 +23,10 @@ from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
 from .logcontext import about, settle
-from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, StagedFile, cart_status, count_staged,
-                  count_staged_of_failed, fail_cart, fail_file, files_to_stage, get_cart, get_file, grow_bundle,
-                  mark_recalling, mark_staged, mark_transferring, pin_staged_files, place_file, tar_place)
+from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, ReadyEntry, StagedFile, cart_status,
+                  count_staged, count_staged_of_failed, fail_cart, fail_file, files_to_stage, get_cart, get_file,
+                  grow_bundle, mark_recalling, mark_staged, mark_transferring, pin_staged_files, place_file,
+                  staged_files_ready, tar_place)
 from .stagedfiles import StagedFiles
 from .tarlayout import member_region
 from .volume import CartVolume, link_or_copy
@@ -49,6 +50,7 @@ class StageOutcome:
     attempts: int = 0  # downloads of the file started so far, this task's and earlier ones
     staged_file_id: Optional[int] = None  # the staged-file cache entry it was served from (its pin)
     cache_hit: bool = False  # linked from the cache, no download
+    fetched: Optional[ReadyEntry] = None  # the cache entry it was fetched into, to mark ready when recorded
 
 
 class AttemptLog:
@@ -286,15 +288,17 @@ class Stager:
             LOGGER.info('cart %s file %s: another download is fetching it; looked at again later', cart.cart_uid,
                         file.bundle_path)
             return StageOutcome(file.id, on_tape=True, size=status.size)
-        published = False
+        fetched: Optional[ReadyEntry] = None
         try:
             outcome = self._stage_alone(cart, file, status, log, lease)
             final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
-            published = cache.publish(lease, final, str(file.hash_type), str(file.hash_value))
+            fetched = cache.publish(lease, final, str(file.hash_type), str(file.hash_value))
         finally:
-            if not published:
+            if fetched is None:
                 cache.abandon(lease)
-        return dataclasses.replace(outcome, staged_file_id=lease.entry_id)
+        # Marked ready with the file recorded staged (a batch, not a statement a file). A worker that dies
+        # before leaves the entry fetching until its lease runs out; then another download takes it over.
+        return dataclasses.replace(outcome, staged_file_id=lease.entry_id, fetched=fetched)
 
     def _link_cached(self, cache: StagedFiles, cart: Cart, file: File, entry: StagedFile, status: ArchiveStatus,
                      log: AttemptLog) -> Optional[StageOutcome]:
@@ -442,6 +446,10 @@ class Stager:
         failed meanwhile keeps these files recorded: they are on the volume and verified (fixit
         does not pull them again, eviction frees them before any ready cart's).
         """
+        fetched = [outcome.fetched for outcome in outcomes if outcome.fetched is not None]
+        if fetched:  # first, on its own: the entries are ready for other carts whatever becomes of this one
+            with database.atomic():
+                staged_files_ready(fetched)
         rows = []
         for outcome in outcomes:
             assert outcome.download is not None
