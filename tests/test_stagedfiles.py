@@ -217,3 +217,31 @@ def test_where_the_volume_cannot_link_the_cart_gets_a_copy(tmp_path: pathlib.Pat
         linked = service.volume.file_path(second.id, second.cart_uid, f'data/{archive_id.replace("/", "_")}')
         assert os.stat(linked).st_ino != os.stat(cached).st_ino
     assert not list((service.volume.root / 'staged-files').rglob('.*.part'))  # no temp file left behind
+
+
+def test_purging_every_cart_leaves_the_cached_files(tmp_path: pathlib.Path, cleanup: contextlib.ExitStack) -> None:
+    """purge (as eviction and expiry) removes carts' directories: their links, never an entry's file."""
+    service = _service(tmp_path, cleanup)
+    _stage(service, 'purged', _fileids())
+    purged = service.purge(datetime.datetime.now() + datetime.timedelta(days=1))
+    assert [uid for _, uid in purged] == ['purged']
+    entries = list(StagedFile.select())
+    assert {entry.archive_id: service.volume.staged_file_path(entry.id).read_bytes() for entry in entries} == DATA
+    later = _stage(service, 'later', _fileids())
+    assert later.status == 'ready' and _cart_files(service, later) == DATA
+    assert len(_archive(service).downloads) == len(DATA)
+
+
+def test_a_fetch_whose_worker_died_is_taken_over_once_its_lease_ran_out(tmp_path: pathlib.Path,
+                                                                        cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    cache = service.stager.cache
+    assert cache is not None
+    dead = cache.find_or_claim('run/0', len(DATA['run/0']), 1500000000.0)  # its worker never comes back
+    assert dead.lease is not None
+    StagedFile.update(lease_until=datetime.datetime.now() - datetime.timedelta(seconds=1)).where(
+        StagedFile.id == dead.lease.entry_id).execute()
+    cart = _stage(service, 'after-crash', _fileids())
+    assert cart.status == 'ready' and _cart_files(service, cart) == DATA
+    assert StagedFile.get_by_id(dead.lease.entry_id).state == 'ready'
+    assert File.get((File.cart == cart.id) & (File.file_name == 'run/0')).staged_file_id == dead.lease.entry_id
