@@ -245,3 +245,20 @@ def test_a_fetch_whose_worker_died_is_taken_over_once_its_lease_ran_out(tmp_path
     assert cart.status == 'ready' and _cart_files(service, cart) == DATA
     assert StagedFile.get_by_id(dead.lease.entry_id).state == 'ready'
     assert File.get((File.cart == cart.id) & (File.file_name == 'run/0')).staged_file_id == dead.lease.entry_id
+
+
+def test_a_failed_first_fetch_leaves_no_entry_fetching_or_ready(tmp_path: pathlib.Path,
+                                                                cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    bad = _stage(service, 'first-bad', _fileids(wrong='run/1'))
+    assert bad.status == 'error'
+    assert [entry.state for entry in StagedFile.select().where(StagedFile.archive_id == 'run/1')] == ['untrusted']
+    _archive(service).fail_downloads = 1  # the archive fails (FakeArchive does not retry)
+    broken = _stage(service, 'archive-down', [entry for entry in _fileids() if entry['id'] == 'run/1'])
+    assert broken.status == 'error'
+    assert [entry.state for entry in StagedFile.select().where(StagedFile.archive_id == 'run/1')] == \
+        ['untrusted', 'untrusted']
+    good = _stage(service, 'then-good', _fileids())
+    assert good.status == 'ready' and _cart_files(service, good) == DATA
+    assert [entry.state for entry in StagedFile.select().where(StagedFile.archive_id == 'run/1')
+            .order_by(StagedFile.id)] == ['untrusted', 'untrusted', 'ready']
