@@ -380,6 +380,7 @@ class Stager:
         """One verified download (transient faults retried, each try counted in `log`) into a temp
         file, or at offset into the tar; `lease`, if any, is told as bytes arrive, as the heartbeat is."""
         heartbeat = Heartbeat(cart.id, min(HEARTBEAT_S, self.settings.stall_timeout / 3))
+
         def with_lease() -> None:
             heartbeat()
             if lease is not None:
