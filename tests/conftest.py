@@ -45,6 +45,7 @@ def pytest_report_header() -> List[str]:
 from cartd_testkit.archive import ArchiveServer  # noqa: E402  (after the sys.path fix above; pip install -e ./testkit)
 from cartd_testkit.databases import fresh_database  # noqa: E402
 from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive  # noqa: E402
+from cartd_testkit.receiver import EventReceiver  # noqa: E402
 from cartd_testkit.stack import CartStack, running  # noqa: E402
 
 DATABASE_KINDS = ('sqlite', 'postgres', 'mysql')
@@ -127,3 +128,10 @@ def sqlite_stack(archive: ArchiveServer, tmp_path_factory: pytest.TempPathFactor
     url = fresh_database('sqlite', base)
     with running(CartStack(base, archive, url, workers=1), 'sqlite', url) as cart:
         yield cart
+
+
+@pytest.fixture(scope='module')
+def receiver(request: pytest.FixtureRequest) -> Iterator[EventReceiver]:
+    """A real receiver of completion events on the module's RECEIVER_PORT, where its STACK_OVERRIDES send them."""
+    with EventReceiver(request.module.RECEIVER_PORT) as running:
+        yield running

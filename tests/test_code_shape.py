@@ -42,7 +42,7 @@ LAYERS: Dict[str, Dict[str, float]] = {
     'I/O and formats': {'paths': 4, 'fileio': 4, 'byteranges': 4, 'tarlayout': 5, 'volume': 5, 'archive': 5,
                         'webhook': 5},
     'policy': {'cartrequest': 6, 'heartbeat': 6, 'cleanup': 6, 'taskqueue': 6, 'cartlayout': 6, 'eviction': 6,
-               'expiry': 6, 'cartstate': 6.2, 'cartreport': 6.5, 'workers': 6.5, 'events': 6.7},
+               'expiry': 6, 'stagedfiles': 6, 'cartstate': 6.2, 'cartreport': 6.5, 'workers': 6.5, 'events': 6.7},
     'use cases': {'bundling': 7, 'health': 7, 'metrics': 7, 'staging': 8, 'carts': 8, 'recovery': 8, 'delivery': 8,
                   'admin': 9},
     'facade': {'service': 10},
@@ -55,7 +55,7 @@ LAYER_OF = {module: name for name, layer in LAYERS.items() for module in layer}
 # Where the tables of the database may be queried; everywhere else goes through orm's named queries.
 QUERYING = {'orm', 'schema', 'database'}
 MODEL_NAMES = {'Cart', 'File', 'CartTasks', 'SpaceReservation', 'CartSystem', 'CartEvent', 'CartCounter',
-               'WorkerSighting'}
+               'WorkerSighting', 'StagedFile'}
 QUERY_METHODS = {'select', 'update', 'delete', 'insert', 'insert_many', 'create', 'get', 'get_or_none',
                  'get_by_id', 'bulk_update', 'bulk_create', 'replace'}
 

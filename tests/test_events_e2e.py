@@ -15,7 +15,7 @@ import hashlib
 import os
 import time
 import uuid
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, List
 
 import pytest
 import requests
@@ -23,7 +23,7 @@ import requests
 from pacifica.cartd import database
 from pacifica.cartd.orm import Cart, CartEvent, now
 from cartd_testkit.procs import free_port
-from cartd_testkit.receiver import EventReceiver
+from cartd_testkit.receiver import EventReceiver, quick_notifications
 from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
@@ -32,18 +32,10 @@ RECEIVER_PORT = free_port()
 RECEIVER_URL = f'http://127.0.0.1:{RECEIVER_PORT}/'
 STACK_OVERRIDES = {
     'cartd': {'reconcile_interval': '0.5'},
-    'notifications': {'url': RECEIVER_URL + 'events', 'callback_prefixes': RECEIVER_URL + 'cb/',
-                      'source': 'urn:test:cartd', 'interval': '0.2', 'timeout': '2', 'retry_wait': '0.2',
-                      'retry_wait_max': '1'},
+    'notifications': quick_notifications(RECEIVER_URL + 'events', callback_prefixes=RECEIVER_URL + 'cb/'),
 }
 DEADLINE_S = 60
 
-
-@pytest.fixture(scope='module')
-def receiver() -> Iterator[EventReceiver]:
-    """The receiver of every stack of the module, at the url the config names."""
-    with EventReceiver(RECEIVER_PORT) as running:
-        yield running
 
 
 @pytest.fixture(scope='module')

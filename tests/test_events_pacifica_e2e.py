@@ -7,29 +7,22 @@ import hashlib
 import os
 import time
 import uuid
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 
 from cartd_testkit.procs import free_port
-from cartd_testkit.receiver import EventReceiver
+from cartd_testkit.receiver import EventReceiver, quick_notifications
 from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
 
 RECEIVER_PORT = free_port()
 STACK_OVERRIDES = {
-    'notifications': {'url': f'http://127.0.0.1:{RECEIVER_PORT}/receive', 'format': 'pacifica',
-                      'source': 'urn:test:cartd', 'interval': '0.2', 'timeout': '2', 'retry_wait': '0.2',
-                      'retry_wait_max': '1'},
+    'notifications': quick_notifications(f'http://127.0.0.1:{RECEIVER_PORT}/receive', format='pacifica'),
 }
 DEADLINE_S = 60
 
-
-@pytest.fixture(scope='module')
-def receiver() -> Iterator[EventReceiver]:
-    with EventReceiver(RECEIVER_PORT) as running:
-        yield running
 
 
 @pytest.fixture(scope='module')

@@ -49,13 +49,16 @@ PROGRESS_COLUMNS = ('files_failed', 'files_on_tape', 'files_sized', 'bytes_total
 ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
     'cart': ('files_total', 'files_staged', 'bundle_size') + PROGRESS_COLUMNS + ('ready_date',)
     + ('files_transferring', 'percent_staged', 'lifetime', 'expires_date', 'on_file_error', 'callback_url'),
-    'file': ('size', 'mtime', 'tar_offset', 'attempts', 'recall_date'),
+    'file': ('size', 'mtime', 'tar_offset', 'attempts', 'recall_date', 'staged_file_id'),
 }
 # The tables later schemas add (2.1: spacereservation; 2.7: workersighting; 2.8: cartevent, the completion
-# events' outbox; 2.9: cartcounter, the metrics' fleet-wide counters), empty after an upgrade but for the counters.
-ADDED_TABLES = ('spacereservation', 'workersighting', 'cartevent', 'cartcounter')
+# events' outbox; 2.9: cartcounter, the metrics' fleet-wide counters; 2.10: stagedfile, the staged-file cache),
+# empty after an upgrade but for the counters.
+ADDED_TABLES = ('spacereservation', 'workersighting', 'cartevent', 'cartcounter', 'stagedfile')
 EVENT_COLUMNS = sorted(('id', 'event_id', 'cart_id', 'event_type', 'subject', 'event_time', 'data', 'target_url',
                         'state', 'next_attempt', 'attempts', 'last_error', 'created', 'delivered_date'))
+STAGED_FILE_COLUMNS = sorted(('id', 'cache_key', 'archive_id', 'size', 'mtime', 'state', 'digests', 'lease_until',
+                              'lease_owner', 'hits', 'last_used', 'created'))
 # 2.9: the fleet-wide counters of the metrics, one row each, made with the table.
 EXPECTED_COUNTERS = {('files_staged', ''): 0, ('staged_bytes', ''): 0, ('hash_mismatches', ''): 0, ('evictions', ''): 0,
                      ('carts_finished', 'ready'): 0, ('carts_finished', 'error'): 0, ('carts_finished', 'expired'): 0}
@@ -317,6 +320,10 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     assert shape[('cart', 'callback_url')][1] is True, shape  # NULL: no callback, as every 0.7.0 cart
     assert sorted(site.added_tables()['cartevent']) == EVENT_COLUMNS
     assert shape[('file', 'recall_date')][1] is True, shape  # nullable: 0.7.0 inserts files without it
+    assert sorted(site.added_tables()['stagedfile']) == STAGED_FILE_COLUMNS
+    assert shape[('file', 'staged_file_id')][1] is True, shape  # NULL: no pin, as every 0.7.0 file
+    assert any(cols == ('staged_file_id',) for cols in site.indexed_columns('file')), site.indexed_columns('file')
+    assert {row for row in site.dump({'file': ('staged_file_id',)})['file']} == {(None,)}
 
     # The counters come from the file rows; the file metadata is unknown (NULL).
     counters = site.dump({'cart': ('id', 'cart_uid', 'files_total', 'files_staged')})['cart']
@@ -368,6 +375,8 @@ def test_upgrade_published_0_7_0_database(site: Site) -> None:
     new_file = [row for row in site.dump({'file': ('id', 'cart_id', 'status', 'size', 'mtime')})['file']
                 if row[0] == rolled['file']]
     assert new_file == [(rolled['file'], rolled['cart'], 'staged', None, None)]
+    assert [row[1:] for row in site.dump({'file': ('id', 'staged_file_id')})['file'] if row[0] == rolled['file']] \
+        == [(None,)]  # a 0.7.0 writer pins nothing
     # ... and nothing it did disturbed the upgraded rows.
     assert site.dump(data_tables)['cart'][:3] == before['cart']
     site.ours_ok('dbchk', '--equal')
@@ -394,6 +403,8 @@ def test_fresh_database(site: Site) -> None:
     assert fresh_shape[('cart', 'files_total')][1:] == (False, True)
     assert fresh_shape[('file', 'size')][1] is True
     assert sorted(site.added_tables()['cartevent']) == EVENT_COLUMNS
+    assert sorted(site.added_tables()['stagedfile']) == STAGED_FILE_COLUMNS
+    assert any(cols == ('staged_file_id',) for cols in site.indexed_columns('file'))
 
     assert site.counters() == EXPECTED_COUNTERS
 

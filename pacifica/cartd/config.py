@@ -56,6 +56,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option('cartd', 'tombstone_time', 'TOMBSTONE_TIME', '604800'),
     Option('cartd', 'worker_heartbeat', 'WORKER_HEARTBEAT', '10'),
     Option('cartd', 'log_format', 'LOG_FORMAT', 'plain'),
+    Option('cartd', 'share_staged_files', 'SHARE_STAGED_FILES', 'off'),
     Option('archiveinterface', 'url', 'ARCHIVE_INTERFACE_URL', 'http://127.0.0.1:8080/'),
     Option('archiveinterface', 'timeout', 'ARCHIVE_INTERFACE_TIMEOUT', '60'),
     Option('archiveinterface', 'retries', 'ARCHIVE_INTERFACE_RETRIES', '4'),
@@ -270,6 +271,7 @@ class Settings:
     metrics_multiprocess_dir: Optional[Path] = None
     metrics_worker_port: int = 0
     metrics_worker_address: str = '127.0.0.1'
+    share_staged_files: bool = False
     config_file: Optional[str] = None
 
     @property
@@ -296,6 +298,7 @@ _FIELDS: Dict[Tuple[str, str], Tuple[str, Callable[[str], object]]] = {
     ('cartd', 'tombstone_time'): ('tombstone_time', _non_negative(float)),
     ('cartd', 'worker_heartbeat'): ('worker_heartbeat', _non_negative(float)),
     ('cartd', 'log_format'): ('log_format', lambda text: _one_of(text, LOG_FORMATS)),
+    ('cartd', 'share_staged_files'): ('share_staged_files', parse_bool),
     ('archiveinterface', 'url'): ('archive_url', _url_with_slash),
     ('archiveinterface', 'timeout'): ('archive_timeout', _non_negative(float)),
     ('archiveinterface', 'retries'): ('archive_retries', _non_negative(int)),

@@ -168,6 +168,9 @@ class File(BaseModel):
     attempts = IntegerField(default=0, constraints=[SQL('DEFAULT 0')])
     # Added in schema 2.9: when the file was first found on tape (a recall asked for), until it is staged.
     recall_date = DateTimeField(null=True)
+    # Added in schema 2.10: the staged-file cache entry the file was served from (share_staged_files): its
+    # pin, held while the cart lives. No foreign key, so the entry's row can go without touching the cart's.
+    staged_file_id = IntegerField(null=True, index=True)
 
     class Meta:
         """Table name of the published schema."""
@@ -261,7 +264,45 @@ class CartCounter(BaseModel):
         primary_key = CompositeKey('name', 'label')
 
 
-MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, WorkerSighting, CartEvent, CartCounter)
+class StagedFileState(str, enum.Enum):
+    """Where a staged-file cache entry stands: its first download under way, ready to link, or not to be used."""
+
+    FETCHING = 'fetching'
+    READY = 'ready'
+    UNTRUSTED = 'untrusted'
+
+
+class StagedFile(BaseModel):
+    """One archive file staged once on the volume (schema 2.10, share_staged_files), linked into every cart
+    that asks for it.
+
+    Keyed by the archive's id, size and mtime (cache_key, a sha256 of them), so a file changed in
+    the archive is another entry. `digests` holds every digest computed of its bytes, as JSON.
+    A 'fetching' entry belongs to the download holding its lease; an 'untrusted' one no longer
+    answers to its key (it was retired) and is never linked again.
+    """
+
+    id = AutoField()
+    cache_key = CharField(max_length=64, unique=True)
+    archive_id = TextField()
+    size = BigIntegerField(null=True)
+    mtime = DoubleField(null=True)
+    state = CharField(max_length=16, default=StagedFileState.FETCHING.value)
+    digests = TextField(default='{}')
+    lease_until = DateTimeField(null=True)
+    lease_owner = CharField(max_length=32, null=True)  # the claiming download's token, compared to move the entry
+    hits = IntegerField(default=0)  # carts served from it without a download
+    last_used = DateTimeField(default=now)
+    created = DateTimeField(default=now)
+
+    class Meta:
+        """Not a 0.7.0 table."""
+
+        table_name = 'stagedfile'
+
+
+MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, WorkerSighting, CartEvent, CartCounter,
+          StagedFile)
 
 FILES_STAGED, STAGED_BYTES, HASH_MISMATCHES, EVICTIONS, CARTS_FINISHED = (
     'files_staged', 'staged_bytes', 'hash_mismatches', 'evictions', 'carts_finished')
@@ -746,6 +787,97 @@ def drop_finished_events(finished_before: datetime.datetime) -> int:
     """Remove delivered and given-up events whose cart finished before `finished_before`; return how many."""
     return int(CartEvent.delete().where(CartEvent.state.in_((EventState.DELIVERED.value, EventState.ABANDONED.value))
                                         & (CartEvent.created < finished_before)).execute())
+
+
+# ---- the staged-file cache (schema 2.9) -------------------------------------------------
+
+def staged_file_by_key(cache_key: str) -> Optional[StagedFile]:
+    """The cache entry answering to this key (fetching or ready), or None."""
+    return StagedFile.get_or_none(StagedFile.cache_key == cache_key)
+
+
+def insert_staged_file(cache_key: str, archive_id: str, size: Optional[int], mtime: Optional[float],
+                       owner: str, lease_until: datetime.datetime) -> Optional[StagedFile]:
+    """Claim a key nobody holds: a 'fetching' entry leased until `lease_until`; None when another
+    process inserted it first (the unique key makes one winner)."""
+    try:
+        with DB.atomic():
+            return StagedFile.create(cache_key=cache_key, archive_id=archive_id, size=size, mtime=mtime,
+                                     state=StagedFileState.FETCHING.value, digests='{}', lease_until=lease_until,
+                                     lease_owner=owner, hits=0, last_used=now(), created=now())
+    except IntegrityError:
+        return None
+
+
+def _held_by(entry_id: int, owner: str) -> Any:
+    return ((StagedFile.id == entry_id) & (StagedFile.state == StagedFileState.FETCHING.value)
+            & (StagedFile.lease_owner == owner))
+
+
+def take_over_staged_file(entry: StagedFile, owner: str, lease_until: datetime.datetime) -> bool:
+    """Take a 'fetching' entry whose lease ran out (compare-and-set on the holder it was read with)."""
+    return bool(StagedFile.update(lease_owner=owner, lease_until=lease_until, digests='{}')
+                .where(_held_by(entry.id, str(entry.lease_owner))).execute())
+
+
+def renew_staged_file_lease(entry_id: int, owner: str, new_until: datetime.datetime) -> bool:
+    """Move the lease of a 'fetching' entry this download holds on; False when it was taken over."""
+    return bool(StagedFile.update(lease_until=new_until).where(_held_by(entry_id, owner)).execute())
+
+
+class ReadyEntry(NamedTuple):
+    """A fetched entry to mark ready: its id, the token of the download holding it, its digests (JSON)."""
+
+    entry_id: int
+    owner: str
+    digests: str
+
+
+def staged_files_ready(entries: Sequence[ReadyEntry]) -> int:
+    """Mark the entries these downloads hold ready, with their digests (one statement per INSERT_CHUNK);
+    return how many were (one taken over meanwhile is left to its new holder)."""
+    changed = 0
+    for chunk in chunked(entries, INSERT_CHUNK):
+        changed += (StagedFile.update(state=StagedFileState.READY.value, lease_until=None, lease_owner=None,
+                                      last_used=now(),
+                                      digests=Case(StagedFile.id, [(row.entry_id, row.digests) for row in chunk]))
+                    .where(StagedFile.id.in_([row.entry_id for row in chunk])
+                           & (StagedFile.state == StagedFileState.FETCHING.value)
+                           & (StagedFile.lease_owner == Case(StagedFile.id,
+                                                             [(row.entry_id, row.owner) for row in chunk])))
+                    .execute())
+    return int(changed)
+
+
+def set_staged_file_digests(entry_id: int, before: str, after: str) -> bool:
+    """Record a ready entry's digests (compare-and-set on the text read); False when they changed meanwhile."""
+    return bool(StagedFile.update(digests=after)
+                .where((StagedFile.id == entry_id) & (StagedFile.state == StagedFileState.READY.value)
+                       & (StagedFile.digests == before)).execute())
+
+
+def retire_staged_file(entry_id: int, retired_key: str, owner: Optional[str] = None) -> bool:
+    """Mark an entry untrusted and give up its key (so the next cart claims a new entry): a ready one, or,
+    with `owner`, the fetching one that download holds; False when it moved on meanwhile."""
+    where = (StagedFile.id == entry_id) & (StagedFile.state == StagedFileState.READY.value)
+    if owner is not None:
+        where = _held_by(entry_id, owner)
+    return bool(StagedFile.update(state=StagedFileState.UNTRUSTED.value, cache_key=retired_key, lease_until=None,
+                                  lease_owner=None).where(where).execute())
+
+
+def pin_staged_files(pins: Sequence[Tuple[int, int, bool]]) -> None:
+    """Record (file id, entry id, hit) pins: each file served from its entry; the entries used now, hits
+    counted. A few statements per INSERT_CHUNK files."""
+    moment = now()
+    for chunk in chunked(pins, INSERT_CHUNK):
+        File.update(staged_file_id=Case(File.id, [(file_id, entry_id) for file_id, entry_id, _ in chunk])).where(
+            File.id.in_([file_id for file_id, _, _ in chunk])).execute()
+        hits: Dict[int, int] = {}
+        for _, entry_id, hit in chunk:
+            hits[entry_id] = hits.get(entry_id, 0) + (1 if hit else 0)
+        StagedFile.update(last_used=moment, hits=StagedFile.hits + Case(StagedFile.id, list(hits.items()), 0)).where(
+            StagedFile.id.in_(list(hits))).execute()
 
 
 # ---- tasks ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
 from .orm import (DB, MODELS, Cart, CartCounter, CartEvent, CartStatus, CartSystem, File, FileStatus,
-                  SpaceReservation, WorkerSighting, counters_from_rows, seed_counters)
+                  SpaceReservation, StagedFile, WorkerSighting, counters_from_rows, seed_counters)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -22,10 +22,12 @@ Version = Tuple[int, int]
 # 2.5 adds a cart's lifetime and when it expires; 2.6 whether it skips files it cannot stage;
 # 2.7 the table of the workers' last sightings; 2.8 the completion events' outbox (table
 # cartevent) and a cart's callback_url; 2.9 the table of fleet-wide counters the metrics report
-# (cartcounter) and when a file was first found on tape (file.recall_date).
+# (cartcounter) and when a file was first found on tape (file.recall_date);
+# 2.10 the staged-file cache (table stagedfile) and the pin of a file on the entry it was served
+# from (file.staged_file_id, indexed).
 # All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
 # write to the database.
-SCHEMA_VERSION: Version = (2, 9)
+SCHEMA_VERSION: Version = (2, 10)
 
 
 def current_version() -> Optional[Version]:
@@ -152,6 +154,18 @@ def _upgrade_2_8_to_2_9() -> None:
     seed_counters()
 
 
+def _upgrade_2_9_to_2_10() -> None:
+    """Add the staged-file cache and file.staged_file_id with its index (resumable). Existing files have no
+    pin (NULL): they were staged into their carts alone, as 0.7.0 stages them."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    had_column = File.staged_file_id.column_name in {column.name for column in DB.get_columns('file')}
+    operations = _add_columns(migrator, [('file', File.staged_file_id)])  # adding the column adds its index
+    if had_column and not any(tuple(index.columns) == ('staged_file_id',) for index in DB.get_indexes('file')):
+        operations.append(migrator.add_index('file', ('staged_file_id',), False))  # an upgrade cut off between
+    migrate(*operations)
+    DB.create_tables([StagedFile], safe=True)
+
+
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 0), (2, 1), _upgrade_2_0_to_2_1),
     ((2, 1), (2, 2), _upgrade_2_1_to_2_2),
@@ -162,6 +176,7 @@ UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 6), (2, 7), _upgrade_2_6_to_2_7),
     ((2, 7), (2, 8), _upgrade_2_7_to_2_8),
     ((2, 8), (2, 9), _upgrade_2_8_to_2_9),
+    ((2, 9), (2, 10), _upgrade_2_9_to_2_10),
 ]
 
 

@@ -22,6 +22,7 @@ from .eviction import SpaceKeeper, remove_expired
 from .health import Health
 from .metrics import WorkerMetrics
 from .recovery import Recovery
+from .stagedfiles import StagedFiles
 from .staging import Stager, StageOutcome
 from .taskqueue import CartQueue, TaskQueue
 from .volume import CartVolume
@@ -55,8 +56,9 @@ class CartService:
         self.outbox = EventOutbox(settings)
         self.bundler = Bundler(self.volume, self.outbox)
         self.delivery = EventDelivery(settings)
+        cache = StagedFiles(self.volume) if settings.share_staged_files else None
         self.stager = Stager(settings, self.volume, self.archive, SpaceKeeper(settings, self.volume), self.bundler,
-                             None if metrics is None else metrics.tape_recall)
+                             None if metrics is None else metrics.tape_recall, cache)
         self.presence = WorkerPresence(settings.worker_heartbeat)
         self.carts = Carts(settings, self.volume, cart_queue, self.bundler, self.presence)
         self.recovery = Recovery(settings, cart_queue)

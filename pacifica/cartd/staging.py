@@ -23,12 +23,13 @@ from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
 from .fileio import locked_region
 from .heartbeat import Heartbeat
 from .logcontext import about, settle
-from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, cart_status, count_files_staged,
-                  count_hash_mismatches, count_staged, count_staged_of_failed, fail_cart, fail_file, files_to_stage,
-                  get_cart, get_file, grow_bundle, mark_recalling, mark_staged, mark_transferring, place_file,
-                  tar_place)
+from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, ReadyEntry, StagedFile, cart_status,
+                  count_files_staged, count_hash_mismatches, count_staged, count_staged_of_failed, fail_cart,
+                  fail_file, files_to_stage, get_cart, get_file, grow_bundle, mark_recalling, mark_staged,
+                  mark_transferring, pin_staged_files, place_file, staged_files_ready, tar_place)
+from .stagedfiles import StagedFiles
 from .tarlayout import member_region
-from .volume import CartVolume
+from .volume import CartVolume, link_or_copy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class StageOutcome:
     download: Optional[Download] = None
     size: Optional[int] = None  # of a file on tape, as the archive said
     attempts: int = 0  # downloads of the file started so far, this task's and earlier ones
+    staged_file_id: Optional[int] = None  # the staged-file cache entry it was served from (its pin)
+    cache_hit: bool = False  # linked from the cache, no download
+    fetched: Optional[ReadyEntry] = None  # the cache entry it was fetched into, to mark ready when recorded
 
 
 class AttemptLog:
@@ -95,10 +99,13 @@ class Stager:
     """Stages files of carts with stage_concurrency threads; whoever records a cart's last file finishes it."""
 
     def __init__(self, settings: Settings, volume: CartVolume, archive: ArchiveClient, space: SpaceKeeper,
-                 bundler: Bundler, on_recalled: Optional[Callable[[float], None]] = None) -> None:
+                 bundler: Bundler, on_recalled: Optional[Callable[[float], None]] = None,
+                 cache: Optional[StagedFiles] = None) -> None:
         """Pull from `archive` onto `volume`, admitting each download through `space`; `on_recalled` hears,
-        for each file staged after a tape recall, the seconds since it was first found on tape."""
+        for each file staged after a tape recall, the seconds since it was first found on tape; with `cache`
+        (share_staged_files), each archive file is staged once and linked into the carts."""
         self.settings = settings
+        self.cache = cache
         self.volume = volume
         self.archive = archive
         self.space = space
@@ -253,12 +260,78 @@ class Stager:
                 offset = self.place_in_tar(cart, file, status.size)
             if offset is not None:
                 return self._stage_in_place(cart, file, status, offset, log)
+        if self.cache is not None and status.size is not None:  # share_staged_files: the one place it is decided
+            return self._stage_shared(self.cache, cart, file, status, log)
+        return self._stage_alone(cart, file, status, log)
+
+    def _stage_alone(self, cart: Cart, file: File, status: ArchiveStatus, log: AttemptLog,
+                     lease: Optional[Callable[[], None]] = None) -> StageOutcome:
+        """Download the file into its place in the cart (`lease` is told as bytes arrive)."""
         final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
         partial = self.volume.partial_path(cart.id, file.id)
         with self.space.reservation(cart, file, status.size, partial) as reserved:
             final.parent.mkdir(parents=True, exist_ok=True)
-            download = self._download_verified(cart, file, status, final, partial, reserved, log)
+            download = self._download_verified(cart, file, status, final, partial, reserved, log, lease)
         return StageOutcome(file.id, download=download, attempts=log.attempts(file.id))
+
+    def _stage_shared(self, cache: StagedFiles, cart: Cart, file: File, status: ArchiveStatus,
+                      log: AttemptLog) -> StageOutcome:
+        """Stage the file through the staged-file cache: linked from the ready entry when its bytes have the
+        cart's hash; else fetched as today and published as a new entry; else, while another download
+        fetches it, left to wait like a file on tape.
+
+        The first cart's verified file becomes the entry (a hard link renamed into place), so a cart
+        always holds the very bytes it verified. An entry that does not match a cart's hash is never
+        used again, and that cart downloads its file as today (and fails as today if it is wrong).
+        """
+        assert status.size is not None
+        found = cache.find_or_claim(str(file.file_name), status.size, status.mtime)
+        if found.ready is not None:
+            linked = self._link_cached(cache, cart, file, found.ready, status, log)
+            return linked if linked is not None else self._stage_alone(cart, file, status, log)
+        lease = found.lease
+        if lease is None:
+            LOGGER.info('cart %s file %s: another download is fetching it; looked at again later', cart.cart_uid,
+                        file.bundle_path)
+            return StageOutcome(file.id, on_tape=True, size=status.size)
+        fetched: Optional[ReadyEntry] = None
+        try:
+            outcome = self._stage_alone(cart, file, status, log, lease)
+            final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
+            fetched = cache.publish(lease, final, str(file.hash_type), str(file.hash_value))
+        finally:
+            if fetched is None:
+                cache.abandon(lease)
+        # Marked ready with the file recorded staged (a batch, not a statement a file). A worker that dies
+        # before leaves the entry fetching until its lease runs out; then another download takes it over.
+        return dataclasses.replace(outcome, staged_file_id=lease.entry_id, fetched=fetched)
+
+    def _link_cached(self, cache: StagedFiles, cart: Cart, file: File, entry: StagedFile, status: ArchiveStatus,
+                     log: AttemptLog) -> Optional[StageOutcome]:
+        """Link a ready entry into the cart if its bytes have the cart's hash; None (the entry distrusted) if not."""
+        source = cache.path(entry.id)
+        final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
+        partial = self.volume.partial_path(cart.id, file.id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if not source.is_file():
+                LOGGER.warning('cart %s file %s: staged file %d is gone from the volume', cart.cart_uid,
+                               file.bundle_path, entry.id)
+                cache.distrust(entry)
+                return None
+            link_or_copy(source, partial)
+            if os.stat(partial).st_size != entry.size or not cache.matches(
+                    entry, str(file.hash_type), str(file.hash_value), partial):
+                LOGGER.info('cart %s file %s: the staged copy does not match the cart\'s hash; downloading it',
+                            cart.cart_uid, file.bundle_path)
+                cache.distrust(entry)
+                return None
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+        LOGGER.debug('cart %s file %s: linked from staged file %d', cart.cart_uid, file.bundle_path, entry.id)
+        return StageOutcome(file.id, download=Download(status.size or 0, status.mtime), attempts=log.attempts(file.id),
+                            staged_file_id=entry.id, cache_hit=True)
 
     def place_in_tar(self, cart: Cart, file: File, size: int) -> Optional[int]:
         """Where the file's bytes go in its cart's bundle tar: kept from an earlier attempt, or
@@ -309,12 +382,19 @@ class Stager:
         return StageOutcome(file.id)
 
     def _download_into(self, cart: Cart, file: File, status: ArchiveStatus, target: Path, log: AttemptLog,
-                       offset: Optional[int] = None) -> Download:
+                       offset: Optional[int] = None, lease: Optional[Callable[[], None]] = None) -> Download:
         """One verified download (transient faults retried, each try counted in `log`) into a temp
-        file, or at offset into the tar."""
+        file, or at offset into the tar; `lease`, if any, is told as bytes arrive, as the heartbeat is."""
         heartbeat = Heartbeat(cart.id, min(HEARTBEAT_S, self.settings.stall_timeout / 3))
+
+        def with_lease() -> None:
+            heartbeat()
+            if lease is not None:
+                lease()
+
         get = functools.partial(self.archive.download, file.file_name, target, str(file.hash_type),
-                                str(file.hash_value), status.size, heartbeat, offset=offset)
+                                str(file.hash_value), status.size, heartbeat if lease is None else with_lease,
+                                offset=offset)
 
         def counted() -> Download:
             log.started(file.id)
@@ -335,14 +415,14 @@ class Stager:
         return attempt()
 
     def _download_verified(self, cart: Cart, file: File, status: ArchiveStatus, final: Path, partial: Path,
-                           reserved: bool, log: AttemptLog) -> Download:
+                           reserved: bool, log: AttemptLog, lease: Optional[Callable[[], None]] = None) -> Download:
         """Download into a temp file until whole and matching, then rename it into place."""
         partials = [partial]
 
         def attempt() -> Download:
             current = partials[-1]
             try:
-                download = self._download_into(cart, file, status, current, log)
+                download = self._download_into(cart, file, status, current, log, lease=lease)
                 if download.mtime is not None:
                     os.utime(current, (download.mtime, download.mtime))
                 if reserved:
@@ -375,6 +455,10 @@ class Stager:
         failed meanwhile keeps these files recorded: they are on the volume and verified (fixit
         does not pull them again, eviction frees them before any ready cart's).
         """
+        fetched = [outcome.fetched for outcome in outcomes if outcome.fetched is not None]
+        if fetched:  # first, on its own: the entries are ready for other carts whatever becomes of this one
+            with database.atomic():
+                staged_files_ready(fetched)
         rows = []
         for outcome in outcomes:
             assert outcome.download is not None
@@ -383,6 +467,10 @@ class Stager:
             with database.atomic():
                 fresh = mark_staged(rows)
                 release_files([outcome.file_id for outcome in outcomes])
+                pins = [(outcome.file_id, outcome.staged_file_id, outcome.cache_hit) for outcome in outcomes
+                        if outcome.staged_file_id is not None]
+                if pins:
+                    pin_staged_files(pins)
                 if not fresh.files:
                     return  # duplicates of work already recorded
                 live = count_staged(cart.id, fresh)

@@ -1,7 +1,9 @@
-"""The cart volume on disk: each cart's directory (staged files, partial downloads, tar) and the cartuids links."""
+"""The cart volume on disk: each cart's directory (staged files, partial downloads, tar), the cartuids links,
+and the staged-file cache's files."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import uuid
@@ -12,6 +14,9 @@ from .errors import BadRequest
 
 PARTIAL_SUFFIX = '.part'
 LINKS_DIR = 'cartuids'
+STAGED_FILES_DIR = 'staged-files'  # not a cart id: no cart's removal, eviction or purge reaches it
+# Where the volume cannot hard-link, a file is copied instead.
+NO_LINK_ERRNOS = frozenset((errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +121,50 @@ class CartVolume:
         """Delete a cart's staged files (once its tar holds them)."""
         shutil.rmtree(self.files_dir(cart_id, cart_uid), ignore_errors=True)
 
+    def staged_file_path(self, entry_id: int) -> Path:
+        """`<volume>/staged-files/<2 hex>/<entry id>`: the bytes of one staged-file cache entry.
+
+        Written once, whole and verified (a link to a cart's verified file, renamed into place),
+        and never changed after: carts hold hard links to it.
+        """
+        return self.root / STAGED_FILES_DIR / f'{entry_id % 256:02x}' / str(entry_id)
+
+    def publish_staged_file(self, source: Path, entry_id: int) -> None:
+        """Put the verified file `source` (a cart's) at the entry's path: linked (or copied) to a temp name
+        in the entry's directory, then renamed into place, so the path only ever holds a whole file."""
+        target = self.staged_file_path(entry_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.parent / f'.{entry_id}.{uuid.uuid4().hex[:12]}{PARTIAL_SUFFIX}'
+        try:
+            link_or_copy(source, temporary)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+
     def free_bytes(self) -> int:
         """Bytes free on the volume's filesystem for an unprivileged writer."""
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
 
+
+
+def link_or_copy(source: Path, temporary: Path) -> None:
+    """Make `temporary` (a new name on the target's filesystem) the same file as `source`: a hard link or,
+    where the volume cannot link (another filesystem, no hard links, too many links), a copy, fsynced."""
+    try:
+        os.link(source, temporary)
+        return
+    except OSError as exc:
+        if exc.errno not in NO_LINK_ERRNOS:
+            raise
+    try:
+        shutil.copyfile(source, temporary)
+        shutil.copystat(source, temporary)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

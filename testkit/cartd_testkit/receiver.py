@@ -92,3 +92,10 @@ class EventReceiver:
                                      f'{count} expected; received {self.bodies()}')
             time.sleep(0.05)
         return self.bodies(subject)
+
+
+def quick_notifications(url: str, **settings: str) -> Dict[str, str]:
+    """A [notifications] section sending to `url` with the short waits tests use (interval 0.2 s, retries from
+    0.2 s to 1 s, a 2 s timeout) and the source urn:test:cartd; `settings` add or replace keys."""
+    return {'url': url, 'source': 'urn:test:cartd', 'interval': '0.2', 'timeout': '2', 'retry_wait': '0.2',
+            'retry_wait_max': '1', **settings}

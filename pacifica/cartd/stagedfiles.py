@@ -1,0 +1,169 @@
+"""The staged-file cache (share_staged_files): each archive file staged once on the volume, found by its
+archive id, size and mtime, its digests on record, leased to the one download that fetches it."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, Optional
+
+from . import database
+from .archive import new_hash
+from .orm import (ReadyEntry, StagedFile, StagedFileState, insert_staged_file, now, renew_staged_file_lease,
+                  retire_staged_file, set_staged_file_digests, staged_file_by_key, take_over_staged_file)
+from .volume import CartVolume
+
+LOGGER = logging.getLogger(__name__)
+
+LEASE_S = 300.0  # how long a fetching entry is the claimer's without a sign of life
+RENEW_S = 60.0  # how often a download under way moves its lease on
+CLAIM_TRIES = 5  # rounds of look-up and claim when other processes keep winning
+DIGEST_TRIES = 5  # rounds of recording a digest when other processes record theirs at once
+HASH_BLOCK = 1024 * 1024
+
+
+def cache_key(archive_id: str, size: int, mtime: Optional[float]) -> str:
+    """The entry's key: sha256 of the archive id, size and mtime as text (an unknown mtime is null, so it
+    never matches a known one)."""
+    return hashlib.sha256(json.dumps([archive_id, size, mtime]).encode('utf-8')).hexdigest()
+
+
+def _retired_key(entry_id: int) -> str:
+    """A key no archive file has, for an entry that no longer answers to its own."""
+    return hashlib.sha256(f'retired {entry_id} {uuid.uuid4().hex}'.encode('ascii')).hexdigest()
+
+
+def _lease_from_now(seconds: float) -> datetime.datetime:
+    # Whole seconds: MySQL's DATETIME keeps no fraction, and the lease is compared as it was written.
+    return (now() + datetime.timedelta(seconds=seconds)).replace(microsecond=0)
+
+
+def hash_file(path: Path, algorithm: str) -> str:
+    """The hex digest of a file's bytes."""
+    digest = new_hash(algorithm)
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Lease:
+    """A claim on a 'fetching' entry: whose it is until lease_until, moved on as the download goes."""
+
+    def __init__(self, entry_id: int, owner: str, lease_until: datetime.datetime, lease_s: float) -> None:
+        """Hold entry `entry_id` as `owner` (a token of this download's) until `lease_until`."""
+        self.entry_id = entry_id
+        self.owner = owner
+        self.lease_until = lease_until
+        self.lease_s = lease_s
+        self.last_renewal = time.monotonic()
+        self.lost = False
+
+    def __call__(self) -> None:
+        """Called as bytes arrive: at most every RENEW_S seconds, the lease is moved on (compare-and-set)."""
+        moment = time.monotonic()
+        if self.lost or moment - self.last_renewal < min(RENEW_S, self.lease_s / 3):
+            return
+        self.last_renewal = moment
+        new_until = _lease_from_now(self.lease_s)
+        with database.connection():
+            if renew_staged_file_lease(self.entry_id, self.owner, new_until):
+                self.lease_until = new_until
+            else:
+                self.lost = True
+                LOGGER.warning('staged file %d: its lease was taken over during the download', self.entry_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Found:
+    """What looking up an archive file found: a ready entry, a lease on one to fetch, or neither (another
+    download fetches it now: look again later)."""
+
+    ready: Optional[StagedFile] = None
+    lease: Optional[Lease] = None
+
+
+class StagedFiles:
+    """The cache's rules: look up or claim an entry, verify a cart's hash against it, publish a fetched file."""
+
+    def __init__(self, volume: CartVolume, lease_s: float = LEASE_S) -> None:
+        """Keep the entries' files on `volume`; a claim holds for `lease_s` seconds without renewal."""
+        self.volume = volume
+        self.lease_s = lease_s
+
+    def find_or_claim(self, archive_id: str, size: int, mtime: Optional[float]) -> Found:
+        """The ready entry of this archive file; else a lease on a new entry (or on one whose fetcher's
+        lease ran out) for the caller to fetch; else nothing, while another download holds it."""
+        key = cache_key(archive_id, size, mtime)
+        for _ in range(CLAIM_TRIES):
+            with database.connection():
+                entry = staged_file_by_key(key)
+                owner, until = uuid.uuid4().hex, _lease_from_now(self.lease_s)
+                if entry is None:
+                    inserted = insert_staged_file(key, archive_id, size, mtime, owner, until)
+                    if inserted is not None:
+                        return Found(lease=Lease(inserted.id, owner, until, self.lease_s))
+                    continue
+                if entry.state == StagedFileState.READY.value:
+                    return Found(ready=entry)
+                if entry.lease_until is not None and entry.lease_until > now():
+                    return Found()
+                if take_over_staged_file(entry, owner, until):
+                    LOGGER.info('staged file %d (%s): the lease of its fetch ran out; fetching it again',
+                                entry.id, archive_id)
+                    return Found(lease=Lease(entry.id, owner, until, self.lease_s))
+        return Found()
+
+    def path(self, entry_id: int) -> Path:
+        """Where the entry's bytes are."""
+        return self.volume.staged_file_path(entry_id)
+
+    def matches(self, entry: StagedFile, hash_type: str, hash_value: str, copy: Path) -> bool:
+        """Whether the entry's bytes have the cart's hash: from the digest on record for the algorithm, or
+        computed once from `copy` (a link to the entry, or a copy of it) and recorded."""
+        algorithm = hash_type.lower()
+        digests: Dict[str, str] = json.loads(entry.digests or '{}')
+        if algorithm in digests:
+            return digests[algorithm] == hash_value.lower()
+        digest = hash_file(copy, algorithm)
+        self._record_digest(entry, algorithm, digest)
+        return digest == hash_value.lower()
+
+    @staticmethod
+    def _record_digest(entry: StagedFile, algorithm: str, digest: str) -> None:
+        before = str(entry.digests or '{}')
+        with database.connection():
+            for _ in range(DIGEST_TRIES):
+                after = json.dumps({**json.loads(before), algorithm: digest}, sort_keys=True)
+                if set_staged_file_digests(entry.id, before, after):
+                    return
+                current = staged_file_by_key(str(entry.cache_key))
+                if current is None or current.id != entry.id:
+                    return  # retired meanwhile: nothing to record on
+                before = str(current.digests or '{}')
+
+    def publish(self, lease: Lease, source: Path, hash_type: str, hash_value: str) -> ReadyEntry:
+        """Make the entry the cart's verified file `source`; return what marks it ready with its digest, which
+        the caller records with the file staged (staged_files_ready; one taken over meanwhile stays the new
+        holder's, who publishes its own)."""
+        self.volume.publish_staged_file(source, lease.entry_id)
+        return ReadyEntry(lease.entry_id, lease.owner, json.dumps({hash_type.lower(): hash_value.lower()}))
+
+    @staticmethod
+    def abandon(lease: Lease) -> None:
+        """The fetch failed: the entry is never used (untrusted, its key given up for a new claim)."""
+        with database.connection():
+            retire_staged_file(lease.entry_id, _retired_key(lease.entry_id), lease.owner)
+
+    @staticmethod
+    def distrust(entry: StagedFile) -> None:
+        """A cart's hash did not match the entry: it is not linked again (the next cart fetches anew)."""
+        with database.connection():
+            if retire_staged_file(entry.id, _retired_key(entry.id)):
+                LOGGER.warning('staged file %d (%s) did not match a cart\'s hash: untrusted from now on', entry.id,
+                               entry.archive_id)

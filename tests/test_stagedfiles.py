@@ -1,0 +1,264 @@
+"""The staged-file cache (share_staged_files) on a temp SQLite file: its key, the claim and its lease,
+the digests on record, and the service staging through it (FakeArchive counts the downloads)."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+from typing import Dict, Iterator, List
+
+import pytest
+
+from pacifica.cartd.orm import Cart, File, ReadyEntry, StagedFile, staged_files_ready
+from pacifica.cartd.service import CartService
+from pacifica.cartd.stagedfiles import StagedFiles, cache_key
+from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue, sqlite_service
+
+DATA = {f'run/{index}': os.urandom(3000 + index) for index in range(3)}
+
+
+@pytest.fixture
+def cleanup() -> Iterator[contextlib.ExitStack]:
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+def _service(tmp_path: pathlib.Path, cleanup: contextlib.ExitStack, share: str = 'on') -> CartService:
+    return sqlite_service(tmp_path, DATA, cleanup, SHARE_STAGED_FILES=share)
+
+
+def _archive(service: CartService) -> FakeArchive:
+    assert isinstance(service.archive, FakeArchive)
+    return service.archive
+
+
+def _fileids(hashtype: str = 'sha1', wrong: str = '') -> List[Dict[str, str]]:
+    return [{'id': archive_id, 'path': f'data/{archive_id.replace("/", "_")}', 'hashtype': hashtype,
+             'hashsum': hashlib.new(hashtype, b'other bytes' if archive_id == wrong else data).hexdigest()}
+            for archive_id, data in DATA.items()]
+
+
+def _stage(service: CartService, uid: str, fileids: List[Dict[str, str]]) -> Cart:
+    assert isinstance(service.queue, FakeQueue)
+    cart_id = service.create_cart(uid, {'fileids': fileids})
+    run_queue(service, service.queue)
+    return Cart.get_by_id(cart_id)
+
+
+def _cart_files(service: CartService, cart: Cart) -> Dict[str, bytes]:
+    return {archive_id: service.volume.file_path(cart.id, cart.cart_uid, f'data/{archive_id.replace("/", "_")}')
+            .read_bytes() for archive_id in DATA}
+
+
+def test_the_key_tells_size_and_mtime_apart() -> None:
+    keys = {cache_key('a', 1, None), cache_key('a', 1, 0.0), cache_key('a', 1, 5.0), cache_key('a', 2, 5.0),
+            cache_key('b', 1, 5.0), cache_key('a', 1, 5.5)}
+    assert len(keys) == 6 and all(len(key) == 64 for key in keys)
+    assert cache_key('a', 1, 5.0) == cache_key('a', 1, 5.0)
+
+
+def test_off_by_default_nothing_is_shared(tmp_path: pathlib.Path, cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup, share='off')
+    assert service.stager.cache is None
+    for uid in ('off-1', 'off-2'):
+        assert _stage(service, uid, _fileids()).status == 'ready'
+    assert len(_archive(service).downloads) == 2 * len(DATA)
+    assert StagedFile.select().count() == 0
+    assert not (service.volume.root / 'staged-files').exists()
+    assert {file.staged_file_id for file in File.select()} == {None}
+
+
+def test_a_second_cart_is_linked_from_the_cache(tmp_path: pathlib.Path, cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    first = _stage(service, 'one', _fileids())
+    assert first.status == 'ready'
+    assert len(_archive(service).downloads) == len(DATA)
+    entries = {entry.archive_id: entry for entry in StagedFile.select()}
+    assert set(entries) == set(DATA) and {entry.state for entry in entries.values()} == {'ready'}
+    second = _stage(service, 'two', _fileids())
+    assert second.status == 'ready'
+    assert len(_archive(service).downloads) == len(DATA), 'the second cart downloaded again'
+    assert _cart_files(service, first) == DATA == _cart_files(service, second)
+    for archive_id, entry in entries.items():
+        cached = os.stat(service.volume.staged_file_path(entry.id))
+        for cart in (first, second):
+            linked = os.stat(service.volume.file_path(cart.id, cart.cart_uid,
+                                                      f'data/{archive_id.replace("/", "_")}'))
+            assert (linked.st_ino, linked.st_dev) == (cached.st_ino, cached.st_dev)
+    assert {file.staged_file_id for file in File.select()} == {entry.id for entry in entries.values()}
+    assert {StagedFile.get_by_id(entry.id).hits for entry in entries.values()} == {1}
+
+    # Deleting the first cart removes its links only: the second cart and the cache keep their bytes.
+    service.delete('one')
+    assert _cart_files(service, second) == DATA
+    assert all(service.volume.staged_file_path(entry.id).read_bytes() == DATA[archive_id]
+               for archive_id, entry in entries.items())
+
+
+def test_another_algorithm_is_computed_once_and_recorded(tmp_path: pathlib.Path,
+                                                          cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    _stage(service, 'sha', _fileids('sha1'))
+    assert _stage(service, 'md5', _fileids('md5')).status == 'ready'
+    assert len(_archive(service).downloads) == len(DATA)
+    for entry in StagedFile.select():
+        assert json.loads(entry.digests) == {'sha1': hashlib.sha1(DATA[entry.archive_id]).hexdigest(),
+                                             'md5': hashlib.md5(DATA[entry.archive_id]).hexdigest()}
+
+
+def test_a_wrong_hash_fails_the_cart_and_the_entry_is_fetched_anew(tmp_path: pathlib.Path,
+                                                                   cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    _stage(service, 'good', _fileids())
+    old = StagedFile.get(StagedFile.archive_id == 'run/1')
+    downloads = len(_archive(service).downloads)
+    bad = _stage(service, 'bad', _fileids(wrong='run/1'))
+    assert bad.status == 'error' and 'File hash does not match provided hash' in bad.error
+    # the bad cart fell back to today's download (and its second chance) for that file only
+    assert _archive(service).downloads[downloads:] == ['run/1', 'run/1']
+    assert StagedFile.get_by_id(old.id).state == 'untrusted'
+    again = _stage(service, 'again', _fileids())
+    assert again.status == 'ready' and _cart_files(service, again) == DATA
+    assert _archive(service).downloads[downloads + 2:] == ['run/1']  # fetched again from the archive
+    fresh = StagedFile.get((StagedFile.archive_id == 'run/1') & (StagedFile.state == 'ready'))
+    assert fresh.id != old.id
+    assert File.get((File.cart == again.id) & (File.file_name == 'run/1')).staged_file_id == fresh.id
+
+
+def test_a_changed_file_in_the_archive_is_fetched_anew(tmp_path: pathlib.Path, cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    _stage(service, 'before', _fileids())
+    changed = os.urandom(5000)
+    _archive(service).files['run/0'] = changed
+    fileids = _fileids()
+    fileids[0]['hashsum'] = hashlib.sha1(changed).hexdigest()
+    after = _stage(service, 'after', fileids)
+    assert after.status == 'ready'
+    assert _archive(service).downloads.count('run/0') == 2
+    assert _cart_files(service, after)['run/0'] == changed
+    assert StagedFile.select().where(StagedFile.archive_id == 'run/0').count() == 2
+
+
+def test_a_file_being_fetched_waits_like_a_file_on_tape(tmp_path: pathlib.Path,
+                                                         cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    cache = service.stager.cache
+    assert cache is not None
+    size = len(DATA['run/2'])
+    held = cache.find_or_claim('run/2', size, 1500000000.0)  # FakeArchive's mtime
+    assert held.lease is not None
+    cart_id = service.create_cart('waits', {'fileids': _fileids()})
+    assert isinstance(service.queue, FakeQueue)
+    _, file_ids, _, _ = service.queue.staged[0]
+    on_tape = service.stage_files(cart_id, file_ids)
+    waiting = File.get((File.cart == cart_id) & (File.file_name == 'run/2'))
+    assert on_tape == [waiting.id] and waiting.status == 'recalling'
+    assert 'run/2' not in _archive(service).downloads
+    # the holder's download fails: the entry is given up (never ready), the next look fetches it
+    cache.abandon(held.lease)
+    assert StagedFile.get_by_id(held.lease.entry_id).state == 'untrusted'
+    assert service.stage_files(cart_id, on_tape) == []
+    assert Cart.get_by_id(cart_id).status == 'ready'
+    assert _archive(service).downloads.count('run/2') == 1
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_cannot_publish(tmp_path: pathlib.Path,
+                                                                         cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    cache = StagedFiles(service.volume, lease_s=300)
+    first = cache.find_or_claim('x', 10, None)
+    assert first.lease is not None
+    assert cache.find_or_claim('x', 10, None) == type(first)()  # held: wait
+    StagedFile.update(lease_until=datetime.datetime.now() - datetime.timedelta(seconds=1)).where(
+        StagedFile.id == first.lease.entry_id).execute()
+    second = cache.find_or_claim('x', 10, None)
+    assert second.lease is not None and second.lease.entry_id == first.lease.entry_id
+    assert staged_files_ready([ReadyEntry(first.lease.entry_id, first.lease.owner, '{}')]) == 0
+    cache.abandon(first.lease)  # a no-op: the entry is the new holder's
+    assert StagedFile.get_by_id(first.lease.entry_id).state == 'fetching'
+    source = tmp_path / 'verified'
+    source.write_bytes(b'0123456789')
+    assert staged_files_ready([cache.publish(second.lease, source, 'SHA1',
+                                             hashlib.sha1(b'0123456789').hexdigest().upper())]) == 1
+    entry = StagedFile.get_by_id(second.lease.entry_id)
+    assert entry.state == 'ready' and json.loads(entry.digests) == {'sha1': hashlib.sha1(b'0123456789').hexdigest()}
+    assert cache.find_or_claim('x', 10, None).ready is not None
+    assert service.volume.staged_file_path(entry.id).read_bytes() == b'0123456789'
+    # an unknown mtime and a known one are different files
+    assert cache.find_or_claim('x', 10, 1.0).lease is not None
+
+
+def test_where_the_volume_cannot_link_the_cart_gets_a_copy(tmp_path: pathlib.Path, cleanup: contextlib.ExitStack,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mock for a volume whose filesystem refuses hard links (EXDEV, EPERM, ...): this test's tmp
+    filesystem links, so the refusal is simulated; the copy, its verification and the rename are real."""
+    import errno
+
+    from pacifica.cartd import volume
+
+    def refuse(source: object, target: object) -> None:
+        raise OSError(errno.EPERM, 'hard links not permitted here')
+
+    service = _service(tmp_path, cleanup)
+    monkeypatch.setattr(volume.os, 'link', refuse)
+    first = _stage(service, 'copy-1', _fileids())
+    second = _stage(service, 'copy-2', _fileids('md5'))
+    assert first.status == second.status == 'ready'
+    assert len(_archive(service).downloads) == len(DATA)
+    assert _cart_files(service, first) == DATA == _cart_files(service, second)
+    entries = {entry.archive_id: entry for entry in StagedFile.select()}
+    assert {entry.state for entry in entries.values()} == {'ready'}
+    for archive_id, entry in entries.items():
+        cached = service.volume.staged_file_path(entry.id)
+        assert cached.read_bytes() == DATA[archive_id]
+        linked = service.volume.file_path(second.id, second.cart_uid, f'data/{archive_id.replace("/", "_")}')
+        assert os.stat(linked).st_ino != os.stat(cached).st_ino
+    assert not list((service.volume.root / 'staged-files').rglob('.*.part'))  # no temp file left behind
+
+
+def test_purging_every_cart_leaves_the_cached_files(tmp_path: pathlib.Path, cleanup: contextlib.ExitStack) -> None:
+    """purge (as eviction and expiry) removes carts' directories: their links, never an entry's file."""
+    service = _service(tmp_path, cleanup)
+    _stage(service, 'purged', _fileids())
+    purged = service.purge(datetime.datetime.now() + datetime.timedelta(days=1))
+    assert [uid for _, uid in purged] == ['purged']
+    entries = list(StagedFile.select())
+    assert {entry.archive_id: service.volume.staged_file_path(entry.id).read_bytes() for entry in entries} == DATA
+    later = _stage(service, 'later', _fileids())
+    assert later.status == 'ready' and _cart_files(service, later) == DATA
+    assert len(_archive(service).downloads) == len(DATA)
+
+
+def test_a_fetch_whose_worker_died_is_taken_over_once_its_lease_ran_out(tmp_path: pathlib.Path,
+                                                                        cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    cache = service.stager.cache
+    assert cache is not None
+    dead = cache.find_or_claim('run/0', len(DATA['run/0']), 1500000000.0)  # its worker never comes back
+    assert dead.lease is not None
+    StagedFile.update(lease_until=datetime.datetime.now() - datetime.timedelta(seconds=1)).where(
+        StagedFile.id == dead.lease.entry_id).execute()
+    cart = _stage(service, 'after-crash', _fileids())
+    assert cart.status == 'ready' and _cart_files(service, cart) == DATA
+    assert StagedFile.get_by_id(dead.lease.entry_id).state == 'ready'
+    assert File.get((File.cart == cart.id) & (File.file_name == 'run/0')).staged_file_id == dead.lease.entry_id
+
+
+def test_a_failed_first_fetch_leaves_no_entry_fetching_or_ready(tmp_path: pathlib.Path,
+                                                                cleanup: contextlib.ExitStack) -> None:
+    service = _service(tmp_path, cleanup)
+    bad = _stage(service, 'first-bad', _fileids(wrong='run/1'))
+    assert bad.status == 'error'
+    assert [entry.state for entry in StagedFile.select().where(StagedFile.archive_id == 'run/1')] == ['untrusted']
+    _archive(service).fail_downloads = 1  # the archive fails (FakeArchive does not retry)
+    broken = _stage(service, 'archive-down', [entry for entry in _fileids() if entry['id'] == 'run/1'])
+    assert broken.status == 'error'
+    assert [entry.state for entry in StagedFile.select().where(StagedFile.archive_id == 'run/1')] == \
+        ['untrusted', 'untrusted']
+    good = _stage(service, 'then-good', _fileids())
+    assert good.status == 'ready' and _cart_files(service, good) == DATA
+    assert [entry.state for entry in StagedFile.select().where(StagedFile.archive_id == 'run/1')
+            .order_by(StagedFile.id)] == ['untrusted', 'untrusted', 'ready']
