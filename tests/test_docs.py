@@ -146,7 +146,7 @@ class Expect:
 
 DUMP_CART_KEYS = ['id', 'uid', 'status', 'bundle', 'error', 'files_total', 'files_staged', 'created', 'updated',
                   'files']
-DUMP_FILE_KEYS = ['id', 'archive_id', 'path', 'hashtype', 'hashsum', 'status', 'error', 'size']
+DUMP_FILE_KEYS = ['id', 'archive_id', 'path', 'hashtype', 'hashsum', 'status', 'error', 'size', 'staged_file']
 
 
 def _check_dump(workdir: pathlib.Path, output: str) -> None:

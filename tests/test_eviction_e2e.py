@@ -35,7 +35,7 @@ from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.databases import KINDS, fresh_database, server_available
 from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive
 from cartd_testkit.stack import CartStack, running, tar_contents
-from cartd_testkit.tmpfs import mounted_tmpfs
+from cartd_testkit.tmpfs import fill_until, mounted_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -174,13 +174,7 @@ class Carts:
     def leave_free(self, free: int) -> None:
         """Fill the volume with other data until `free` bytes (to a page) are left."""
         self.wait_no_part_files()
-        fill = self.free_bytes() - free
-        assert fill >= 0, f'the carts took more of the volume than planned: {self.free_bytes()} free'
-        with open(self.stack.volume / PAD_NAME, 'wb') as pad:
-            for _ in range(fill // (64 * KIB)):
-                pad.write(bytes(64 * KIB))
-            pad.write(bytes(fill % (64 * KIB)))
-        assert abs(self.free_bytes() - free) <= 2 * 4096, self.free_bytes()
+        fill_until(self.stack.volume, self.stack.volume / PAD_NAME, free)
 
     def cleanup(self) -> None:
         """DELETE every cart of the test, remove the filler, give back the database connections."""

@@ -164,10 +164,15 @@ def _dump(settings: Settings, args: argparse.Namespace) -> int:
 
 def _purge(settings: Settings, args: argparse.Namespace) -> int:
     cutoff = datetime.datetime.now() - args.time_ago
-    purged = command_service(settings).purge(cutoff)
+    service = command_service(settings)
+    purged = service.purge(cutoff)
     for cart_id, cart_uid in purged:
         print(f'deleted cart {cart_uid} (id {cart_id})')
     print(f'{len(purged)} carts not used since {cutoff:%Y-%m-%d %H:%M:%S} deleted')
+    cache = service.purge_staged_files(cutoff)
+    if cache is not None:
+        print(f'staged files removed: {cache.unused} unused since then and pinned by no cart, '
+              f'{cache.untrusted} untrusted, {cache.temporaries} temp files left by a crash')
     return 0
 
 

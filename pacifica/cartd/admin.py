@@ -16,6 +16,7 @@ from .logcontext import about
 from .orm import (Cart, CartStatus, carts_not_deleted, carts_unused_since, delete_cart_rows, file_rows_of, get_cart,
                   mark_waiting, newest_live_cart, restart_cart, staged_files, unstaged_file_ids)
 from .recovery import Recovery
+from .stagedfiles import Purged
 from .staging import Stager, StageOutcome
 from .volume import CartVolume
 from .workers import WorkerPresence
@@ -68,7 +69,7 @@ class Admin:
                 files[row['cart']].append({
                     'id': row['id'], 'archive_id': row['file_name'], 'path': row['bundle_path'],
                     'hashtype': row['hash_type'], 'hashsum': row['hash_value'], 'status': row['status'],
-                    'error': row['error'], 'size': row['size']})
+                    'error': row['error'], 'size': row['size'], 'staged_file': row['staged_file_id']})
         return [{'id': cart.id, 'uid': cart.cart_uid, 'status': cart.status, 'bundle': bool(cart.bundle),
                  'error': cart.error, 'files_total': cart.files_total, 'files_staged': cart.files_staged,
                  'created': str(cart.creation_date), 'updated': str(cart.updated_date),
@@ -107,6 +108,12 @@ class Admin:
             with about(cart_uid=cart.cart_uid, cart_id=cart.id):
                 LOGGER.info('purged cart %s (id %d)', cart.cart_uid, cart.id)
         return [(cart.id, cart.cart_uid) for cart in carts]
+
+    def purge_staged_files(self, unused_since: datetime.datetime) -> Optional[Purged]:
+        """With share_staged_files, remove cache entries no live cart pins unused since the given time,
+        untrusted entries and temp files a crash left (StagedFiles.purge); None when sharing is off."""
+        cache = self.stager.cache
+        return None if cache is None else cache.purge(unused_since)
 
     def fixit(self, cart_uid: str, progress: Optional[FixitProgress] = None) -> FixitResult:
         """Re-stage what a cart lost or failed and finish it, here, waiting for tape recalls.

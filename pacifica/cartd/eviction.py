@@ -3,6 +3,7 @@ and removing the files of carts past their lifetime."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -14,9 +15,10 @@ from .config import Settings
 from .errors import CartGone, NoSpace
 from .fileio import allocated_in
 from .logcontext import about
-from .orm import (Cart, CartStatus, File, SpaceReservation, add_reservation, cart_status, claim_eviction,
-                  claim_expiry, drop_cart_reservations, drop_reservations, expired_unused, now, oldest_evictable,
-                  reservations_in_flight, set_reservation_partial)
+from .orm import (Cart, CartStatus, File, SpaceReservation, StagedFile, add_reservation, cart_status,
+                  claim_entry_removal, claim_eviction, claim_expiry, drop_cart_reservations, drop_reservations,
+                  expired_unused, now, oldest_evictable, oldest_unpinned_entry, reservations_in_flight,
+                  set_reservation_partial)
 from .volume import CartVolume
 
 LOGGER = logging.getLogger(__name__)
@@ -136,27 +138,61 @@ def release_cart(cart_id: int) -> None:
     drop_cart_reservations(cart_id)
 
 
-def evict_one(lru_buffer_time: float) -> Optional[Cart]:
-    """Claim the cart whose files go next and return it (its files to remove), or None if none may go.
+@dataclasses.dataclass(frozen=True)
+class Victim:
+    """What eviction claimed: a cart (its files to remove) or a staged-file cache entry (its file to unlink)."""
 
-    Evictable: a failed cart with staged files still on the volume (the longest failed first;
-    its row stays, in error with its message), else a ready cart (least recently used first,
-    marked deleted). Either only when not used (created, failed, finished or downloaded)
-    within lru_buffer_time or the in-use window that covers downloads in progress (the
-    heartbeat of a failed cart's downloads still running keeps it inside). Claimed by
-    compare-and-set, so two processes never evict the same cart twice.
+    cart: Optional[Cart] = None
+    entry: Optional[StagedFile] = None
+
+    def remove(self, volume: CartVolume) -> None:
+        """Remove the claimed files (an entry's bytes are freed only when no cart holds a link to them)."""
+        if self.cart is not None:
+            volume.remove_cart_and_link(self.cart.cart_uid, self.cart.id)
+        if self.entry is not None:
+            volume.remove_staged_file(self.entry.id)
+
+    def describe(self) -> str:
+        """For the log."""
+        if self.entry is not None:
+            return (f'staged file {self.entry.id} ({self.entry.state}, archive id {self.entry.archive_id}, '
+                    f'{self.entry.size} bytes, last used {self.entry.last_used})')
+        assert self.cart is not None
+        return f'{self.cart.status} cart {self.cart.cart_uid} (id {self.cart.id}, last used {self.cart.updated_date})'
+
+
+def evict_one(lru_buffer_time: float, shared: bool = False) -> Optional[Victim]:
+    """Claim what goes next and return it (its files to remove), or None if nothing may go.
+
+    Evictable: a ready cart past its lifetime; else, with `shared` (share_staged_files), a
+    staged-file cache entry no live cart pins, least recently used first; else a failed cart
+    with staged files still on the volume (the longest failed first; its row stays, in error
+    with its message); else a ready cart (least recently used first, marked deleted). Carts
+    only when not used (created, failed, finished or downloaded) within lru_buffer_time or the
+    in-use window that covers downloads in progress (the heartbeat of a failed cart's downloads
+    still running keeps it inside). An entry serves no download itself (carts read their own
+    links), so it needs no such window. Claimed by compare-and-set, so two processes never
+    evict the same cart or entry twice.
     """
     protect = max(lru_buffer_time, IN_USE_WINDOW_S)
     cutoff = now() - datetime.timedelta(seconds=protect)
     lost = []
     for _ in range(CLAIM_ATTEMPTS):
         candidate = oldest_evictable(cutoff)
+        expired = candidate is not None and candidate.status == CartStatus.READY.value and (
+            candidate.expires_date is not None and candidate.expires_date <= now())
+        entry = oldest_unpinned_entry() if shared and not expired else None
+        if entry is not None:
+            if claim_entry_removal(entry):
+                return Victim(entry=entry)
+            lost.append(f'staged file {entry.id}')
+            continue
         if candidate is None:
             return None
         if claim_eviction(candidate):
-            return candidate
+            return Victim(cart=candidate)
         lost.append(f'{candidate.cart_uid} (id {candidate.id}, {candidate.status}, used {candidate.updated_date})')
-    LOGGER.warning('no cart evicted: %d claims in a row lost, the last on %s', len(lost), lost[-1])
+    LOGGER.warning('nothing evicted: %d claims in a row lost, the last on %s', len(lost), lost[-1])
     return None
 
 
@@ -232,18 +268,18 @@ class SpaceKeeper:
                         hold_partial(partial, tar_offset)
                     reserve(cart.id, file.id, wanted, partial, tar_offset)
                     return True
-                victim = evict_one(self.settings.lru_buffer_time) if self.settings.lru_purge else None
+                victim = (evict_one(self.settings.lru_buffer_time, self.settings.share_staged_files)
+                          if self.settings.lru_purge else None)
                 if victim is not None:
                     # Still holding the lock: the next reservation must see the bytes freed.
-                    self.volume.remove_cart_and_link(victim.cart_uid, victim.id)
+                    victim.remove(self.volume)
             if victim is None:
-                after = f' after evicting {evicted} carts' if evicted else ''
+                after = f' after evicting {evicted} carts or staged files' if evicted else ''
                 raise NoSpace(f'No space left on the volume for {size} bytes: {needed} bytes needed with the '
                               f'downloads in flight, {free} free{after}')
             evicted += 1
-            LOGGER.warning('evicted %s cart %s (id %d, last used %s) to make room for cart %s',
-                           victim.status, victim.cart_uid, victim.id, victim.updated_date, cart.cart_uid)
-        raise NoSpace(f'No space left on the volume for {size} bytes after evicting {evicted} carts')
+            LOGGER.warning('evicted %s to make room for cart %s', victim.describe(), cart.cart_uid)
+        raise NoSpace(f'No space left on the volume for {size} bytes after evicting {evicted} carts or staged files')
 
     @contextlib.contextmanager
     def reservation(self, cart: Cart, file: File, size: Optional[int], partial: Optional[Path],

@@ -2,7 +2,7 @@
 and each worker's (archive requests, tape recalls) on a port of its own.
 
 Gauges of the carts and files and the fleet-wide counters are read from the database at
-each scrape (three aggregate queries and the counters table), so every server process of
+each scrape (four aggregate queries and the counters table), so every server process of
 every host answers the same. The HTTP counters are this server's: under uWSGI each process
 writes its own to files in a shared directory (prometheus_client's multiprocess mode) and a
 scrape sums them. A celery worker's pool processes do the same with a directory of the worker's
@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import database
-from .orm import (CARTS_FINISHED, COUNTER_ROWS, EVICTIONS, FILES_STAGED, HASH_MISMATCHES, STAGED_BYTES,
+from .orm import (CACHE_HITS, CARTS_FINISHED, COUNTER_ROWS, EVICTIONS, FILES_STAGED, HASH_MISMATCHES, STAGED_BYTES,
                   counter_values, metrics_snapshot, now)
 from .volume import CartVolume
 from .workers import WorkerPresence
@@ -47,6 +47,7 @@ DATABASE_COUNTERS: Tuple[Tuple[str, str, str], ...] = (
     (STAGED_BYTES, 'cartd_staged_bytes', 'Bytes of the files staged onto the volume, by every worker'),
     (HASH_MISMATCHES, 'cartd_hash_mismatches', 'Downloads from the archive whose bytes did not have the given hash'),
     (EVICTIONS, 'cartd_evictions', 'Carts whose files were evicted to make room on the volume'),
+    (CACHE_HITS, 'cartd_staged_file_cache_hits', 'Files linked into a cart from the staged-file cache, no download'),
 )
 
 
@@ -91,6 +92,14 @@ class DatabaseCollector(Collector):
                                      'Bytes reserved on the volume by downloads in flight')
         reserved.add_metric([], snapshot.reserved_bytes)
         yield reserved
+        entries = GaugeMetricFamily('cartd_staged_file_cache_entries',
+                                    'Ready entries of the staged-file cache (share_staged_files)')
+        entries.add_metric([], snapshot.cache_entries)
+        yield entries
+        cached = GaugeMetricFamily('cartd_staged_file_cache_bytes',
+                                   'Bytes of the ready entries of the staged-file cache (share_staged_files)')
+        cached.add_metric([], snapshot.cache_bytes)
+        yield cached
         if seen is not None:  # worker_heartbeat 0: the workers do not check in
             workers = GaugeMetricFamily('cartd_workers', 'Workers that checked in within three worker_heartbeats')
             workers.add_metric([], seen.workers)

@@ -306,6 +306,9 @@ MODELS = (CartSystem, Cart, File, CartTasks, SpaceReservation, WorkerSighting, C
 
 FILES_STAGED, STAGED_BYTES, HASH_MISMATCHES, EVICTIONS, CARTS_FINISHED = (
     'files_staged', 'staged_bytes', 'hash_mismatches', 'evictions', 'carts_finished')
+# Files linked from the staged-file cache (share_staged_files): made at the first hit (bump_counters makes a
+# missing row), not with the table, so a database that never shares files has no such row.
+CACHE_HITS = 'staged_file_cache_hits'
 # Every counter row, made with the table: a bump is then always an UPDATE of an existing row.
 COUNTER_ROWS: Tuple[Tuple[str, str], ...] = (
     (FILES_STAGED, ''), (STAGED_BYTES, ''), (HASH_MISMATCHES, ''), (EVICTIONS, ''),
@@ -672,7 +675,7 @@ def oldest_evictable(used_before: datetime.datetime) -> Optional[Cart]:
     moment = now()
     first = Case(None, [((Cart.status == CartStatus.READY.value) & (Cart.expires_date <= moment), 0),
                         (Cart.status == CartStatus.ERROR.value, 1)], 2)
-    return (Cart.select(Cart.id, Cart.cart_uid, Cart.status, Cart.updated_date)
+    return (Cart.select(Cart.id, Cart.cart_uid, Cart.status, Cart.updated_date, Cart.expires_date)
             .where(((Cart.status == CartStatus.READY.value)
                     | ((Cart.status == CartStatus.ERROR.value) & (Cart.files_staged > 0)
                        & Cart.deleted_date.is_null()))
@@ -878,6 +881,54 @@ def pin_staged_files(pins: Sequence[Tuple[int, int, bool]]) -> None:
             hits[entry_id] = hits.get(entry_id, 0) + (1 if hit else 0)
         StagedFile.update(last_used=moment, hits=StagedFile.hits + Case(StagedFile.id, list(hits.items()), 0)).where(
             StagedFile.id.in_(list(hits))).execute()
+        bump_counters({(CACHE_HITS, ''): sum(hits.values())})
+
+
+# A cart in one of these states pins the entries its files were served from. A failed cart does not: it
+# can never be downloaded, and its own links keep the bytes it has until its files are evicted.
+PINNING_STATUSES = ACTIVE_STATUSES + (CartStatus.READY.value,)
+
+
+def _unpinned() -> Any:
+    pinned = (File.select(File.id).join(Cart, on=(File.cart == Cart.id))
+              .where((File.staged_file_id == StagedFile.id) & Cart.status.in_(PINNING_STATUSES)))
+    return ~fn.EXISTS(pinned)
+
+
+def oldest_unpinned_entry(used_before: Optional[datetime.datetime] = None) -> Optional[StagedFile]:
+    """The ready or untrusted cache entry no live cart pins, least recently used first (if used before
+    `used_before`), or None."""
+    where = StagedFile.state.in_([StagedFileState.READY.value, StagedFileState.UNTRUSTED.value]) & _unpinned()
+    if used_before is not None:
+        where &= StagedFile.last_used < used_before
+    return (StagedFile.select(StagedFile.id, StagedFile.archive_id, StagedFile.size, StagedFile.state,
+                              StagedFile.last_used)
+            .where(where).order_by(StagedFile.last_used, StagedFile.id).first())
+
+
+def untrusted_entries(limit: int) -> List[StagedFile]:
+    """Untrusted cache entries (never linked again), oldest first."""
+    return list(StagedFile.select(StagedFile.id, StagedFile.archive_id, StagedFile.size, StagedFile.state,
+                                  StagedFile.last_used)
+                .where(StagedFile.state == StagedFileState.UNTRUSTED.value)
+                .order_by(StagedFile.id).limit(limit))
+
+
+def claim_entry_removal(entry: StagedFile) -> bool:
+    """Delete the row of an entry found by oldest_unpinned_entry or untrusted_entries (its file to unlink
+    next), unless it was used, moved or pinned since it was found (compare-and-set on its state and
+    last_used): a cart that finds the row afterwards finds nothing and fetches anew."""
+    where = (StagedFile.id == entry.id) & (StagedFile.state == entry.state) & (StagedFile.last_used == entry.last_used)
+    if entry.state != StagedFileState.UNTRUSTED.value:
+        where &= _unpinned()
+    return bool(StagedFile.delete().where(where).execute())
+
+
+def cache_totals() -> Tuple[int, int]:
+    """(ready entries, the sum of their sizes) in one aggregate query."""
+    row = (StagedFile.select(fn.COUNT(StagedFile.id), fn.COALESCE(fn.SUM(StagedFile.size), 0))
+           .where(StagedFile.state == StagedFileState.READY.value).tuples().first())
+    return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
 
 
 # ---- tasks ---------------------------------------------------------------------------
@@ -1301,11 +1352,14 @@ class Snapshot(NamedTuple):
     files: Dict[str, int]
     oldest_active: Optional[datetime.datetime]
     reserved_bytes: int
+    cache_entries: int = 0  # ready entries of the staged-file cache
+    cache_bytes: int = 0  # and the sum of their sizes
 
 
 def metrics_snapshot() -> Snapshot:
-    """The snapshot in three aggregate queries (none per cart or per file): carts grouped by status,
-    the counters of the carts being worked on summed, the reservations of live carts summed."""
+    """The snapshot in four aggregate queries (none per cart or per file): carts grouped by status,
+    the counters of the carts being worked on summed, the reservations of live carts summed, the ready
+    entries of the staged-file cache counted and their sizes summed."""
     by_status = cast(Iterable[Tuple[Any, Any]], Cart.select(Cart.status, fn.COUNT(Cart.id)).group_by(Cart.status)
                      .tuples())
     carts = {str(status): int(count) for status, count in by_status}
@@ -1320,4 +1374,5 @@ def metrics_snapshot() -> Snapshot:
     reserved = (SpaceReservation.select(fn.COALESCE(fn.SUM(SpaceReservation.bytes), 0))
                 .join(Cart, on=(SpaceReservation.cart == Cart.id))
                 .where(Cart.status != CartStatus.DELETED.value).scalar())
-    return Snapshot(carts, files, _as_datetime(oldest), int(reserved or 0))
+    entries, cached = cache_totals()
+    return Snapshot(carts, files, _as_datetime(oldest), int(reserved or 0), entries, cached)

@@ -22,7 +22,7 @@ from .eviction import SpaceKeeper, remove_expired
 from .health import Health
 from .metrics import WorkerMetrics
 from .recovery import Recovery
-from .stagedfiles import StagedFiles
+from .stagedfiles import Purged, StagedFiles
 from .staging import Stager, StageOutcome
 from .taskqueue import CartQueue, TaskQueue
 from .volume import CartVolume
@@ -149,6 +149,10 @@ class CartService:
     def purge(self, unused_since: datetime.datetime) -> List[Tuple[int, str]]:
         """See admin.Admin.purge."""
         return self.admin.purge(unused_since)
+
+    def purge_staged_files(self, unused_since: datetime.datetime) -> Optional[Purged]:
+        """See admin.Admin.purge_staged_files."""
+        return self.admin.purge_staged_files(unused_since)
 
     def fixit(self, cart_uid: str, progress: Optional[FixitProgress] = None) -> FixitResult:
         """See admin.Admin.fixit."""

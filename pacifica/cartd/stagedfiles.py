@@ -10,12 +10,13 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from . import database
 from .archive import new_hash
-from .orm import (ReadyEntry, StagedFile, StagedFileState, insert_staged_file, now, renew_staged_file_lease,
-                  retire_staged_file, set_staged_file_digests, staged_file_by_key, take_over_staged_file)
+from .orm import (ReadyEntry, StagedFile, StagedFileState, claim_entry_removal, insert_staged_file, now,
+                  oldest_unpinned_entry, renew_staged_file_lease, retire_staged_file, set_staged_file_digests,
+                  staged_file_by_key, take_over_staged_file, untrusted_entries)
 from .volume import CartVolume
 
 LOGGER = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ RENEW_S = 60.0  # how often a download under way moves its lease on
 CLAIM_TRIES = 5  # rounds of look-up and claim when other processes keep winning
 DIGEST_TRIES = 5  # rounds of recording a digest when other processes record theirs at once
 HASH_BLOCK = 1024 * 1024
+PURGE_MAX = 100_000  # entries one purge removes at most
 
 
 def cache_key(archive_id: str, size: int, mtime: Optional[float]) -> str:
@@ -77,6 +79,16 @@ class Lease:
             else:
                 self.lost = True
                 LOGGER.warning('staged file %d: its lease was taken over during the download', self.entry_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Purged:
+    """What purge removed from the cache: unpinned entries unused since the cutoff, untrusted entries, and
+    temp files of publications a crash cut off."""
+
+    unused: int = 0
+    untrusted: int = 0
+    temporaries: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,3 +179,40 @@ class StagedFiles:
             if retire_staged_file(entry.id, _retired_key(entry.id)):
                 LOGGER.warning('staged file %d (%s) did not match a cart\'s hash: untrusted from now on', entry.id,
                                entry.archive_id)
+
+    def purge(self, unused_since: datetime.datetime) -> Purged:
+        """Remove the entries no live cart pins that were not used since `unused_since`, every untrusted
+        entry, and temp files in the cache older than a lease (a publication cut off by a crash).
+
+        Each entry's row is claimed (deleted by compare-and-set) before its file is unlinked, in one
+        transaction: a cart that found the row links before the unlink (its own link keeps the bytes)
+        or finds no file and fetches anew.
+        """
+        counts = {StagedFileState.READY.value: 0, StagedFileState.UNTRUSTED.value: 0}
+        for _ in range(PURGE_MAX):
+            with database.atomic():
+                entry = oldest_unpinned_entry(unused_since) or next(iter(untrusted_entries(1)), None)
+                if entry is None:
+                    break
+                if claim_entry_removal(entry):
+                    self.volume.remove_staged_file(entry.id)
+                    counts[str(entry.state)] += 1
+                    LOGGER.info('purged staged file %d (%s, archive id %s, last used %s)', entry.id, entry.state,
+                                entry.archive_id, entry.last_used)
+        return Purged(counts[StagedFileState.READY.value], counts[StagedFileState.UNTRUSTED.value],
+                      self._remove_old_temporaries())
+
+    def _remove_old_temporaries(self) -> int:
+        # ctime: a link (or a copy) made for publishing sets it, whatever mtime the archive gave the bytes.
+        before = time.time() - self.lease_s
+        removed: List[str] = []
+        for temporary in self.volume.staged_file_temporaries():
+            try:
+                if temporary.stat().st_ctime < before:
+                    temporary.unlink()
+                    removed.append(temporary.name)
+            except FileNotFoundError:
+                continue  # renamed into place or removed meanwhile
+        if removed:
+            LOGGER.info('purged %d temp files of the staged-file cache: %s', len(removed), ', '.join(removed[:20]))
+        return len(removed)

@@ -29,7 +29,7 @@ from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, Ready
                   mark_transferring, pin_staged_files, place_file, staged_files_ready, tar_place)
 from .stagedfiles import StagedFiles
 from .tarlayout import member_region
-from .volume import CartVolume, link_or_copy
+from .volume import CartVolume, copy_synced, hard_link
 
 LOGGER = logging.getLogger(__name__)
 
@@ -314,12 +314,13 @@ class Stager:
         partial = self.volume.partial_path(cart.id, file.id)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if not source.is_file():
-                LOGGER.warning('cart %s file %s: staged file %d is gone from the volume', cart.cart_uid,
-                               file.bundle_path, entry.id)
+            if not self._link_or_reserve_copy(cart, file, source, partial):
+                # Evicted (or purged) since it was found, or lost: this cart fetches the file anew. An entry
+                # row still ready (a crash between unlink and commit) is not trusted again.
+                LOGGER.warning('cart %s file %s: staged file %d is gone from the volume; downloading it',
+                               cart.cart_uid, file.bundle_path, entry.id)
                 cache.distrust(entry)
                 return None
-            link_or_copy(source, partial)
             if os.stat(partial).st_size != entry.size or not cache.matches(
                     entry, str(file.hash_type), str(file.hash_value), partial):
                 LOGGER.info('cart %s file %s: the staged copy does not match the cart\'s hash; downloading it',
@@ -332,6 +333,27 @@ class Stager:
         LOGGER.debug('cart %s file %s: linked from staged file %d', cart.cart_uid, file.bundle_path, entry.id)
         return StageOutcome(file.id, download=Download(status.size or 0, status.mtime), attempts=log.attempts(file.id),
                             staged_file_id=entry.id, cache_hit=True)
+
+    def _link_or_reserve_copy(self, cart: Cart, file: File, source: Path, partial: Path) -> bool:
+        """Make `partial` the cart's own name for the entry's bytes: a hard link (no room needed: it adds no
+        bytes), or where the volume cannot link, a copy with its size reserved as a download's is. False
+        when the entry's file is gone (an eviction unlinked it first); a link made before the unlink
+        keeps the bytes, and a copy under way reads them to the end from the file it opened."""
+        try:
+            if hard_link(source, partial):
+                return True
+            size = os.stat(source).st_size
+        except FileNotFoundError:
+            return False
+        with self.space.reservation(cart, file, size, partial) as reserved:
+            try:
+                copy_synced(source, partial)
+            except FileNotFoundError:
+                return False
+            finally:
+                if reserved:
+                    self.space.release(file.id)
+        return True
 
     def place_in_tar(self, cart: Cart, file: File, size: int) -> Optional[int]:
         """Where the file's bytes go in its cart's bundle tar: kept from an earlier attempt, or

@@ -141,6 +141,14 @@ class CartVolume:
         finally:
             temporary.unlink(missing_ok=True)
 
+    def remove_staged_file(self, entry_id: int) -> None:
+        """Unlink an entry's file (its row already removed): its bytes are freed once no cart holds a link."""
+        self.staged_file_path(entry_id).unlink(missing_ok=True)
+
+    def staged_file_temporaries(self) -> List[Path]:
+        """The temp names of entries being published (or left by a crash), in every entry directory."""
+        return sorted((self.root / STAGED_FILES_DIR).glob(f'*/.*{PARTIAL_SUFFIX}'))
+
     def free_bytes(self) -> int:
         """Bytes free on the volume's filesystem for an unprivileged writer."""
         stats = os.statvfs(self.root)
@@ -148,15 +156,20 @@ class CartVolume:
 
 
 
-def link_or_copy(source: Path, temporary: Path) -> None:
-    """Make `temporary` (a new name on the target's filesystem) the same file as `source`: a hard link or,
-    where the volume cannot link (another filesystem, no hard links, too many links), a copy, fsynced."""
+def hard_link(source: Path, temporary: Path) -> bool:
+    """Make `temporary` a hard link to `source`; False where the volume cannot link (another filesystem, no
+    hard links, too many links): the caller copies instead (copy_synced)."""
     try:
         os.link(source, temporary)
-        return
+        return True
     except OSError as exc:
         if exc.errno not in NO_LINK_ERRNOS:
             raise
+    return False
+
+
+def copy_synced(source: Path, temporary: Path) -> None:
+    """Copy `source` to `temporary` with its times, fsynced (removed again if the copy fails)."""
     try:
         shutil.copyfile(source, temporary)
         shutil.copystat(source, temporary)
@@ -168,3 +181,10 @@ def link_or_copy(source: Path, temporary: Path) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def link_or_copy(source: Path, temporary: Path) -> None:
+    """Make `temporary` (a new name on the target's filesystem) the same file as `source`: a hard link or,
+    where the volume cannot link, a copy, fsynced."""
+    if not hard_link(source, temporary):
+        copy_synced(source, temporary)

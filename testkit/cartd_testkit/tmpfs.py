@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import subprocess
 from typing import Iterator
@@ -25,3 +26,21 @@ def mounted_tmpfs(mount_point: pathlib.Path, size: str) -> Iterator[pathlib.Path
         yield mount_point
     finally:
         subprocess.run(['umount', '-l', str(mount_point)], check=False)
+
+
+def free_bytes(volume: pathlib.Path) -> int:
+    """Free bytes on the filesystem of `volume`, as an unprivileged writer sees them."""
+    stats = os.statvfs(volume)
+    return stats.f_bavail * stats.f_frsize
+
+
+def fill_until(volume: pathlib.Path, pad: pathlib.Path, free: int) -> None:
+    """Write zeros to `pad` (on `volume`'s filesystem) until `free` bytes, to a page or two, are left."""
+    fill = free_bytes(volume) - free
+    assert fill >= 0, f'the volume holds more than planned: {free_bytes(volume)} free'
+    block = 64 * 1024
+    with open(pad, 'wb') as handle:
+        for _ in range(fill // block):
+            handle.write(bytes(block))
+        handle.write(bytes(fill % block))
+    assert abs(free_bytes(volume) - free) <= 2 * 4096, free_bytes(volume)
