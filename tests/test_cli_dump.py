@@ -24,7 +24,8 @@ from cartd_testkit.stack import write_config
 CREATED = datetime.datetime(2024, 1, 2, 3, 4, 5)
 UPDATED = datetime.datetime(2024, 1, 2, 3, 9, 30)
 CART_KEYS = {'id', 'uid', 'status', 'bundle', 'error', 'files_total', 'files_staged', 'created', 'updated', 'files'}
-FILE_KEYS = {'id', 'archive_id', 'path', 'hashtype', 'hashsum', 'status', 'error', 'size'}
+FILE_KEYS = {'id', 'archive_id', 'path', 'hashtype', 'hashsum', 'status', 'error', 'size',
+             'staged_file'}  # the staged-file cache entry it came from (share_staged_files), or None
 
 
 @pytest.fixture
@@ -82,16 +83,16 @@ def _two_carts_and_a_deleted_one() -> List[Dict[str, Any]]:
          'files_total': 2, 'files_staged': 2, 'created': '2024-01-02 03:04:05', 'updated': '2024-01-02 03:09:30',
          'files': [
              {'id': one.id, 'archive_id': '1001', 'path': 'data/one.txt', 'hashtype': 'sha1', 'hashsum': 'a' * 40,
-              'status': 'staged', 'error': '', 'size': 11},
+              'status': 'staged', 'error': '', 'size': 11, 'staged_file': None},
              {'id': two.id, 'archive_id': 'archive id with spaces', 'path': 'data/sub/two.bin', 'hashtype': 'md5',
-              'hashsum': 'b' * 32, 'status': 'staged', 'error': '', 'size': 0},
+              'hashsum': 'b' * 32, 'status': 'staged', 'error': '', 'size': 0, 'staged_file': None},
          ]},
         {'id': failed.id, 'uid': 'failed cärt', 'status': 'error', 'bundle': True,
          'error': 'Failed to pull file(archive HEAD answered 500: busy)',
          'files_total': 1, 'files_staged': 0, 'created': '2024-01-02 03:04:05', 'updated': '2024-01-02 03:04:05',
          'files': [
              {'id': lost.id, 'archive_id': '1004', 'path': 'ünï/côdé.dat', 'hashtype': 'sha256', 'hashsum': 'd' * 64,
-              'status': 'error', 'error': 'archive HEAD answered 500: busy', 'size': None},
+              'status': 'error', 'error': 'archive HEAD answered 500: busy', 'size': None, 'staged_file': None},
          ]},
     ]
 
