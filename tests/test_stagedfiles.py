@@ -439,3 +439,32 @@ def test_dump_fixit_and_the_counters_know_the_cache(tmp_path: pathlib.Path, clea
     assert result.state.status == 'ready' and _cart_files(service, second) == DATA
     assert len(_archive(service).downloads) == len(DATA)
     assert counter_values()[('staged_file_cache_hits', '')] == len(DATA) + 1
+
+
+def test_an_entry_whose_bytes_a_failed_cart_still_links_is_passed_over_for_the_cart(
+        tmp_path: pathlib.Path, cleanup: contextlib.ExitStack) -> None:
+    """Removing an entry frees nothing while a cart (here a failed one, which pins nothing) links its bytes:
+    the space keeper's eviction passes it over and takes the failed cart's files, then the entries."""
+    service = _service(tmp_path, cleanup)
+    failed = _stage(service, 'failed', _fileids())
+    old = datetime.datetime.now() - datetime.timedelta(days=1)
+    Cart.update(status='error', error='made to fail', updated_date=old).where(Cart.id == failed.id).execute()
+
+    def frees(entry: StagedFile) -> bool:
+        return service.volume.staged_file_links(entry.id) <= 1
+
+    assert {service.volume.staged_file_links(entry.id) for entry in _entries().values()} == {2}
+    first = evict_one(0, shared=True, frees=frees)
+    assert first is not None and first.cart is not None and first.cart.id == failed.id, first
+    first.remove(service.volume)
+    assert {service.volume.staged_file_links(entry.id) for entry in _entries().values()} == {1}
+    taken = set()
+    for _ in range(len(DATA) + 1):
+        victim = evict_one(0, shared=True, frees=frees)
+        if victim is None:
+            break
+        assert victim.entry is not None, victim
+        victim.remove(service.volume)
+        taken.add(victim.entry.archive_id)
+    assert taken == set(DATA) and not _entries()
+    assert evict_one(0, shared=True, frees=frees) is None

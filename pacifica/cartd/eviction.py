@@ -32,6 +32,7 @@ SMALL_FILE = 256 * 1024  # files this small are not reserved one by one ...
 SMALL_FILE_MARGIN = 256 * 1024 * 1024  # ... while the volume has this much more free
 MAX_EVICTIONS_PER_FILE = 1000
 CLAIM_ATTEMPTS = 10  # candidates tried when others keep claiming them first
+ENTRIES_LOOKED_AT = 100  # unpinned cache entries passed over (a failed cart still links them) before carts go
 MEASURE_ATTEMPTS = 5  # rounds of looking at the downloads in flight and the free count together
 
 
@@ -161,7 +162,8 @@ class Victim:
         return f'{self.cart.status} cart {self.cart.cart_uid} (id {self.cart.id}, last used {self.cart.updated_date})'
 
 
-def evict_one(lru_buffer_time: float, shared: bool = False) -> Optional[Victim]:
+def evict_one(lru_buffer_time: float, shared: bool = False,
+              frees: Optional[Callable[[StagedFile], bool]] = None) -> Optional[Victim]:
     """Claim what goes next and return it (its files to remove), or None if nothing may go.
 
     Evictable: a ready cart past its lifetime; else, with `shared` (share_staged_files), a
@@ -171,8 +173,9 @@ def evict_one(lru_buffer_time: float, shared: bool = False) -> Optional[Victim]:
     only when not used (created, failed, finished or downloaded) within lru_buffer_time or the
     in-use window that covers downloads in progress (the heartbeat of a failed cart's downloads
     still running keeps it inside). An entry serves no download itself (carts read their own
-    links), so it needs no such window. Claimed by compare-and-set, so two processes never
-    evict the same cart or entry twice.
+    links), so it needs no such window; and, given `frees`, only an entry whose removal frees bytes
+    (no cart, such as a failed one, still holds a link to them: removing it would free nothing).
+    Claimed by compare-and-set, so two processes never evict the same cart or entry twice.
     """
     protect = max(lru_buffer_time, IN_USE_WINDOW_S)
     cutoff = now() - datetime.timedelta(seconds=protect)
@@ -182,7 +185,11 @@ def evict_one(lru_buffer_time: float, shared: bool = False) -> Optional[Victim]:
         expired = candidate is not None and candidate.status == CartStatus.READY.value and (
             candidate.expires_date is not None and candidate.expires_date <= now())
         entry = oldest_unpinned_entry() if shared and not expired else None
-        if entry is not None:
+        held: List[int] = []
+        while entry is not None and frees is not None and not frees(entry) and len(held) < ENTRIES_LOOKED_AT:
+            held.append(entry.id)
+            entry = oldest_unpinned_entry(skipping=held)
+        if entry is not None and (frees is None or frees(entry)):
             if claim_entry_removal(entry):
                 return Victim(entry=entry)
             lost.append(f'staged file {entry.id}')
@@ -268,7 +275,8 @@ class SpaceKeeper:
                         hold_partial(partial, tar_offset)
                     reserve(cart.id, file.id, wanted, partial, tar_offset)
                     return True
-                victim = (evict_one(self.settings.lru_buffer_time, self.settings.share_staged_files)
+                victim = (evict_one(self.settings.lru_buffer_time, self.settings.share_staged_files,
+                                    lambda entry: self.volume.staged_file_links(entry.id) <= 1)
                           if self.settings.lru_purge else None)
                 if victim is not None:
                     # Still holding the lock: the next reservation must see the bytes freed.

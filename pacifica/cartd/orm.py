@@ -895,12 +895,15 @@ def _unpinned() -> Any:
     return ~fn.EXISTS(pinned)
 
 
-def oldest_unpinned_entry(used_before: Optional[datetime.datetime] = None) -> Optional[StagedFile]:
+def oldest_unpinned_entry(used_before: Optional[datetime.datetime] = None,
+                          skipping: Sequence[int] = ()) -> Optional[StagedFile]:
     """The ready or untrusted cache entry no live cart pins, least recently used first (if used before
-    `used_before`), or None."""
+    `used_before`; not one of `skipping`), or None."""
     where = StagedFile.state.in_([StagedFileState.READY.value, StagedFileState.UNTRUSTED.value]) & _unpinned()
     if used_before is not None:
         where &= StagedFile.last_used < used_before
+    if skipping:
+        where &= StagedFile.id.not_in(list(skipping))
     return (StagedFile.select(StagedFile.id, StagedFile.archive_id, StagedFile.size, StagedFile.state,
                               StagedFile.last_used)
             .where(where).order_by(StagedFile.last_used, StagedFile.id).first())

@@ -21,8 +21,12 @@ from .volume import CartVolume
 
 LOGGER = logging.getLogger(__name__)
 
-LEASE_S = 300.0  # how long a fetching entry is the claimer's without a sign of life
-RENEW_S = 60.0  # how often a download under way moves its lease on
+# How long a fetching entry is the claimer's without a sign of life. Short, so that the files of a worker
+# killed mid-download (or of one that lost the database before it could give its claim back) wait for
+# its lease no longer than a few tape rounds; a download whose bytes stop for longer is fetched again by
+# the next cart that asks (a second download, never a wrong file: only the lease's owner publishes).
+LEASE_S = 30.0
+RENEW_S = 10.0  # how often a download under way moves its lease on
 CLAIM_TRIES = 5  # rounds of look-up and claim when other processes keep winning
 DIGEST_TRIES = 5  # rounds of recording a digest when other processes record theirs at once
 HASH_BLOCK = 1024 * 1024

@@ -141,6 +141,13 @@ class CartVolume:
         finally:
             temporary.unlink(missing_ok=True)
 
+    def staged_file_links(self, entry_id: int) -> int:
+        """How many names an entry's bytes have (1: the entry's own only; 0: gone): more means carts hold them."""
+        try:
+            return self.staged_file_path(entry_id).stat().st_nlink
+        except FileNotFoundError:
+            return 0
+
     def remove_staged_file(self, entry_id: int) -> None:
         """Unlink an entry's file (its row already removed): its bytes are freed once no cart holds a link."""
         self.staged_file_path(entry_id).unlink(missing_ok=True)
