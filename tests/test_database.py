@@ -1,9 +1,10 @@
 """Opening the database: URL schemes, SQLite set up for several processes, bounded connect retries."""
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import threading
-from typing import Any, List
+from typing import Any, Iterator, List
 
 import pytest
 
@@ -118,39 +119,89 @@ def test_a_new_carts_rows_keep_every_character(tmp_path: pathlib.Path, kind: str
         drop_database(kind, url)
 
 
-@pytest.mark.parametrize('kind', ['sqlite', 'postgres', 'mysql'])
-def test_a_file_recorded_transferring_while_it_is_recorded_staged_is_counted_from_where_it_was(
-        tmp_path: pathlib.Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bundle file written in place is recorded staged by its own thread while the task's thread records
-    downloads started: the counter of files transferring must not keep the staged file. The interleaving
-    (a write between mark_staged's read and its update) cannot be arranged between two real threads, so the
-    test runs the other writer inside mark_staged's first update."""
+@contextlib.contextmanager
+def _synced(tmp_path: pathlib.Path, kind: str) -> Iterator[None]:
+    """A fresh database of `kind`, bound and with the schema, inside one connection; dropped afterwards."""
     url = fresh_database(kind, tmp_path)
     try:
         database.bind(_settings(tmp_path, url))
         with database.connection():
             schema.sync()
-            with database.atomic():
-                cart_id, (first, second) = orm.insert_cart('race', True, [('a', 'p/a', 'sha1', 'a' * 40),
-                                                                          ('b', 'p/b', 'sha1', 'b' * 40)], 512)
-            real, raced = orm._set_staged, []
-
-            def interleaved(rows: Any, before: str) -> int:
-                if not raced:
-                    raced.append(orm.mark_transferring(cart_id, {first: 1}))
-                return real(rows, before)
-
-            monkeypatch.setattr(orm, '_set_staged', interleaved)
-            with database.atomic():
-                counted = orm.mark_staged([(first, 10, 1.5, 1), (second, 20, None, 2)])
-                orm.count_staged(cart_id, counted)
-            cart = orm.Cart.get_by_id(cart_id)
-            files = [(file.status, file.size, file.mtime, file.attempts)
-                     for file in orm.File.select().where(orm.File.cart == cart_id).order_by(orm.File.id)]
-        assert raced == [1]
-        assert (counted.files, counted.from_transfer, counted.bytes) == (2, 1, 30)
-        assert (cart.files_staged, cart.files_transferring, cart.bytes_staged) == (2, 0, 30)
-        assert files == [('staged', 10, 1.5, 1), ('staged', 20, None, 2)]
+            yield
     finally:
         database.close_idle()
         drop_database(kind, url)
+
+
+@pytest.mark.parametrize('kind', ['sqlite', 'postgres', 'mysql'])
+def test_a_file_recorded_transferring_while_it_is_recorded_staged_is_counted_from_where_it_was(
+        tmp_path: pathlib.Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle file written in place is recorded staged by its own thread while the task's thread records
+    downloads started: the counter of files transferring must not keep the staged file. The interleaving
+    (a write between mark_staged's read and its update) is made by running the other writer inside
+    mark_staged's first update: from another connection on PostgreSQL and MariaDB (whose REPEATABLE READ
+    snapshot a plain re-read would not see past), in the same one on SQLite (one writer at a time)."""
+    with _synced(tmp_path, kind):
+        with database.atomic():
+            cart_id, (first, second) = orm.insert_cart('race', True, [('a', 'p/a', 'sha1', 'a' * 40),
+                                                                      ('b', 'p/b', 'sha1', 'b' * 40)], 512)
+        real, raced = orm._set_staged, []
+
+        def transferring() -> None:
+            with database.connection(), database.atomic():
+                raced.append(orm.mark_transferring(cart_id, {first: 1}))
+
+        def interleaved(rows: Any, before: str) -> int:
+            if not raced:
+                if kind == 'sqlite':  # one writer at a time: the other write in this connection
+                    raced.append(orm.mark_transferring(cart_id, {first: 1}))
+                else:  # committed from another connection, after this transaction's first read
+                    other = threading.Thread(target=transferring)
+                    other.start()
+                    other.join(30)
+            return real(rows, before)
+
+        monkeypatch.setattr(orm, '_set_staged', interleaved)
+        with database.atomic():
+            counted = orm.mark_staged([(first, 10, 1.5, 1), (second, 20, None, 2)])
+            orm.count_staged(cart_id, counted)
+        cart = orm.Cart.get_by_id(cart_id)
+        files = [(file.status, file.size, file.mtime, file.attempts)
+                 for file in orm.File.select().where(orm.File.cart == cart_id).order_by(orm.File.id)]
+    assert raced == [1]
+    assert (counted.files, counted.from_transfer, counted.bytes) == (2, 1, 30)
+    assert (cart.files_staged, cart.files_transferring, cart.bytes_staged) == (2, 0, 30)
+    assert files == [('staged', 10, 1.5, 1), ('staged', 20, None, 2)]
+
+
+@pytest.mark.parametrize('kind', ['postgres', 'mysql'])
+def test_a_failure_recorded_while_another_connection_records_the_download_started(
+        tmp_path: pathlib.Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fail_file loses its compare-and-set to the task thread's "transferring" committed from another
+    connection after its first read; its retry must read the latest row (on MariaDB a plain re-read in the
+    same transaction sees the old snapshot, and the failure was lost: the cart stayed staging for ever)."""
+    with _synced(tmp_path, kind):
+        with database.atomic():
+            cart_id, (file_id,) = orm.insert_cart('failing', False, [('a', 'p/a', 'sha1', 'a' * 40)], 0)
+        real, raced = orm._file_status, []
+
+        def transferring() -> None:
+            with database.connection(), database.atomic():
+                raced.append(orm.mark_transferring(cart_id, {file_id: 2}))
+
+        def interleaved(wanted: int, locking: bool = False) -> Any:
+            status = real(wanted, locking)
+            if not raced:
+                other = threading.Thread(target=transferring)
+                other.start()
+                other.join(30)
+            return status
+
+        monkeypatch.setattr(orm, '_file_status', interleaved)
+        with database.atomic():
+            assert orm.fail_file(cart_id, file_id, 'File hash does not match provided hash', 2) is True
+        cart = orm.Cart.get_by_id(cart_id)
+        file = orm.File.get_by_id(file_id)
+    assert raced == [1]
+    assert (file.status, file.attempts) == ('error', 2)
+    assert (cart.files_failed, cart.files_transferring) == (1, 0)

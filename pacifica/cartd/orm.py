@@ -997,11 +997,12 @@ def mark_staged(rows: Sequence[StagedRow]) -> StagedCount:
     wanted = {row[0]: row for row in rows}
     left: Dict[int, Tuple[Optional[int], str, Optional[datetime.datetime]]] = {}  # id -> size, state, recall date
     pending = set(wanted)
-    for _ in range(MARK_STAGED_TRIES):
+    for attempt in range(MARK_STAGED_TRIES):
         if not pending:
             break
-        current = {row.id: row for row in File.select(File.id, File.size, File.status, File.recall_date).where(
-            File.id.in_(list(pending)) & (File.status != FileStatus.STAGED.value))}
+        unstaged = File.select(File.id, File.size, File.status, File.recall_date).where(
+            File.id.in_(list(pending)) & (File.status != FileStatus.STAGED.value))
+        current = {row.id: row for row in _latest(unstaged, locking=attempt > 0)}
         groups: Dict[str, List[int]] = {}
         for file_id, row in current.items():
             groups.setdefault(str(row.status), []).append(file_id)
@@ -1061,8 +1062,15 @@ def mark_transferring(cart_id: int, attempts: Dict[int, int]) -> int:
 FAIL_FILE_TRIES = 5  # a file's state moves forward only (waiting, recalling, transferring): a few reads suffice
 
 
-def _file_status(file_id: int) -> Optional[str]:
-    status = File.select(File.status).where(File.id == file_id).scalar()
+def _latest(query: Any, locking: bool) -> Any:
+    """`query`, when `locking`, as a locking read where the database has one: inside a transaction MySQL's
+    plain SELECT sees the transaction's snapshot (REPEATABLE READ), so a compare-and-set that lost to another
+    writer, retried on what it reads again, would lose every time; a locking read sees the latest row."""
+    return query.for_update() if locking and DB.obj.for_update else query
+
+
+def _file_status(file_id: int, locking: bool = False) -> Optional[str]:
+    status = _latest(File.select(File.status).where(File.id == file_id), locking).scalar()
     return None if status is None else str(status)
 
 
@@ -1075,8 +1083,8 @@ def fail_file(cart_id: int, file_id: int, cause: str, attempts: int) -> bool:
     fails, and losing that race once left a failed file transferring and its cart staging for
     ever (seen end to end on PostgreSQL).
     """
-    for _ in range(FAIL_FILE_TRIES):
-        before = _file_status(file_id)
+    for attempt in range(FAIL_FILE_TRIES):
+        before = _file_status(file_id, locking=attempt > 0)
         if before is None or before == FileStatus.STAGED.value:
             return False
         if before == FileStatus.ERROR.value:
