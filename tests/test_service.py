@@ -476,14 +476,14 @@ def test_a_failure_recorded_while_the_file_is_marked_transferring_still_fails_it
     reads = []
     real = orm._file_status
 
-    def stale_first(file_id: int):
-        reads.append(file_id)
-        return 'waiting' if len(reads) == 1 else real(file_id)
+    def stale_first(file_id: int, locking: bool = False):
+        reads.append((file_id, locking))
+        return 'waiting' if len(reads) == 1 else real(file_id, locking)
 
     orm.mark_transferring(cart_id, {file.id: 1})  # the other writer got there first
     monkeypatch.setattr(orm, '_file_status', stale_first)
     assert orm.fail_file(cart_id, file.id, 'File hash does not match provided hash', 2) is True
-    assert len(reads) == 2
+    assert reads == [(file.id, False), (file.id, True)]  # the second read is a locking one (the latest row)
     row = File.get_by_id(file.id)
     assert (row.status, row.attempts) == ('error', 2)
     cart = Cart.get_by_id(cart_id)
