@@ -7,6 +7,7 @@ to the upgraded database (a rolling upgrade).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -57,12 +58,12 @@ ADDED_COLUMNS: Dict[str, Tuple[str, ...]] = {
 ADDED_TABLES = ('spacereservation', 'workersighting', 'cartevent', 'cartcounter', 'stagedfile')
 EVENT_COLUMNS = sorted(('id', 'event_id', 'cart_id', 'event_type', 'subject', 'event_time', 'data', 'target_url',
                         'state', 'next_attempt', 'attempts', 'last_error', 'created', 'delivered_date'))
-STAGED_FILE_COLUMNS = sorted(('id', 'cache_key', 'archive_id', 'size', 'mtime', 'state', 'digests', 'lease_until',
-                              'lease_owner', 'hits', 'last_used', 'created'))
+STAGED_FILE_COLUMNS = sorted(('id', 'cache_key', 'archive_id', 'archive_key', 'size', 'mtime', 'state', 'digests',
+                              'lease_until', 'lease_owner', 'hits', 'last_used', 'created'))  # archive_key: 2.11
 # 2.9: the fleet-wide counters of the metrics, one row each, made with the table.
 EXPECTED_COUNTERS = {('files_staged', ''): 0, ('staged_bytes', ''): 0, ('hash_mismatches', ''): 0, ('evictions', ''): 0,
                      ('carts_finished', 'ready'): 0, ('carts_finished', 'error'): 0, ('carts_finished', 'expired'): 0}
-ORDER_BY = {'workersighting': 'name', 'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
+ORDER_BY = {'stagedfile': 'id', 'workersighting': 'name', 'cartsystem': 'part', 'cart': 'id', 'file': 'id', 'carttasks': 'id'}
 
 # Run by 0.7.0's own interpreter: three carts in the states a live 0.7.0 database holds.
 SEED_SCRIPT = textwrap.dedent('''
@@ -494,6 +495,35 @@ def test_the_2_9_step_is_resumable(site: Site) -> None:
         database.close()
     site.ours_ok('dbsync')
     assert site.counters() == {**EXPECTED_COUNTERS, ('files_staged', ''): 41}
+    site.ours_ok('dbchk', '--equal')
+
+
+def test_the_2_11_step_fills_in_the_archive_keys(site: Site) -> None:
+    """A 2.10 database's cache entries (no archive_key column) get the column, its index and each entry's key,
+    the sha256 of its archive id, by which a later cart finds them."""
+    site.ours_ok('dbsync')
+    database = site.database()
+    table, q = site.quote('stagedfile'), site.quote
+    columns = ('cache_key', 'archive_id', 'size', 'mtime', 'state', 'digests', 'hits', 'last_used', 'created')
+    try:
+        if site.kind == 'sqlite':  # SQLite drops no indexed column; the others drop its index with it
+            database.execute_sql(f'DROP INDEX {q("stagedfile_archive_key")}')
+        database.execute_sql(f'ALTER TABLE {table} DROP COLUMN {q("archive_key")}')
+        for number, archive_id in enumerate(('run/7', 'ünïcode id')):
+            database.execute_sql(
+                f'INSERT INTO {table} ({", ".join(q(column) for column in columns)}) '
+                f'VALUES ({", ".join([database.param] * len(columns))})',
+                (f'{number:064d}', archive_id, 10, 1.5, 'ready', '{}', 0, '2026-01-01 00:00:00', '2026-01-01 00:00:00'))
+        database.execute_sql(f'UPDATE {q("cartsystem")} SET {q("value")} = 10 WHERE {q("part")} = {database.param}',
+                             ('minor',))
+    finally:
+        database.close()
+    assert 'archive_key' not in site.added_tables()['stagedfile'] and site.ours('dbchk').returncode != 0
+    site.ours_ok('dbsync')
+    assert site.version() == VERSION_ROW
+    assert ('archive_key',) in site.indexed_columns('stagedfile')
+    assert sorted(site.dump({'stagedfile': ('archive_id', 'archive_key')})['stagedfile']) == sorted(
+        (archive_id, hashlib.sha256(archive_id.encode('utf-8')).hexdigest()) for archive_id in ('run/7', 'ünïcode id'))
     site.ours_ok('dbchk', '--equal')
 
 

@@ -84,8 +84,11 @@ def test_a_second_cart_of_the_same_files_asks_the_archive_for_no_bytes(stack: Ca
     datas = _put(stack, uid)
     _ready(stack, f'{uid}-a', _fileids(datas))
     assert _gets(proxy, datas) == {archive_id: 1 for archive_id in datas}
+    asked = {archive_id: proxy.counts(archive_id) for archive_id in datas}
     _ready(stack, f'{uid}-b', _fileids(datas))
     assert _gets(proxy, datas) == {archive_id: 1 for archive_id in datas}, 'the second cart downloaded again'
+    # Its hashes are on record: the archive was not even asked for the files' status.
+    assert {archive_id: proxy.counts(archive_id) for archive_id in datas} == asked
     first, second = _tar(stack, f'{uid}-a', datas), _tar(stack, f'{uid}-b', datas)
     assert first == second == _expected(datas)
 

@@ -2,20 +2,24 @@
 the digests on record, and the service staging through it (FakeArchive counts the downloads)."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import hashlib
 import json
 import os
 import pathlib
+import threading
 from typing import Dict, Iterator, List
 
 import pytest
+from peewee import OperationalError
 
+from pacifica.cartd import database, stagedfiles
 from pacifica.cartd.eviction import evict_one
 from pacifica.cartd.orm import Cart, File, ReadyEntry, StagedFile, staged_files_ready
 from pacifica.cartd.service import CartService
-from pacifica.cartd.stagedfiles import StagedFiles, cache_key
+from pacifica.cartd.stagedfiles import Found, StagedFiles, cache_key
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue, sqlite_service
 
 DATA = {f'run/{index}': os.urandom(3000 + index) for index in range(3)}
@@ -97,6 +101,70 @@ def test_a_second_cart_is_linked_from_the_cache(tmp_path: pathlib.Path, cleanup:
     assert _cart_files(service, second) == DATA
     assert all(service.volume.staged_file_path(entry.id).read_bytes() == DATA[archive_id]
                for archive_id, entry in entries.items())
+
+
+def test_a_cart_whose_hashes_are_on_record_asks_the_archive_nothing(tmp_path: pathlib.Path,
+                                                                     cleanup: contextlib.ExitStack) -> None:
+    """Linked by the digests on record, in a batch: not even the archive's status is asked (the archive now
+    says every file is on tape: a cart that asked would wait for a recall). A cart whose algorithm is not
+    on record asks the status of each file, as every first cart does."""
+    service = _service(tmp_path, cleanup)
+    archive = _archive(service)
+    first = _stage(service, 'first', _fileids())
+    assert sorted(archive.status_calls) == sorted(DATA)
+    archive.media.update({archive_id: 'tape' for archive_id in DATA})
+    second = _stage(service, 'second', _fileids())
+    assert second.status == 'ready' and _cart_files(service, second) == DATA == _cart_files(service, first)
+    assert sorted(archive.status_calls) == sorted(DATA) and not archive.stage_calls
+    assert len(archive.downloads) == len(DATA)
+    archive.media.clear()
+    assert _stage(service, 'md5', _fileids('md5')).status == 'ready'
+    assert sorted(archive.status_calls) == sorted([*DATA, *DATA]) and len(archive.downloads) == len(DATA)
+
+
+def test_claims_made_at_once_from_many_threads_are_settled_together(tmp_path: pathlib.Path,
+                                                                    cleanup: contextlib.ExitStack) -> None:
+    """Sixteen threads claim at once: of one key, exactly one gets the lease and the others wait for it;
+    of sixteen keys, each gets its own entry."""
+    cache = _service(tmp_path, cleanup).stager.cache
+    assert cache is not None
+
+    def at_once(keys: List[str]) -> List[Found]:
+        barrier = threading.Barrier(len(keys))
+
+        def claim(key: str) -> Found:
+            barrier.wait(timeout=10)
+            with database.connection():
+                return cache.find_or_claim(key, 10, None)
+        with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
+            return list(pool.map(claim, keys))
+
+    same = at_once(['same'] * 16)
+    assert sum(1 for found in same if found.lease is not None) == 1
+    assert all(found.ready is None for found in same)
+    assert StagedFile.select().where(StagedFile.archive_id == 'same').count() == 1
+    several = at_once([f'key-{index}' for index in range(16)])
+    assert all(found.lease is not None for found in several)
+    assert len({found.lease.entry_id for found in several if found.lease is not None}) == 16
+
+
+def test_a_database_failure_while_claims_are_made_reaches_every_caller(
+        tmp_path: pathlib.Path, cleanup: contextlib.ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database failing under the thread that makes a batch of claims: every caller in the batch gets
+    the error (none waits for ever, none is told to wait for a download nobody makes), and the next claim
+    is made. Mocked: a real database cannot be made to fail at exactly that statement."""
+    cache = _service(tmp_path, cleanup).stager.cache
+    assert cache is not None
+    real = stagedfiles.staged_files_by_keys
+
+    def failing(keys: List[str]) -> Dict[str, StagedFile]:
+        raise OperationalError('the database went away')
+
+    monkeypatch.setattr(stagedfiles, 'staged_files_by_keys', failing)
+    with pytest.raises(OperationalError):
+        cache.find_or_claim('x', 10, None)
+    monkeypatch.setattr(stagedfiles, 'staged_files_by_keys', real)
+    assert cache.find_or_claim('x', 10, None).lease is not None
 
 
 def test_another_algorithm_is_computed_once_and_recorded(tmp_path: pathlib.Path,
@@ -328,29 +396,42 @@ def test_an_expired_cart_goes_before_entries_and_a_failed_cart_pins_nothing(
     assert _cart_files(service, failed) == DATA
 
 
+def _evict_run_1(service: CartService) -> None:
+    victim = evict_one(0, shared=True)
+    assert victim is not None and victim.entry is not None and victim.entry.archive_id == 'run/1'
+    victim.remove(service.volume)
+
+
+@pytest.mark.parametrize('hashtype', ['sha1', 'md5'])
 def test_an_entry_evicted_between_look_up_and_link_makes_the_cart_download(
-        tmp_path: pathlib.Path, cleanup: contextlib.ExitStack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The race "cart B links entry E while E is evicted", made deterministic: the eviction is run
-    right after B's look-up found E ready (a wrapper around find_or_claim; everything else is real)."""
+        tmp_path: pathlib.Path, cleanup: contextlib.ExitStack, monkeypatch: pytest.MonkeyPatch, hashtype: str) -> None:
+    """The race "cart B links entry E while E is evicted", made deterministic: the eviction is run right
+    after B's look-up found E ready (a wrapper around the look-up; everything else is real). With sha1 (on
+    record) the look-up is known_to_match, for the whole batch; with md5 (not on record) find_or_claim."""
     service = _service(tmp_path, cleanup)
     _stage(service, 'first', _fileids())
     service.delete('first')
     cache = service.stager.cache
     assert cache is not None
-    original = cache.find_or_claim
+    find_or_claim, known_to_match = cache.find_or_claim, cache.known_to_match
 
     def found_then_evicted(archive_id: str, size: int, mtime: object) -> object:
-        found = original(archive_id, size, mtime)  # type: ignore[arg-type]
+        found = find_or_claim(archive_id, size, mtime)  # type: ignore[arg-type]
         if found.ready is not None and archive_id == 'run/1':
-            victim = evict_one(0, shared=True)
-            assert victim is not None and victim.entry is not None and victim.entry.archive_id == 'run/1'
-            victim.remove(service.volume)
+            _evict_run_1(service)
         return found
+
+    def matched_then_evicted(files: List[File]) -> Dict[int, StagedFile]:
+        matched = known_to_match(files)
+        if any(entry.archive_id == 'run/1' for entry in matched.values()):
+            _evict_run_1(service)
+        return matched
 
     _age_entry(_entries()['run/1'].id, 1000)  # the least recently used: the one eviction takes
     downloads = len(_archive(service).downloads)
     monkeypatch.setattr(cache, 'find_or_claim', found_then_evicted)
-    second = _stage(service, 'second', _fileids())
+    monkeypatch.setattr(cache, 'known_to_match', matched_then_evicted)
+    second = _stage(service, 'second', _fileids(hashtype))
     assert second.status == 'ready' and _cart_files(service, second) == DATA
     assert _archive(service).downloads[downloads:] == ['run/1']  # only the evicted file was fetched again
 

@@ -6,6 +6,7 @@ import csv
 import datetime
 import enum
 import functools
+import hashlib
 import io
 import math
 import operator
@@ -19,6 +20,7 @@ from peewee import (
     BooleanField,
     Case,
     CharField,
+    ColumnBase,
     CompositeKey,
     DatabaseProxy,
     DateTimeField,
@@ -33,6 +35,43 @@ from peewee import (
 )
 
 DB = DatabaseProxy()
+
+
+def _each(key: Any, pairs: Sequence[Tuple[Any, Any]]) -> Any:
+    """The per-row value of an UPDATE whose WHERE takes exactly the pairs' rows: the one value when they all
+    have the same (no CASE at all), else a ById."""
+    values = {value for _, value in pairs}
+    if len(values) == 1:
+        return next(iter(values))
+    return ById(key, pairs)
+
+
+class ById(ColumnBase):
+    """`CASE <key> WHEN k THEN v ... [ELSE default] END` for a batch update's per-row values, written in one
+    pass: peewee's Case makes four nodes of each pair, and building them was most of the cost of recording
+    a batch of files staged. Keys and values are passed as they are (no field conversion): ids, sizes,
+    times as floats and text, as the callers have them."""
+
+    def __init__(self, key: Any, pairs: Sequence[Tuple[Any, Any]], default: Any = None) -> None:
+        """The value of each row whose `key` is a pair's first item is the pair's second; else `default`."""
+        super().__init__()
+        self.key = key
+        self.pairs = pairs
+        self.default = default
+
+    def __sql__(self, ctx: Any) -> Any:
+        """Render it into the query under construction."""
+        ctx.literal('CASE ')
+        ctx.sql(self.key)
+        for key, value in self.pairs:
+            ctx.literal(' WHEN ')
+            ctx.value(key, converter=False)
+            ctx.literal(' THEN ')
+            ctx.value(value, converter=False)
+        if self.default is not None:
+            ctx.literal(' ELSE ')
+            ctx.value(self.default, converter=False)
+        return ctx.literal(' END')
 
 
 class CartStatus(str, enum.Enum):
@@ -285,6 +324,9 @@ class StagedFile(BaseModel):
     id = AutoField()
     cache_key = CharField(max_length=64, unique=True)
     archive_id = TextField()
+    # Added in schema 2.11: sha256 of archive_id, indexed, so a cart's files are looked up in the cache by the
+    # archive's ids alone, many at once (MySQL cannot index archive_id, a TEXT, without a prefix length).
+    archive_key = CharField(max_length=64, index=True, null=True)
     size = BigIntegerField(null=True)
     mtime = DoubleField(null=True)
     state = CharField(max_length=16, default=StagedFileState.FETCHING.value)
@@ -799,17 +841,65 @@ def staged_file_by_key(cache_key: str) -> Optional[StagedFile]:
     return StagedFile.get_or_none(StagedFile.cache_key == cache_key)
 
 
-def insert_staged_file(cache_key: str, archive_id: str, size: Optional[int], mtime: Optional[float],
-                       owner: str, lease_until: datetime.datetime) -> Optional[StagedFile]:
-    """Claim a key nobody holds: a 'fetching' entry leased until `lease_until`; None when another
-    process inserted it first (the unique key makes one winner)."""
-    try:
-        with DB.atomic():
-            return StagedFile.create(cache_key=cache_key, archive_id=archive_id, size=size, mtime=mtime,
-                                     state=StagedFileState.FETCHING.value, digests='{}', lease_until=lease_until,
-                                     lease_owner=owner, hits=0, last_used=now(), created=now())
-    except IntegrityError:
-        return None
+def archive_key_of(archive_id: str) -> str:
+    """The indexed stand-in for an archive id (StagedFile.archive_key)."""
+    return hashlib.sha256(archive_id.encode('utf-8')).hexdigest()
+
+
+def fill_archive_keys() -> int:
+    """Set archive_key on the entries without one (schema 2.11's upgrade); return how many."""
+    rows = cast(List[Tuple[int, str]], list(StagedFile.select(StagedFile.id, StagedFile.archive_id)
+                                            .where(StagedFile.archive_key.is_null()).tuples()))
+    for chunk in chunked(rows, INSERT_CHUNK):
+        StagedFile.update(archive_key=ById(StagedFile.id, [(entry_id, archive_key_of(str(archive_id)))
+                                                           for entry_id, archive_id in chunk])).where(
+            StagedFile.id.in_([entry_id for entry_id, _ in chunk])).execute()
+    return len(rows)
+
+
+def ready_entries_of(archive_ids: Iterable[str]) -> List[StagedFile]:
+    """The ready cache entries of these archive files (by archive_key: one indexed query per INSERT_CHUNK ids),
+    with their id, archive_id, size, mtime and digests only."""
+    found: List[StagedFile] = []
+    for chunk in chunked(sorted({archive_key_of(archive_id) for archive_id in archive_ids}), INSERT_CHUNK):
+        found.extend(StagedFile.select(StagedFile.id, StagedFile.archive_id, StagedFile.size, StagedFile.mtime,
+                                       StagedFile.digests)
+                     .where(StagedFile.archive_key.in_(chunk) & (StagedFile.state == StagedFileState.READY.value)))
+    return found
+
+
+def staged_files_by_keys(cache_keys: Sequence[str]) -> Dict[str, StagedFile]:
+    """The cache entries answering to these keys (fetching or ready), by key: one query per INSERT_CHUNK."""
+    found: Dict[str, StagedFile] = {}
+    for chunk in chunked(sorted(set(cache_keys)), INSERT_CHUNK):
+        found.update((str(entry.cache_key), entry) for entry in StagedFile.select().where(
+            StagedFile.cache_key.in_(chunk)))
+    return found
+
+
+class NewEntry(NamedTuple):
+    """A key to claim: the archive file's id, size and mtime, and the token of the download that claims it."""
+
+    cache_key: str
+    archive_id: str
+    size: Optional[int]
+    mtime: Optional[float]
+    owner: str
+
+
+def insert_staged_files(entries: Sequence[NewEntry], lease_until: datetime.datetime) -> None:
+    """Claim keys nobody holds: 'fetching' entries leased until `lease_until`, one statement per INSERT_CHUNK.
+    A key another process inserted first is left as it is (the unique key makes one winner): read the
+    entries back to see whose each one is."""
+    moment = now()
+    for chunk in chunked(entries, INSERT_CHUNK):
+        StagedFile.insert_many([{
+            StagedFile.cache_key: entry.cache_key, StagedFile.archive_id: entry.archive_id,
+            StagedFile.archive_key: archive_key_of(entry.archive_id), StagedFile.size: entry.size,
+            StagedFile.mtime: entry.mtime, StagedFile.state: StagedFileState.FETCHING.value,
+            StagedFile.digests: '{}', StagedFile.lease_until: lease_until, StagedFile.lease_owner: entry.owner,
+            StagedFile.hits: 0, StagedFile.last_used: moment, StagedFile.created: moment,
+        } for entry in chunk]).on_conflict_ignore().execute()
 
 
 def _held_by(entry_id: int, owner: str) -> Any:
@@ -843,10 +933,10 @@ def staged_files_ready(entries: Sequence[ReadyEntry]) -> int:
     for chunk in chunked(entries, INSERT_CHUNK):
         changed += (StagedFile.update(state=StagedFileState.READY.value, lease_until=None, lease_owner=None,
                                       last_used=now(),
-                                      digests=Case(StagedFile.id, [(row.entry_id, row.digests) for row in chunk]))
+                                      digests=ById(StagedFile.id, [(row.entry_id, row.digests) for row in chunk]))
                     .where(StagedFile.id.in_([row.entry_id for row in chunk])
                            & (StagedFile.state == StagedFileState.FETCHING.value)
-                           & (StagedFile.lease_owner == Case(StagedFile.id,
+                           & (StagedFile.lease_owner == ById(StagedFile.id,
                                                              [(row.entry_id, row.owner) for row in chunk])))
                     .execute())
     return int(changed)
@@ -874,13 +964,17 @@ def pin_staged_files(pins: Sequence[Tuple[int, int, bool]]) -> None:
     counted. A few statements per INSERT_CHUNK files."""
     moment = now()
     for chunk in chunked(pins, INSERT_CHUNK):
-        File.update(staged_file_id=Case(File.id, [(file_id, entry_id) for file_id, entry_id, _ in chunk])).where(
+        File.update(staged_file_id=ById(File.id, [(file_id, entry_id) for file_id, entry_id, _ in chunk])).where(
             File.id.in_([file_id for file_id, _, _ in chunk])).execute()
         hits: Dict[int, int] = {}
         for _, entry_id, hit in chunk:
             hits[entry_id] = hits.get(entry_id, 0) + (1 if hit else 0)
-        StagedFile.update(last_used=moment, hits=StagedFile.hits + Case(StagedFile.id, list(hits.items()), 0)).where(
-            StagedFile.id.in_(list(hits))).execute()
+        by_count: Dict[int, List[int]] = {}  # one statement per distinct count (mostly one: each entry once)
+        for entry_id, count in hits.items():
+            by_count.setdefault(count, []).append(entry_id)
+        for count, entry_ids in by_count.items():
+            StagedFile.update(last_used=moment, hits=StagedFile.hits + count).where(
+                StagedFile.id.in_(entry_ids)).execute()
         bump_counters({(CACHE_HITS, ''): sum(hits.values())})
 
 
@@ -978,9 +1072,9 @@ def _set_staged(rows: Sequence[StagedRow], before: str) -> int:
     for chunk in chunked(rows, INSERT_CHUNK):
         ids = [row[0] for row in chunk]
         changed += (File.update({File.status: FileStatus.STAGED.value, File.error: '',
-                                 File.size: Case(File.id, [(row[0], row[1]) for row in chunk]),
-                                 File.mtime: Case(File.id, [(row[0], row[2]) for row in chunk]),
-                                 File.attempts: Case(File.id, [(row[0], row[3]) for row in chunk])})
+                                 File.size: _each(File.id, [(row[0], row[1]) for row in chunk]),
+                                 File.mtime: _each(File.id, [(row[0], row[2]) for row in chunk]),
+                                 File.attempts: _each(File.id, [(row[0], row[3]) for row in chunk])})
                     .where(File.id.in_(ids) & (File.status == before)).execute())
     return changed
 

@@ -9,7 +9,7 @@ from playhouse.migrate import MySQLMigrator, SchemaMigrator, migrate
 
 from .errors import SchemaTooOld
 from .orm import (DB, MODELS, Cart, CartCounter, CartEvent, CartStatus, CartSystem, File, FileStatus,
-                  SpaceReservation, StagedFile, WorkerSighting, counters_from_rows, seed_counters)
+                  SpaceReservation, StagedFile, WorkerSighting, counters_from_rows, fill_archive_keys, seed_counters)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -24,10 +24,11 @@ Version = Tuple[int, int]
 # cartevent) and a cart's callback_url; 2.9 the table of fleet-wide counters the metrics report
 # (cartcounter) and when a file was first found on tape (file.recall_date);
 # 2.10 the staged-file cache (table stagedfile) and the pin of a file on the entry it was served
-# from (file.staged_file_id, indexed).
+# from (file.staged_file_id, indexed); 2.11 the cache entries' archive_key (indexed), to look a cart's
+# files up by the archive's ids alone.
 # All new columns have server-side defaults or are nullable, so a 0.7.0 process can still
 # write to the database.
-SCHEMA_VERSION: Version = (2, 10)
+SCHEMA_VERSION: Version = (2, 11)
 
 
 def current_version() -> Optional[Version]:
@@ -154,16 +155,27 @@ def _upgrade_2_8_to_2_9() -> None:
     seed_counters()
 
 
+def _add_indexed_column(migrator: SchemaMigrator, table: str, field: Field) -> None:
+    """Add a nullable column with its index (resumable: adding the column adds its index, and an upgrade
+    cut off between the two, as MySQL commits each ALTER at once, gets the index on the rerun)."""
+    had_column = field.column_name in {column.name for column in DB.get_columns(table)}
+    operations = _add_columns(migrator, [(table, field)])
+    if had_column and not any(tuple(index.columns) == (field.column_name,) for index in DB.get_indexes(table)):
+        operations.append(migrator.add_index(table, (field.column_name,), False))
+    migrate(*operations)
+
+
 def _upgrade_2_9_to_2_10() -> None:
     """Add the staged-file cache and file.staged_file_id with its index (resumable). Existing files have no
     pin (NULL): they were staged into their carts alone, as 0.7.0 stages them."""
-    migrator = SchemaMigrator.from_database(DB.obj)
-    had_column = File.staged_file_id.column_name in {column.name for column in DB.get_columns('file')}
-    operations = _add_columns(migrator, [('file', File.staged_file_id)])  # adding the column adds its index
-    if had_column and not any(tuple(index.columns) == ('staged_file_id',) for index in DB.get_indexes('file')):
-        operations.append(migrator.add_index('file', ('staged_file_id',), False))  # an upgrade cut off between
-    migrate(*operations)
-    DB.create_tables([StagedFile], safe=True)
+    _add_indexed_column(SchemaMigrator.from_database(DB.obj), 'file', File.staged_file_id)
+    DB.create_tables([StagedFile], safe=True)  # as the code has it now (with 2.11's column: 2.11 then adds nothing)
+
+
+def _upgrade_2_10_to_2_11() -> None:
+    """Add stagedfile.archive_key with its index and fill it in for the entries there are (resumable)."""
+    _add_indexed_column(SchemaMigrator.from_database(DB.obj), 'stagedfile', StagedFile.archive_key)
+    fill_archive_keys()
 
 
 UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
@@ -177,6 +189,7 @@ UPGRADES: List[Tuple[Version, Version, Callable[[], None]]] = [
     ((2, 7), (2, 8), _upgrade_2_7_to_2_8),
     ((2, 8), (2, 9), _upgrade_2_8_to_2_9),
     ((2, 9), (2, 10), _upgrade_2_9_to_2_10),
+    ((2, 10), (2, 11), _upgrade_2_10_to_2_11),
 ]
 
 

@@ -7,16 +7,18 @@ import datetime
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from . import database
 from .archive import new_hash
-from .orm import (ReadyEntry, StagedFile, StagedFileState, claim_entry_removal, insert_staged_file, now,
-                  oldest_unpinned_entry, renew_staged_file_lease, retire_staged_file, set_staged_file_digests,
-                  staged_file_by_key, take_over_staged_file, untrusted_entries)
+from .orm import (File, NewEntry, ReadyEntry, StagedFile, StagedFileState, claim_entry_removal, insert_staged_files,
+                  now, oldest_unpinned_entry, ready_entries_of, renew_staged_file_lease, retire_staged_file,
+                  set_staged_file_digests, staged_file_by_key, staged_files_by_keys, take_over_staged_file,
+                  untrusted_entries)
 from .volume import CartVolume
 
 LOGGER = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ LOGGER = logging.getLogger(__name__)
 LEASE_S = 30.0
 RENEW_S = 10.0  # how often a download under way moves its lease on
 CLAIM_TRIES = 5  # rounds of look-up and claim when other processes keep winning
+CLAIM_WAIT_S = 300.0  # a claim made by another thread of the process is answered within this, or it fails
 DIGEST_TRIES = 5  # rounds of recording a digest when other processes record theirs at once
 HASH_BLOCK = 1024 * 1024
 PURGE_MAX = 100_000  # entries one purge removes at most
@@ -104,6 +107,16 @@ class Found:
     lease: Optional[Lease] = None
 
 
+@dataclasses.dataclass
+class _Claim:
+    """One caller's claim on an archive file's key, settled by whichever thread makes the batch it is in."""
+
+    entry: NewEntry
+    found: Optional[Found] = None
+    error: Optional[Exception] = None
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
 class StagedFiles:
     """The cache's rules: look up or claim an entry, verify a cart's hash against it, publish a fetched file."""
 
@@ -111,29 +124,103 @@ class StagedFiles:
         """Keep the entries' files on `volume`; a claim holds for `lease_s` seconds without renewal."""
         self.volume = volume
         self.lease_s = lease_s
+        self._claims: List[_Claim] = []  # waiting to be made
+        self._claiming = False  # a thread is making claims now
+        self._claims_lock = threading.Lock()
 
     def find_or_claim(self, archive_id: str, size: int, mtime: Optional[float]) -> Found:
         """The ready entry of this archive file; else a lease on a new entry (or on one whose fetcher's
-        lease ran out) for the caller to fetch; else nothing, while another download holds it."""
-        key = cache_key(archive_id, size, mtime)
-        for _ in range(CLAIM_TRIES):
-            with database.connection():
-                entry = staged_file_by_key(key)
-                owner, until = uuid.uuid4().hex, _lease_from_now(self.lease_s)
-                if entry is None:
-                    inserted = insert_staged_file(key, archive_id, size, mtime, owner, until)
-                    if inserted is not None:
-                        return Found(lease=Lease(inserted.id, owner, until, self.lease_s))
-                    continue
-                if entry.state == StagedFileState.READY.value:
-                    return Found(ready=entry)
-                if entry.lease_until is not None and entry.lease_until > now():
-                    return Found()
-                if take_over_staged_file(entry, owner, until):
-                    LOGGER.info('staged file %d (%s): the lease of its fetch ran out; fetching it again',
-                                entry.id, archive_id)
-                    return Found(lease=Lease(entry.id, owner, until, self.lease_s))
-        return Found()
+        lease ran out) for the caller to fetch; else nothing, while another download holds it.
+
+        Callable from many threads at once: the claims that arrive while one is being made are made
+        together, in a few statements for them all (one INSERT for the new keys), by the first thread
+        that finds no claim under way; each caller gets its own answer.
+        """
+        claim = _Claim(NewEntry(cache_key(archive_id, size, mtime), archive_id, size, mtime, uuid.uuid4().hex))
+        with self._claims_lock:
+            self._claims.append(claim)
+            leading = not self._claiming
+            self._claiming = True
+        if leading:
+            self._make_claims()
+        if not claim.done.wait(CLAIM_WAIT_S):
+            raise RuntimeError(f'no answer to the claim of archive file {archive_id!r} in {CLAIM_WAIT_S:.0f} s')
+        if claim.error is not None:
+            raise claim.error  # the database failed while the batch was made: as if this thread had made it
+        return claim.found if claim.found is not None else Found()  # not settled: looked at again later
+
+    def _make_claims(self) -> None:
+        """Make the claims waiting, batch after batch, until none is left (then the next caller leads)."""
+        while True:
+            with self._claims_lock:
+                batch, self._claims = self._claims, []
+                if not batch:
+                    self._claiming = False
+                    return
+            try:
+                self._claim_batch(batch)
+            except Exception as exc:  # pylint: disable=broad-except  # handed to each caller, raised there
+                for claim in batch:
+                    claim.error = exc
+            for claim in batch:
+                claim.done.set()
+
+    def _claim_batch(self, batch: Sequence[_Claim]) -> None:
+        """Settle each claim: the entry is ready, or ours to fetch, or another download's. No transaction is
+        held across the rounds, so every read sees what the others committed (see CLAIM_TRIES)."""
+        until = _lease_from_now(self.lease_s)
+        with database.connection():
+            for _ in range(CLAIM_TRIES):
+                open_claims = [claim for claim in batch if claim.found is None]
+                if not open_claims:
+                    return
+                keys = [claim.entry.cache_key for claim in open_claims]
+                entries = staged_files_by_keys(keys)
+                if any(key not in entries for key in keys):
+                    insert_staged_files([claim.entry for claim in open_claims if claim.entry.cache_key not in entries],
+                                        until)
+                    entries = staged_files_by_keys(keys)
+                for claim in open_claims:
+                    claim.found = self._settle(claim, entries.get(claim.entry.cache_key), until)
+
+    def _settle(self, claim: _Claim, entry: Optional[StagedFile], until: datetime.datetime) -> Optional[Found]:
+        """What the entry found for a claim's key means for it; None when it is to be looked at again (the
+        entry was removed meanwhile, or another process took over its lease first)."""
+        if entry is None:
+            return None
+        if entry.state == StagedFileState.READY.value:
+            return Found(ready=entry)
+        if entry.lease_owner == claim.entry.owner:
+            return Found(lease=Lease(entry.id, claim.entry.owner, until, self.lease_s))
+        if entry.lease_until is not None and entry.lease_until > now():
+            return Found()
+        if take_over_staged_file(entry, claim.entry.owner, until):
+            LOGGER.info('staged file %d (%s): the lease of its fetch ran out; fetching it again', entry.id,
+                        entry.archive_id)
+            return Found(lease=Lease(entry.id, claim.entry.owner, until, self.lease_s))
+        return None
+
+    @staticmethod
+    def known_to_match(files: Sequence[File]) -> Dict[int, StagedFile]:
+        """File id -> the ready entry of the file's archive id whose digest on record is the file's own
+        hashsum (for its hashtype), for the files that have one: a few indexed queries for them all.
+
+        Such an entry's bytes are the very bytes the cart asked for, whatever the archive holds now, so
+        they are linked without asking the archive anything. Files without one (not cached, cached with
+        other bytes, or with no digest on record for their algorithm) go the way of every file: the
+        archive's status, then the entry of that archive id, size and mtime.
+        """
+        entries: Dict[str, List[StagedFile]] = {}
+        for entry in ready_entries_of(str(file.file_name) for file in files):
+            entries.setdefault(str(entry.archive_id), []).append(entry)
+        matched: Dict[int, StagedFile] = {}
+        for file in files:
+            wanted = (str(file.hash_type).lower(), str(file.hash_value).lower())
+            candidates = [entry for entry in entries.get(str(file.file_name), ())
+                          if json.loads(entry.digests or '{}').get(wanted[0]) == wanted[1]]
+            if candidates:
+                matched[file.id] = max(candidates, key=lambda entry: entry.id)  # the newest of the same bytes
+        return matched
 
     def path(self, entry_id: int) -> Path:
         """Where the entry's bytes are."""

@@ -29,13 +29,14 @@ from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, Ready
                   mark_transferring, pin_staged_files, place_file, staged_files_ready, tar_place)
 from .stagedfiles import StagedFiles
 from .tarlayout import member_region
-from .volume import CartVolume, copy_synced, hard_link
+from .volume import CartVolume, copy_synced, hard_link, link_whole
 
 LOGGER = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30.0  # how often a long download tells the reconciler it is alive
 FLUSH_FILES = 64  # staged files recorded per transaction at most
 FLUSH_SECONDS = 0.25  # and at least this often while files arrive
+LINKED_AT_ONCE = 512  # files linked from the staged-file cache recorded per transaction at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +141,15 @@ class Stager:
         if not files:
             self.bundler.finish(cart_id)
             return []
-        pool = self._thread_pool()
         log = AttemptLog(files)
+        if self.cache is not None:
+            try:
+                files = self._link_known(self.cache, cart, files, log)
+            except CartGone:
+                return []
+            if not files:
+                return []
+        pool = self._thread_pool()
         finished: 'queue.SimpleQueue[concurrent.futures.Future[StageOutcome]]' = queue.SimpleQueue()
         futures = [pool.submit(self._stage_in_thread, cart, file, log) for file in files]
         for future in futures:
@@ -188,6 +196,43 @@ class Stager:
             with database.atomic():
                 mark_recalling(cart.id, on_tape)
         return sorted(on_tape)
+
+    def _link_known(self, cache: StagedFiles, cart: Cart, files: Sequence[File], log: AttemptLog) -> List[File]:
+        """Link into the cart, in this thread, the files whose cached bytes are known to have the cart's
+        hash (StagedFiles.known_to_match: no request to the archive, no byte read), recorded staged
+        LINKED_AT_ONCE at a time; return the files left to stage the usual way.
+
+        Left to it: files without such an entry, an entry gone from the volume meanwhile (distrusted, so
+        no later cart tries it), and a bundle cart's large files, which are written into its tar.
+        """
+        matched = cache.known_to_match(files)
+        rest: List[File] = []
+        linked: List[StageOutcome] = []
+        made: Set[Path] = set()  # directories made in the cart so far
+        for file in files:
+            entry = matched.get(file.id)
+            if entry is None or (cart.bundle and int(entry.size or 0) > SMALL_FILE):
+                rest.append(file)
+                continue
+            final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
+            if final.parent not in made:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                made.add(final.parent)
+            if not link_whole(cache.path(entry.id), final, int(entry.size or 0)):
+                rest.append(file)  # gone, another filesystem, or a leftover at its name: the usual way sees to it
+                continue
+            LOGGER.debug('cart %s file %s: linked from staged file %d', cart.cart_uid, file.bundle_path, entry.id)
+            linked.append(StageOutcome(file.id, download=Download(int(entry.size or 0), entry.mtime),
+                                       attempts=log.attempts(file.id), staged_file_id=entry.id, cache_hit=True))
+            if len(linked) >= LINKED_AT_ONCE:
+                self._record_staged(cart, linked)
+                linked = []
+        if linked:
+            self._record_staged(cart, linked)
+        if len(rest) < len(files):
+            LOGGER.info('cart %s: %d of %d files linked from the staged-file cache, their digests on record',
+                        cart.cart_uid, len(files) - len(rest), len(files))
+        return rest
 
     @staticmethod
     def _record_started(cart: Cart, log: AttemptLog, ended: Set[int]) -> None:
@@ -287,7 +332,7 @@ class Stager:
         assert status.size is not None
         found = cache.find_or_claim(str(file.file_name), status.size, status.mtime)
         if found.ready is not None:
-            linked = self._link_cached(cache, cart, file, found.ready, status, log)
+            linked = self._link_cached(cache, cart, file, found.ready, log)
             return linked if linked is not None else self._stage_alone(cart, file, status, log)
         lease = found.lease
         if lease is None:
@@ -306,7 +351,7 @@ class Stager:
         # before leaves the entry fetching until its lease runs out; then another download takes it over.
         return dataclasses.replace(outcome, staged_file_id=lease.entry_id, fetched=fetched)
 
-    def _link_cached(self, cache: StagedFiles, cart: Cart, file: File, entry: StagedFile, status: ArchiveStatus,
+    def _link_cached(self, cache: StagedFiles, cart: Cart, file: File, entry: StagedFile,
                      log: AttemptLog) -> Optional[StageOutcome]:
         """Link a ready entry into the cart if its bytes have the cart's hash; None (the entry distrusted) if not."""
         source = cache.path(entry.id)
@@ -331,8 +376,9 @@ class Stager:
         finally:
             partial.unlink(missing_ok=True)
         LOGGER.debug('cart %s file %s: linked from staged file %d', cart.cart_uid, file.bundle_path, entry.id)
-        return StageOutcome(file.id, download=Download(status.size or 0, status.mtime), attempts=log.attempts(file.id),
-                            staged_file_id=entry.id, cache_hit=True)
+        # The entry's size and mtime are the archive's when it was fetched (its key), as a download's would be.
+        return StageOutcome(file.id, download=Download(int(entry.size or 0), entry.mtime),
+                            attempts=log.attempts(file.id), staged_file_id=entry.id, cache_hit=True)
 
     def _link_or_reserve_copy(self, cart: Cart, file: File, source: Path, partial: Path) -> bool:
         """Make `partial` the cart's own name for the entry's bytes: a hard link (no room needed: it adds no
@@ -488,7 +534,7 @@ class Stager:
         try:
             with database.atomic():
                 fresh = mark_staged(rows)
-                release_files([outcome.file_id for outcome in outcomes])
+                release_files([outcome.file_id for outcome in outcomes if not outcome.cache_hit])  # a hit reserves none
                 pins = [(outcome.file_id, outcome.staged_file_id, outcome.cache_hit) for outcome in outcomes
                         if outcome.staged_file_id is not None]
                 if pins:

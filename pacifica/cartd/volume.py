@@ -175,6 +175,22 @@ def hard_link(source: Path, temporary: Path) -> bool:
     return False
 
 
+def link_whole(source: Path, target: Path, size: int) -> bool:
+    """Make `target` a hard link to `source`, a staged-file cache entry of `size` bytes, whole and verified;
+    False, leaving nothing, when `source` is gone, `target` exists, the volume cannot link there, or the
+    file is not of that size."""
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno in NO_LINK_ERRNOS or isinstance(exc, (FileNotFoundError, FileExistsError)):
+            return False
+        raise
+    if os.stat(target).st_size != size:
+        target.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def copy_synced(source: Path, temporary: Path) -> None:
     """Copy `source` to `temporary` with its times, fsynced (removed again if the copy fails)."""
     try:

@@ -172,6 +172,7 @@ class FakeArchive:
     files: Dict[str, bytes]
     media: Dict[str, str] = dataclasses.field(default_factory=dict)
     stage_calls: List[str] = dataclasses.field(default_factory=list)
+    status_calls: List[str] = dataclasses.field(default_factory=list)
     downloads: List[str] = dataclasses.field(default_factory=list)
     fail_downloads: int = 0
 
@@ -184,6 +185,7 @@ class FakeArchive:
         return None
 
     def status(self, archive_id: str) -> ArchiveStatus:
+        self.status_calls.append(archive_id)
         media = self.media.get(archive_id, 'disk')
         if media == 'no-headers':
             return ArchiveStatus('', None, None, '')
