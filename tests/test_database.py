@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import pathlib
 import threading
-from typing import Any, Iterator, List
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
-from pacifica.cartd import database, orm, schema
+from pacifica.cartd import database, eviction, orm, schema
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.errors import ConfigError, DatabaseUnavailable
 from pacifica.cartd.orm import DB
@@ -205,3 +206,88 @@ def test_a_failure_recorded_while_another_connection_records_the_download_starte
     assert raced == [1]
     assert (file.status, file.attempts) == ('error', 2)
     assert (cart.files_failed, cart.files_transferring) == (1, 0)
+
+
+def _committed_meanwhile(kind: str, write: Callable[[], Any]) -> None:
+    """Make `write` land between a transaction's read and its compare-and-set: committed from another
+    connection (another thread's) on PostgreSQL and MariaDB, in this one on SQLite, where the open
+    transaction holds the only writer's lock (BEGIN IMMEDIATE) and another connection would wait for it."""
+    if kind == 'sqlite':
+        write()
+        return
+
+    def other() -> None:
+        with database.connection(), database.atomic():
+            write()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize('kind', ['sqlite', 'postgres', 'mysql'])
+def test_an_eviction_that_loses_its_cart_to_a_download_claims_the_next_cart(
+        tmp_path: pathlib.Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """evict_one runs inside the reservation's transaction. A download marks the least recently used cart
+    used between the look-up and the claim, so the claim loses; the next round must claim the next cart.
+    On MariaDB a plain re-read in the same transaction sees the old snapshot: every round found the same
+    cart, lost on it, and nothing was evicted (the file failed for want of room)."""
+    with _synced(tmp_path, kind):
+        long_ago = orm.now().replace(microsecond=0) - datetime.timedelta(hours=2)
+        with database.atomic():
+            oldest, newer = (orm.Cart.create(cart_uid=uid, status='ready', updated_date=long_ago + age).id
+                             for uid, age in (('oldest', datetime.timedelta(0)), ('newer', datetime.timedelta(hours=1))))
+        real, raced = eviction.claim_eviction, []
+
+        def interleaved(cart: orm.Cart) -> bool:
+            if not raced:
+                raced.append(cart.id)
+                _committed_meanwhile(kind, lambda: orm.touch_cart(cart.id))
+            return real(cart)
+
+        monkeypatch.setattr(eviction, 'claim_eviction', interleaved)
+        with database.atomic():
+            database.serialize_writers()  # as SpaceKeeper.reserve does
+            victim = eviction.evict_one(0.0)
+        statuses = {cart.id: cart.status for cart in orm.Cart.select()}
+    assert raced == [oldest]
+    assert victim is not None and victim.cart is not None and victim.cart.id == newer
+    assert statuses == {oldest: 'ready', newer: 'deleted'}
+
+
+@pytest.mark.parametrize('kind', ['sqlite', 'postgres', 'mysql'])
+def test_an_eviction_that_loses_its_staged_file_to_a_cart_claims_the_next_entry(
+        tmp_path: pathlib.Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above for the staged-file cache: a cart pins the least recently used entry between the look-up
+    and the claim; the next round must claim the next entry, not lose on the first one again."""
+    with _synced(tmp_path, kind):
+        long_ago = orm.now().replace(microsecond=0) - datetime.timedelta(hours=2)
+        with database.atomic():
+            entries = []
+            for number in (1, 2):
+                owner = f'owner{number}'
+                entry = orm.insert_staged_file(f'{number:064d}', f'archive/{number}', 10, None, owner, orm.now())
+                assert entry is not None
+                orm.staged_files_ready([orm.ReadyEntry(entry.id, owner, '{}')])
+                orm.StagedFile.update(last_used=long_ago + datetime.timedelta(hours=number)).where(
+                    orm.StagedFile.id == entry.id).execute()
+                entries.append(entry.id)
+            cart_id, (file_id,) = orm.insert_cart('pinning', False, [('archive/1', 'p/a', 'sha1', 'a' * 40)], 0)
+        first, second = entries
+        real, raced = eviction.claim_entry_removal, []
+
+        def interleaved(entry: orm.StagedFile) -> bool:
+            if not raced:
+                raced.append(entry.id)
+                _committed_meanwhile(kind, lambda: orm.pin_staged_files([(file_id, entry.id, True)]))
+            return real(entry)
+
+        monkeypatch.setattr(eviction, 'claim_entry_removal', interleaved)
+        with database.atomic():
+            database.serialize_writers()
+            victim = eviction.evict_one(0.0, shared=True)
+        left = [entry.id for entry in orm.StagedFile.select()]
+    assert raced == [first]
+    assert victim is not None and victim.entry is not None and victim.entry.id == second
+    assert left == [first]

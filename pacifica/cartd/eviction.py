@@ -176,16 +176,24 @@ def evict_one(lru_buffer_time: float, shared: bool = False,
     links), so it needs no such window; and, given `frees`, only an entry whose removal frees bytes
     (no cart, such as a failed one, still holds a link to them: removing it would free nothing).
     Claimed by compare-and-set, so two processes never evict the same cart or entry twice.
+
+    A claim lost means its cart or entry was used, pinned or removed since it was found: it may not go
+    now, and the next round passes over it. Not a re-read of it: this runs in the reservation's
+    transaction, whose plain reads on MySQL (REPEATABLE READ) keep showing the snapshot it began with,
+    so every round found the same one and lost; and a locking read would not do (it locks every row it
+    scans, and its EXISTS of the pins still reads the snapshot).
     """
     protect = max(lru_buffer_time, IN_USE_WINDOW_S)
     cutoff = now() - datetime.timedelta(seconds=protect)
     lost = []
+    lost_carts: List[int] = []
+    lost_entries: List[int] = []
     for _ in range(CLAIM_ATTEMPTS):
-        candidate = oldest_evictable(cutoff)
+        candidate = oldest_evictable(cutoff, skipping=lost_carts)
         expired = candidate is not None and candidate.status == CartStatus.READY.value and (
             candidate.expires_date is not None and candidate.expires_date <= now())
-        entry = oldest_unpinned_entry() if shared and not expired else None
-        held: List[int] = []
+        held: List[int] = list(lost_entries)
+        entry = oldest_unpinned_entry(skipping=held) if shared and not expired else None
         while entry is not None and frees is not None and not frees(entry) and len(held) < ENTRIES_LOOKED_AT:
             held.append(entry.id)
             entry = oldest_unpinned_entry(skipping=held)
@@ -193,11 +201,13 @@ def evict_one(lru_buffer_time: float, shared: bool = False,
             if claim_entry_removal(entry):
                 return Victim(entry=entry)
             lost.append(f'staged file {entry.id}')
+            lost_entries.append(entry.id)
             continue
         if candidate is None:
             return None
         if claim_eviction(candidate):
             return Victim(cart=candidate)
+        lost_carts.append(candidate.id)
         lost.append(f'{candidate.cart_uid} (id {candidate.id}, {candidate.status}, used {candidate.updated_date})')
     LOGGER.warning('nothing evicted: %d claims in a row lost, the last on %s', len(lost), lost[-1])
     return None

@@ -706,8 +706,9 @@ def delete_cart_rows(cart_id: int) -> None:
     Cart.delete().where(Cart.id == cart_id).execute()
 
 
-def oldest_evictable(used_before: datetime.datetime) -> Optional[Cart]:
-    """The cart whose files go first, if it was last used before `used_before` (one ordered query).
+def oldest_evictable(used_before: datetime.datetime, skipping: Sequence[int] = ()) -> Optional[Cart]:
+    """The cart whose files go first, if it was last used before `used_before` (one ordered query; not one
+    of `skipping`).
 
     First the ready carts past their lifetime (the workers' sweep would remove them anyway),
     then the failed carts that still have staged files on the volume (deleted_date not set),
@@ -717,12 +718,13 @@ def oldest_evictable(used_before: datetime.datetime) -> Optional[Cart]:
     moment = now()
     first = Case(None, [((Cart.status == CartStatus.READY.value) & (Cart.expires_date <= moment), 0),
                         (Cart.status == CartStatus.ERROR.value, 1)], 2)
+    where = (((Cart.status == CartStatus.READY.value)
+              | ((Cart.status == CartStatus.ERROR.value) & (Cart.files_staged > 0) & Cart.deleted_date.is_null()))
+             & (Cart.updated_date < used_before))
+    if skipping:
+        where &= Cart.id.not_in(list(skipping))
     return (Cart.select(Cart.id, Cart.cart_uid, Cart.status, Cart.updated_date, Cart.expires_date)
-            .where(((Cart.status == CartStatus.READY.value)
-                    | ((Cart.status == CartStatus.ERROR.value) & (Cart.files_staged > 0)
-                       & Cart.deleted_date.is_null()))
-                   & (Cart.updated_date < used_before))
-            .order_by(first, Cart.updated_date, Cart.id).first())
+            .where(where).order_by(first, Cart.updated_date, Cart.id).first())
 
 
 def expired_unused(moment: datetime.datetime, used_before: datetime.datetime, limit: int) -> List[Cart]:

@@ -29,6 +29,10 @@ LOGGER = logging.getLogger(__name__)
 # the next cart that asks (a second download, never a wrong file: only the lease's owner publishes).
 LEASE_S = 30.0
 RENEW_S = 10.0  # how often a download under way moves its lease on
+# The loops below re-read after a lost compare-and-set with no transaction open (a staging thread's own
+# connection, in autocommit; purge's rounds are a transaction each), so on MySQL too each re-read is a
+# statement of its own that sees the latest row: none needs a locking read. Inside a caller's transaction
+# a plain re-read would keep showing its snapshot there (REPEATABLE READ) and every round would lose.
 CLAIM_TRIES = 5  # rounds of look-up and claim when other processes keep winning
 CLAIM_WAIT_S = 300.0  # a claim made by another thread of the process is answered within this, or it fails
 DIGEST_TRIES = 5  # rounds of recording a digest when other processes record theirs at once
