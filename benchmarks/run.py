@@ -25,14 +25,20 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from cartbench import client, limits
-from cartbench.harness import (add_stack_options, bounded_run, cart_version, check_stack_options, chosen_workloads,
-                               load_average, log, start_archive, start_ours, start_reference, wait_idle)
+from cartbench.harness import (ArchiveRequests, add_stack_options, bounded_run, cart_version, check_stack_options,
+                               chosen_workloads, load_average, log, start_archive, start_ours, start_reference,
+                               wait_idle)
 from cartbench.data import KiB, MiB, ArchiveFile, DataWriter, expected, total_bytes
 from cartbench.rss import CpuWatch, RssSampler, cpu_delta, cpu_snapshot, rss_bytes
 from cartbench.stacks import Nginx, OurStack, ReferenceStack, find_nginx
 from cartd_testkit.archive import ArchiveServer
 
-WORKLOADS = ('small', 'many', 'large', 'concurrent', 'polling', 'memory')
+WORKLOADS = ('small', 'many', 'large', 'concurrent', 'polling', 'memory', 'stageonce')
+SHARE_SETTING = 'cartd.share_staged_files=on'  # the stageonce workload's stack of ours
+# Issue 14's targets: for 40 files of 4 MiB, a cart whose files are all cached this many times faster than the
+# first cart; a cart of 20,000 files already cached ready in under this many seconds.
+STAGEONCE_TARGET = (5.0, (40, 4 * MiB))
+STAGEONCE_MANY_TARGET_S = (5.0, 20000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +52,14 @@ class Scale:
     concurrent: Tuple[int, int, int]  # carts, files per cart, bytes each
     poll_seconds: float
     floor_files: int                  # files for the archive's per-file floor
+    stageonce: Tuple[int, int]        # files of each stageonce cart, bytes each
 
 
 SCALES = {
     'full': Scale(small=(1000, 4 * KiB), many=(20000, KiB), large=(8, 256 * MiB), big=(16, 256 * MiB),
-                  concurrent=(20, 50, 64 * KiB), poll_seconds=5, floor_files=2000),
+                  concurrent=(20, 50, 64 * KiB), poll_seconds=5, floor_files=2000, stageonce=(40, 4 * MiB)),
     'small': Scale(small=(200, 4 * KiB), many=(2000, KiB), large=(8, 16 * MiB), big=(16, 16 * MiB),
-                   concurrent=(20, 10, 64 * KiB), poll_seconds=2, floor_files=500),
+                   concurrent=(20, 10, 64 * KiB), poll_seconds=2, floor_files=500, stageonce=(16, MiB)),
 }
 
 
@@ -152,6 +159,7 @@ class Bench:
         self.floor: Optional[Tuple[float, int]] = None
         self.nginx_rate: Optional[Tuple[limits.Rate, limits.Rate]] = None
         self.large_outcomes: Optional[Tuple[Outcome, Optional[Outcome]]] = None
+        self.requests: Optional[ArchiveRequests] = None  # the archive's requests, counted for stageonce
 
     # ---- set-up ----------------------------------------------------------------------
 
@@ -167,6 +175,11 @@ class Bench:
         if 'memory' in workloads:
             archive += (scale.big[0] - scale.large[0]) * scale.big[1]
             biggest = max(biggest, scale.big[0] * scale.big[1])
+        if 'stageonce' in workloads:
+            count, size = scale.stageonce
+            archive += (count + count - count // 2) * size
+            # the cache's bytes stay on the volume after its carts are deleted (a hard link each)
+            biggest = max(biggest, (count + count - count // 2) * size + scale.many[0] * 4096)
         need = archive + int(biggest * 1.1) + (1 << 30)
         free = shutil.disk_usage(self.base).free
         log(f'disk: {free / (1 << 30):.1f} GiB free under {self.base}, about {need / (1 << 30):.1f} GiB needed')
@@ -174,9 +187,12 @@ class Bench:
             raise SystemExit(f'not enough disk space under {self.base}: {free / (1 << 30):.1f} GiB free, '
                              f'{need / (1 << 30):.1f} GiB needed (use --scale small or --tmpdir)')
 
-    def start_archive(self) -> ArchiveServer:
-        """The real archive interface, gunicorn with 4 sync workers."""
-        self.archive = start_archive(self.base, self.args.archive_workers, self.cleanup)
+    def start_archive(self, workloads: Sequence[str]) -> ArchiveServer:
+        """The real archive interface, gunicorn with 4 sync workers (with an access log for stageonce's counts)."""
+        access_log = self.base / 'archive-access.log' if 'stageonce' in workloads else None
+        self.archive = start_archive(self.base, self.args.archive_workers, self.cleanup, access_log=access_log)
+        if access_log is not None:
+            self.requests = ArchiveRequests(access_log)
         return self.archive
 
     def make_data(self, workloads: Sequence[str]) -> None:
@@ -187,8 +203,9 @@ class Bench:
         started = time.monotonic()
         if 'small' in workloads:
             self.sets['small'] = writer.small_files('s', *scale.small)
-        if 'many' in workloads or not self.args.no_limits:
-            count = scale.many[0] if 'many' in workloads else scale.floor_files
+        whole_many = 'many' in workloads or 'stageonce' in workloads  # stageonce asks for the same files again
+        if whole_many or not self.args.no_limits:
+            count = scale.many[0] if whole_many else scale.floor_files
             self.sets['many'] = writer.small_files('m', count, scale.many[1])
         if 'large' in workloads or 'memory' in workloads:
             self.sets['large'] = writer.large_files('L', *scale.large)
@@ -201,6 +218,10 @@ class Bench:
             self.sets['concurrent'] = files
         if 'polling' in workloads:
             self.sets['polling'] = writer.small_files('p', 10, 4 * KiB)
+        if 'stageonce' in workloads:
+            count, size = scale.stageonce
+            self.sets['stageonce'] = writer.small_files('o', count, size)
+            self.sets['stageonce-new'] = writer.small_files('n', count - count // 2, size)
         total = sum(total_bytes(files) for name, files in self.sets.items() if name != 'big')
         total += total_bytes(self.sets.get('big', [])[scale.large[0]:])
         log(f'wrote {total / 1e6:,.0f} MB into the archive in {time.monotonic() - started:.1f} s')
@@ -652,6 +673,109 @@ class Bench:
         self.row('memory', f'{size_text(total_bytes(files))} cart: POST to ready / download', ours, ref,
                  lambda o: f'{secs(o.ready or 0)} / {o.mb_per_s or 0:,.0f} MB/s', '', '')
 
+    def start_sharing(self) -> OurStack:
+        """A second stack of ours for stageonce: the same settings plus share_staged_files, a fresh database and
+        volume (so its cache starts empty and the other workloads keep measuring the default)."""
+        assert self.archive is not None
+        args = argparse.Namespace(**vars(self.args))
+        args.set = [*self.args.set, SHARE_SETTING]
+        return start_ours(args, self.base / 'ours-stageonce', self.archive, self.cleanup)
+
+    def counted_cart(self, workload: str, side: Any, files: Sequence[ArchiveFile]) -> Outcome:
+        """one_cart, with the archive's requests during it (POST to DELETE) in extra['archive']."""
+        if self.requests is not None:
+            self.requests.mark()
+        outcome = self.one_cart(workload, side, files)
+        if self.requests is not None:
+            outcome.extra['archive'] = self.requests.since_mark()
+        return outcome
+
+    @staticmethod
+    def archive_text(outcome: Outcome) -> str:
+        """'archive 40 GET, 40 HEAD': the archive's requests during a cart, when they were counted."""
+        counts = outcome.extra.get('archive')
+        if counts is None:
+            return ''
+        order = ['GET', 'HEAD', 'POST'] + sorted(set(counts) - {'GET', 'HEAD', 'POST', 'error'}) + ['error']
+        shown = [f'{counts[method]:,} {method}' for method in order if counts.get(method)]
+        return f'archive {", ".join(shown) or "no requests"}'
+
+    def stageonce_phase(self, title: str, ours: Outcome, ref: Optional[Outcome], files: int, note: str = '',
+                        ref_absent: str = '') -> None:
+        """One phase's line (ours, 0.7.0, the ratio, a note) and its table row."""
+        def text(outcome: Outcome) -> str:
+            counted = self.archive_text(outcome)
+            return f'{secs(outcome.ready or 0)} ready / {secs(outcome.done or 0)} download' + \
+                (f' ({counted})' if counted else '')
+
+        def cell(outcome: Outcome) -> str:
+            counted = self.archive_text(outcome)
+            return f'{secs(outcome.ready or 0)} / {secs(outcome.done or 0)}' + (f' ({counted})' if counted else '')
+
+        times = '-'
+        if ref is not None and ours.usable and ref.usable:
+            times = f'{ratio(ref.ready, ours.ready)} / {ratio(ref.done, ours.done)}'
+        elif ref is not None and ref.deadline is not None and ours.usable:
+            times = ratio(ref.deadline, ours.ready, more=True)
+        parts = [f'{title}: ours ' + self.describe(ours, text, files)]
+        if ref is not None:
+            parts += ['0.7.0 ' + self.describe(ref, text, files), f'ratio {times}']
+        elif ref_absent:
+            parts.append(f'0.7.0 {ref_absent}')
+        if note:
+            parts.append(note)
+        self.report.line('stageonce', ' | '.join(parts))
+        self.report.row('stageonce', f'{title}: POST to ready / last byte', self.describe(ours, cell, files),
+                        self.describe(ref, cell, files) if ref is not None else ref_absent,
+                        times if times == '-' else times + ' faster', note)
+
+    def w_stageonce(self) -> None:
+        """Stage once (issue 14): a first cart, the same files again, half of them again; and the many files again.
+
+        Ours runs on its own stack with share_staged_files on; 0.7.0 (no cache) stages every cart anew.
+        """
+        count, size = self.scale.stageonce
+        first = self.sets['stageonce']
+        new = self.sets['stageonce-new']
+        half = first[:count // 2] + new
+        many = self.sets['many']
+        ref_side = self.sides[1] if len(self.sides) > 1 else None
+        label = f'{count} x {size_text(size)}'
+        sharing = self.start_sharing()
+        try:
+            outcomes: Dict[str, Outcome] = {}
+            for phase, files, title in (('first', first, f'{label}, first cart'),
+                                        ('again', first, f'{label}, the same files again'),
+                                        ('half', half, f'{label}, {count // 2} of them again + {len(new)} new')):
+                ours = self.counted_cart(f'stageonce-{phase}', sharing, files)
+                ref = self.counted_cart(f'stageonce-{phase}', ref_side, files) if ref_side is not None else None
+                outcomes[phase] = ours
+                note = ''
+                if phase == 'again' and ours.usable and outcomes['first'].usable:
+                    times, (files_at, size_at) = STAGEONCE_TARGET
+                    note = (f'ours vs its first cart {ratio(outcomes["first"].ready, ours.ready)} ready, '
+                            f'{ratio(outcomes["first"].done, ours.done)} to the last byte (target {times:g}x '
+                            f'ready at {files_at} x {size_text(size_at)}')
+                    if (count, size) == (files_at, size_at):
+                        held = (outcomes['first'].ready or 0) >= times * (ours.ready or 0)
+                        note += ': held' if held else ': not held'
+                    note += ')'
+                self.stageonce_phase(title, ours, ref, len(files), note)
+            many_label = f'{len(many):,} x {size_text(many[0].size)}'
+            ours = self.counted_cart('stageonce-many-first', sharing, many)
+            self.stageonce_phase(f'{many_label}, first cart (fills the cache)', ours, None, len(many),
+                                 ref_absent='not run (without a cache its cart is the next one)'
+                                 if ref_side is not None else '')
+            ours = self.counted_cart('stageonce-many-again', sharing, many)
+            ref = self.counted_cart('stageonce-many-again', ref_side, many) if ref_side is not None else None
+            limit_s, files_at = STAGEONCE_MANY_TARGET_S
+            note = f'target ready under {limit_s:g} s at {files_at:,} files'
+            if ours.usable and len(many) == files_at:
+                note += ': held' if (ours.ready or 0) < limit_s else ': not held'
+            self.stageonce_phase(f'{many_label}, the same files again', ours, ref, len(many), note)
+        finally:
+            sharing.stop()
+
     # ---- the table -------------------------------------------------------------------
 
     def row(self, workload: str, figure: str, ours: Outcome, ref: Optional[Outcome], cell: Callable[[Outcome], str],
@@ -702,7 +826,7 @@ class Bench:
         self.check_disk(workloads)
         if self.args.wait_idle:
             wait_idle(self.args.wait_idle)
-        self.start_archive()
+        self.start_archive(workloads)
         self.make_data(workloads)
         self.sides.append(self.start_ours())
         if self.args.compare:
@@ -733,11 +857,16 @@ class Bench:
     def header(self, workloads: Sequence[str]) -> str:
         """What ran where."""
         settings = ''.join(', ' + item for item in self.args.set + self.args.cpconfig_set)
+        sharing = ''
+        if 'stageonce' in workloads:
+            sharing = (f'; stageonce on a second stack of ours, the same plus {SHARE_SETTING} (the other workloads: '
+                       f'{"as set above" if "share_staged_files" in settings else "the default, off"}), and '
+                       f'the archive\'s access log on to count its requests')
         return (f'# pacifica-cartd {cart_version()} ({self.args.database}, {self.args.workers} worker(s) x '
                 f'concurrency {self.args.concurrency}{settings})'
                 f'{" vs 0.7.0 (MariaDB)" if self.args.compare else ""}; archive interface 0.4.2 under gunicorn '
                 f'x{self.args.archive_workers}; scale {self.args.scale}; hash {self.args.hashtype}; '
-                f'{os.cpu_count()} CPUs, load {load_average()}; workloads {",".join(workloads)}')
+                f'{os.cpu_count()} CPUs, load {load_average()}; workloads {",".join(workloads)}{sharing}')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -99,13 +99,56 @@ def cpconfig_overrides(items: List[str]) -> Dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in (item.partition('=') for item in items)}
 
 
-def start_archive(base: pathlib.Path, workers: int, cleanup: contextlib.ExitStack) -> ArchiveServer:
-    """The real archive interface (POSIX backend) under gunicorn with `workers` sync workers."""
-    archive = ArchiveServer(base / 'archive', workers=workers)
+def start_archive(base: pathlib.Path, workers: int, cleanup: contextlib.ExitStack,
+                  access_log: Optional[pathlib.Path] = None) -> ArchiveServer:
+    """The real archive interface (POSIX backend) under gunicorn with `workers` sync workers.
+
+    With `access_log`, gunicorn writes one line per request there (`ArchiveRequests` counts them).
+    """
+    extra = [] if access_log is None else ['--access-logfile', str(access_log),
+                                           '--access-logformat', ACCESS_LOG_FORMAT]
+    archive = ArchiveServer(base / 'archive', workers=workers, extra_args=extra)
     cleanup.callback(archive.stop)
-    log(f'starting the archive interface ({workers} gunicorn workers)')
+    log(f'starting the archive interface ({workers} gunicorn workers'
+        f'{", access log on" if access_log is not None else ""})')
     archive.start()
     return archive
+
+
+ACCESS_LOG_FORMAT = '%(m)s %(s)s %(U)s'  # method, status, path: all ArchiveRequests reads
+
+
+class ArchiveRequests:
+    """Counts the archive's requests per method from its gunicorn access log, from a mark on.
+
+    Gunicorn writes a request's line once it has answered it, so read the count after the work
+    whose requests it should hold is over (a cart ready and downloaded).
+    """
+
+    def __init__(self, path: pathlib.Path) -> None:
+        """Count the lines of `path` (it may not exist yet: gunicorn makes it)."""
+        self.path = path
+        self.offset = 0
+
+    def mark(self) -> None:
+        """Count from here on."""
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def since_mark(self) -> Dict[str, int]:
+        """Requests per method (and 'error' for answers of 400 and more) since the last mark."""
+        counts: Dict[str, int] = {}
+        if not self.path.exists():
+            return counts
+        with open(self.path, 'rb') as log_file:
+            log_file.seek(self.offset)
+            for line in log_file.read().decode('utf-8', 'replace').splitlines():
+                method, _, rest = line.partition(' ')
+                if not method:
+                    continue
+                counts[method] = counts.get(method, 0) + 1
+                if rest[:3].isdigit() and int(rest[:3]) >= 400:
+                    counts['error'] = counts.get('error', 0) + 1
+        return counts
 
 
 def start_ours(args: argparse.Namespace, base: pathlib.Path, archive: ArchiveServer,
