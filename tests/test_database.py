@@ -267,8 +267,9 @@ def test_an_eviction_that_loses_its_staged_file_to_a_cart_claims_the_next_entry(
             entries = []
             for number in (1, 2):
                 owner = f'owner{number}'
-                entry = orm.insert_staged_file(f'{number:064d}', f'archive/{number}', 10, None, owner, orm.now())
-                assert entry is not None
+                key = f'{number:064d}'
+                orm.insert_staged_files([orm.NewEntry(key, f'archive/{number}', 10, None, owner)], orm.now())
+                entry = orm.staged_files_by_keys([key])[key]
                 orm.staged_files_ready([orm.ReadyEntry(entry.id, owner, '{}')])
                 orm.StagedFile.update(last_used=long_ago + datetime.timedelta(hours=number)).where(
                     orm.StagedFile.id == entry.id).execute()

@@ -46,8 +46,8 @@ def _fileids(datas: Dict[str, bytes], hashtype: str = 'sha1', wrong: str = '') -
             for archive_id, data in datas.items()]
 
 
-def _ready(stack: CartStack, uid: str, fileids: List[Dict[str, str]]) -> None:
-    assert stack.post(uid, fileids).status_code == 201
+def _ready(stack: CartStack, uid: str, fileids: List[Dict[str, str]], **extra: object) -> None:
+    assert stack.post(uid, fileids, **extra).status_code == 201
     final = stack.wait_final(uid)
     assert final.headers['X-Pacifica-Status'] == 'ready', f'{final.headers}\n{stack.logs()}'
 
@@ -79,13 +79,16 @@ def _entry_states(archive_id: str) -> List[str]:
             .order_by(StagedFile.id)]
 
 
+@pytest.mark.parametrize('bundle', [False, True], ids=['files', 'bundle'])
 def test_a_second_cart_of_the_same_files_asks_the_archive_for_no_bytes(stack: CartStack, proxy: FaultProxy,
-                                                                       uid: str) -> None:
+                                                                       uid: str, bundle: bool) -> None:
+    """Files linked from the cache; or with `bundle`, copied from it into each cart's tar (the two larger
+    files are written into the tar in place)."""
     datas = _put(stack, uid)
-    _ready(stack, f'{uid}-a', _fileids(datas))
+    _ready(stack, f'{uid}-a', _fileids(datas), bundle=bundle)
     assert _gets(proxy, datas) == {archive_id: 1 for archive_id in datas}
     asked = {archive_id: proxy.counts(archive_id) for archive_id in datas}
-    _ready(stack, f'{uid}-b', _fileids(datas))
+    _ready(stack, f'{uid}-b', _fileids(datas), bundle=bundle)
     assert _gets(proxy, datas) == {archive_id: 1 for archive_id in datas}, 'the second cart downloaded again'
     # Its hashes are on record: the archive was not even asked for the files' status.
     assert {archive_id: proxy.counts(archive_id) for archive_id in datas} == asked
@@ -95,7 +98,7 @@ def test_a_second_cart_of_the_same_files_asks_the_archive_for_no_bytes(stack: Ca
     # Deleting the first cart removes its links only: the second one's download keeps every byte.
     assert stack.delete(f'{uid}-a').status_code == 200
     assert _tar(stack, f'{uid}-b', datas) == _expected(datas)
-    _ready(stack, f'{uid}-c', _fileids(datas))  # and the cache still serves the next cart
+    _ready(stack, f'{uid}-c', _fileids(datas), bundle=bundle)  # and the cache still serves the next cart
     assert _gets(proxy, datas) == {archive_id: 1 for archive_id in datas}
     assert _tar(stack, f'{uid}-c', datas) == _expected(datas)
 

@@ -549,3 +549,70 @@ def test_an_entry_whose_bytes_a_failed_cart_still_links_is_passed_over_for_the_c
         taken.add(victim.entry.archive_id)
     assert taken == set(DATA) and not _entries()
     assert evict_one(0, shared=True, frees=frees) is None
+
+
+BIG = 300 * 1024  # over SMALL_FILE: a bundle cart writes it into its tar in place
+
+
+def _bundle_members(service: CartService, cart: Cart) -> Dict[str, bytes]:
+    import tarfile  # pylint: disable=import-outside-toplevel
+    with tarfile.open(service.volume.tar_path(cart.id, cart.cart_uid), mode='r:') as archive:
+        return {member.name.split('/', 1)[1]: archive.extractfile(member).read()  # type: ignore[union-attr]
+                for member in archive.getmembers() if member.isfile()}
+
+
+def test_a_bundle_carts_large_files_are_staged_once_and_copied_into_its_tar(tmp_path: pathlib.Path,
+                                                                           cleanup: contextlib.ExitStack) -> None:
+    """In place (a bundle cart's large files): the first cart's download is the entry, its tar gets a copy;
+    a later cart's tar is copied from the entry, without asking the archive (digests on record) or after
+    its status (another algorithm, computed from the entry once); a wrong hash fails as without the cache.
+    A ready bundle cart serves every byte from its tar: it pins nothing."""
+    datas = {'big/0': os.urandom(BIG), 'big/1': os.urandom(BIG + 7), 'small': os.urandom(1000)}
+    service = sqlite_service(tmp_path, datas, cleanup, SHARE_STAGED_FILES='on')
+    archive = _archive(service)
+
+    def cart(uid: str, hashtype: str = 'sha1', wrong: str = '') -> Cart:
+        fileids = [{'id': archive_id, 'path': f'data/{archive_id.replace("/", "_")}', 'hashtype': hashtype,
+                    'hashsum': hashlib.new(hashtype, b'other bytes' if archive_id == wrong else data).hexdigest()}
+                   for archive_id, data in datas.items()]
+        assert isinstance(service.queue, FakeQueue)
+        cart_id = service.create_cart(uid, {'fileids': fileids, 'bundle': True})
+        run_queue(service, service.queue)
+        return Cart.get_by_id(cart_id)
+
+    expected = {f'data/{archive_id.replace("/", "_")}': data for archive_id, data in datas.items()}
+    first = cart('first')
+    assert first.status == 'ready' and _bundle_members(service, first) == expected
+    entries = {entry.archive_id: entry for entry in StagedFile.select()}
+    assert set(entries) == set(datas) and {entry.state for entry in entries.values()} == {'ready'}
+    assert all(service.volume.staged_file_path(entry.id).read_bytes() == datas[archive_id]
+               for archive_id, entry in entries.items())
+    assert sorted(path.name for path in service.volume.cart_dir(first.id).iterdir()) == ['first.tar']
+    assert sorted(archive.downloads) == sorted(datas) and sorted(archive.status_calls) == sorted(datas)
+
+    second = cart('second')
+    assert second.status == 'ready' and _bundle_members(service, second) == expected
+    assert len(archive.downloads) == len(datas) and len(archive.status_calls) == len(datas)
+    assert {file.staged_file_id for file in File.select().where(File.cart == second.id)} == {
+        entry.id for entry in entries.values()}
+    md5 = cart('md5', 'md5')
+    assert md5.status == 'ready' and _bundle_members(service, md5) == expected
+    assert len(archive.downloads) == len(datas) and len(archive.status_calls) == 2 * len(datas)
+    assert json.loads(StagedFile.get_by_id(entries['big/0'].id).digests) == {
+        'sha1': hashlib.sha1(datas['big/0']).hexdigest(), 'md5': hashlib.md5(datas['big/0']).hexdigest()}
+
+    bad = cart('bad', wrong='big/1')
+    assert bad.status == 'error' and 'File hash does not match provided hash' in bad.error
+    assert archive.downloads[len(datas):] == ['big/1', 'big/1']  # its own download and the second chance
+    assert StagedFile.get_by_id(entries['big/1'].id).state == 'untrusted'
+
+    # Every cart here is a ready bundle (or a failed) one: nothing is pinned, each entry may go.
+    taken = set()
+    for _ in range(len(datas) + 1):
+        victim = evict_one(0, shared=True)
+        if victim is None or victim.entry is None:
+            break
+        victim.remove(service.volume)
+        taken.add(victim.entry.archive_id)
+    assert taken == set(datas)
+    assert _bundle_members(service, second) == expected  # its tar has every byte

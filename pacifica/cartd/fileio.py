@@ -32,6 +32,22 @@ def copy_range(source_fd: int, dest_fd: int, offset: int, length: int) -> None:
         remaining -= copied
 
 
+def copy_into_region(source: Path, target: Path, offset: int, length: int) -> None:
+    """Copy the first `length` bytes of `source` into the existing file `target` at `offset`, in the kernel,
+    and fsync it; OSError when `source` is shorter."""
+    source_fd = os.open(source, os.O_RDONLY)
+    try:
+        target_fd = os.open(target, os.O_WRONLY)
+        try:
+            os.lseek(target_fd, offset, os.SEEK_SET)
+            copy_range(source_fd, target_fd, 0, length)
+            os.fsync(target_fd)
+        finally:
+            os.close(target_fd)
+    finally:
+        os.close(source_fd)
+
+
 @contextlib.contextmanager
 def locked_region(path: Path, offset: int, length: int) -> Iterator[None]:
     """Hold an exclusive lock on bytes [offset, offset+length) of `path` (created if missing).

@@ -980,14 +980,17 @@ def pin_staged_files(pins: Sequence[Tuple[int, int, bool]]) -> None:
         bump_counters({(CACHE_HITS, ''): sum(hits.values())})
 
 
-# A cart in one of these states pins the entries its files were served from. A failed cart does not: it
-# can never be downloaded, and its own links keep the bytes it has until its files are evicted.
-PINNING_STATUSES = ACTIVE_STATUSES + (CartStatus.READY.value,)
+# A cart in one of these states pins the entries its files were served from, and a ready cart that is not a
+# bundle one (its files are served from their links). A failed cart does not: it can never be downloaded,
+# and its own links keep the bytes it has until its files are evicted. Nor does a ready bundle cart: every
+# byte it serves is in its tar.
 
 
 def _unpinned() -> Any:
+    not_bundle = Cart.bundle.is_null() | (Cart.bundle == False)  # noqa: E712  (SQL, not Python)
+    pinning = Cart.status.in_(ACTIVE_STATUSES) | ((Cart.status == CartStatus.READY.value) & not_bundle)
     pinned = (File.select(File.id).join(Cart, on=(File.cart == Cart.id))
-              .where((File.staged_file_id == StagedFile.id) & Cart.status.in_(PINNING_STATUSES)))
+              .where((File.staged_file_id == StagedFile.id) & pinning))
     return ~fn.EXISTS(pinned)
 
 

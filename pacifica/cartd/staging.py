@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import database
 from .archive import MEDIA_ERROR, ArchiveClient, ArchiveStatus, Download
@@ -20,14 +20,14 @@ from .config import Settings
 from .errors import ArchiveFileMissing, ArchiveMediaError, CartGone, FileStageError, HashMismatch, NoSpace
 from .events import ERROR
 from .eviction import SMALL_FILE, SpaceKeeper, release_files, track_partial
-from .fileio import locked_region
+from .fileio import copy_into_region, locked_region
 from .heartbeat import Heartbeat
 from .logcontext import about, settle
 from .orm import (LIVE_STATUSES, SKIP, Cart, CartStatus, File, FileStatus, ReadyEntry, StagedFile, cart_status,
                   count_files_staged, count_hash_mismatches, count_staged, count_staged_of_failed, fail_cart,
                   fail_file, files_to_stage, get_cart, get_file, grow_bundle, mark_recalling, mark_staged,
                   mark_transferring, pin_staged_files, place_file, staged_files_ready, tar_place)
-from .stagedfiles import StagedFiles
+from .stagedfiles import Lease, StagedFiles
 from .tarlayout import member_region
 from .volume import CartVolume, copy_synced, hard_link, link_whole
 
@@ -52,6 +52,7 @@ class StageOutcome:
     staged_file_id: Optional[int] = None  # the staged-file cache entry it was served from (its pin)
     cache_hit: bool = False  # linked from the cache, no download
     fetched: Optional[ReadyEntry] = None  # the cache entry it was fetched into, to mark ready when recorded
+    redo: bool = False  # nothing done: to be staged the usual way (a cached copy that could not be used)
 
 
 class AttemptLog:
@@ -142,16 +143,17 @@ class Stager:
             self.bundler.finish(cart_id)
             return []
         log = AttemptLog(files)
+        known: Dict[int, StagedFile] = {}
         if self.cache is not None:
             try:
-                files = self._link_known(self.cache, cart, files, log)
+                files, known = self._link_known(self.cache, cart, files, log)
             except CartGone:
                 return []
             if not files:
                 return []
         pool = self._thread_pool()
         finished: 'queue.SimpleQueue[concurrent.futures.Future[StageOutcome]]' = queue.SimpleQueue()
-        futures = [pool.submit(self._stage_in_thread, cart, file, log) for file in files]
+        futures = [pool.submit(self._stage_in_thread, cart, file, log, known.get(file.id)) for file in files]
         for future in futures:
             future.add_done_callback(finished.put)
         on_tape: Dict[int, Optional[int]] = {}
@@ -197,22 +199,27 @@ class Stager:
                 mark_recalling(cart.id, on_tape)
         return sorted(on_tape)
 
-    def _link_known(self, cache: StagedFiles, cart: Cart, files: Sequence[File], log: AttemptLog) -> List[File]:
+    def _link_known(self, cache: StagedFiles, cart: Cart, files: Sequence[File],
+                    log: AttemptLog) -> Tuple[List[File], Dict[int, StagedFile]]:
         """Link into the cart, in this thread, the files whose cached bytes are known to have the cart's
         hash (StagedFiles.known_to_match: no request to the archive, no byte read), recorded staged
-        LINKED_AT_ONCE at a time; return the files left to stage the usual way.
+        LINKED_AT_ONCE at a time; return the files left to the pool, and of those, the entries known to
+        match of a bundle cart's large files, which the pool copies into the cart's tar.
 
-        Left to it: files without such an entry, an entry gone from the volume meanwhile (distrusted, so
-        no later cart tries it), and a bundle cart's large files, which are written into its tar.
+        Left to the pool's usual way: files without such an entry, and an entry that is gone from the
+        volume, is not of its size, or cannot be linked there.
         """
         matched = cache.known_to_match(files)
         rest: List[File] = []
+        to_copy: Dict[int, StagedFile] = {}
         linked: List[StageOutcome] = []
         made: Set[Path] = set()  # directories made in the cart so far
         for file in files:
             entry = matched.get(file.id)
             if entry is None or (cart.bundle and int(entry.size or 0) > SMALL_FILE):
                 rest.append(file)
+                if entry is not None:
+                    to_copy[file.id] = entry
                 continue
             final = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
             if final.parent not in made:
@@ -232,7 +239,7 @@ class Stager:
         if len(rest) < len(files):
             LOGGER.info('cart %s: %d of %d files linked from the staged-file cache, their digests on record',
                         cart.cart_uid, len(files) - len(rest), len(files))
-        return rest
+        return rest, to_copy
 
     @staticmethod
     def _record_started(cart: Cart, log: AttemptLog, ended: Set[int]) -> None:
@@ -242,12 +249,15 @@ class Stager:
             with database.atomic():
                 mark_transferring(cart.id, started)
 
-    def _stage_in_thread(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:
-        """Stage one file in a pool thread (every line logged meanwhile names the cart and the file)."""
+    def _stage_in_thread(self, cart: Cart, file: File, log: AttemptLog,
+                         known: Optional[StagedFile] = None) -> StageOutcome:
+        """Stage one file in a pool thread (every line logged meanwhile names the cart and the file); `known`:
+        a cache entry known to have the cart's bytes of it."""
         with about(cart_uid=cart.cart_uid, cart_id=cart.id, file_path=file.bundle_path, archive_id=file.file_name):
-            return self._stage_or_fail(cart, file, log)
+            return self._stage_or_fail(cart, file, log, known)
 
-    def _stage_or_fail(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:
+    def _stage_or_fail(self, cart: Cart, file: File, log: AttemptLog,
+                       known: Optional[StagedFile] = None) -> StageOutcome:
         """Stage one file; failures are recorded here, successes by the caller.
 
         A failure fails the cart, unless the cart skips failed files and the failure is the
@@ -257,7 +267,7 @@ class Stager:
         """
         skippable = mismatch = False
         try:
-            return self._stage_one(cart, file, log)
+            return self._stage_one(cart, file, log, known)
         except ArchiveFileMissing as exc:
             message = cart_error = _missing_message(file)
             skippable = True
@@ -292,7 +302,11 @@ class Stager:
                 return StageOutcome(file.id, attempts=log.attempts(file.id))
         return StageOutcome(file.id, error=message, attempts=log.attempts(file.id))
 
-    def _stage_one(self, cart: Cart, file: File, log: AttemptLog) -> StageOutcome:
+    def _stage_one(self, cart: Cart, file: File, log: AttemptLog, known: Optional[StagedFile] = None) -> StageOutcome:
+        if known is not None and self.cache is not None:
+            copied = self._copy_known(self.cache, cart, file, known, log)
+            if copied is not None:
+                return copied
         status: ArchiveStatus = self.archive.with_retries(lambda: self.archive.status(file.file_name))
         if status.media == MEDIA_ERROR:
             raise ArchiveMediaError(f'the archive reports the media of the file as error: {status.message}')
@@ -304,10 +318,30 @@ class Stager:
             with database.connection():
                 offset = self.place_in_tar(cart, file, status.size)
             if offset is not None:
-                return self._stage_in_place(cart, file, status, offset, log)
+                fill = (functools.partial(self._fill_shared, self.cache, cart, file, status, offset=offset, log=log)
+                        if self.cache is not None else
+                        functools.partial(self._fill_downloaded, cart, file, status, offset=offset, log=log))
+                return self._stage_in_place(cart, file, status.size, offset, fill)
         if self.cache is not None and status.size is not None:  # share_staged_files: the one place it is decided
             return self._stage_shared(self.cache, cart, file, status, log)
         return self._stage_alone(cart, file, status, log)
+
+    def _copy_known(self, cache: StagedFiles, cart: Cart, file: File, entry: StagedFile,
+                    log: AttemptLog) -> Optional[StageOutcome]:
+        """Copy a bundle cart's large file into its tar from a cache entry known to have the cart's digest on
+        record (no request to the archive); None when that cannot be done (the cart's tar is not laid out
+        this way, or the entry went or did not match and was distrusted): the file goes the usual way."""
+        size = int(entry.size or 0)
+        with database.connection():
+            offset = self.place_in_tar(cart, file, size)
+        if offset is None:
+            return None
+
+        def fill(staging: Path) -> StageOutcome:
+            return (self._copy_cached(cache, cart, file, entry, staging, offset, log)
+                    or StageOutcome(file.id, redo=True))
+        copied = self._stage_in_place(cart, file, size, offset, fill)
+        return None if copied.redo else copied
 
     def _stage_alone(self, cart: Cart, file: File, status: ArchiveStatus, log: AttemptLog,
                      lease: Optional[Callable[[], None]] = None) -> StageOutcome:
@@ -339,6 +373,11 @@ class Stager:
             LOGGER.info('cart %s file %s: another download is fetching it; looked at again later', cart.cart_uid,
                         file.bundle_path)
             return StageOutcome(file.id, on_tape=True, size=status.size)
+        return self._fetch_shared(cache, cart, file, status, log, lease)
+
+    def _fetch_shared(self, cache: StagedFiles, cart: Cart, file: File, status: ArchiveStatus, log: AttemptLog,
+                      lease: Lease) -> StageOutcome:
+        """Download the file into its place in the cart under the entry's lease and publish it as the entry."""
         fetched: Optional[ReadyEntry] = None
         try:
             outcome = self._stage_alone(cart, file, status, log, lease)
@@ -350,6 +389,60 @@ class Stager:
         # Marked ready with the file recorded staged (a batch, not a statement a file). A worker that dies
         # before leaves the entry fetching until its lease runs out; then another download takes it over.
         return dataclasses.replace(outcome, staged_file_id=lease.entry_id, fetched=fetched)
+
+    def _fill_downloaded(self, cart: Cart, file: File, status: ArchiveStatus, staging: Path, *, offset: int,
+                         log: AttemptLog) -> StageOutcome:
+        """Download the file straight into its region of the bundle tar (a second chance after a mismatch)."""
+        download = self._second_chance(cart, file, lambda: self._download_into(cart, file, status, staging, log,
+                                                                                offset))
+        return StageOutcome(file.id, download=download, attempts=log.attempts(file.id))
+
+    def _fill_shared(self, cache: StagedFiles, cart: Cart, file: File, status: ArchiveStatus, staging: Path, *,
+                     offset: int, log: AttemptLog) -> StageOutcome:
+        """Fill the file's region of the bundle tar through the staged-file cache: copied from the ready entry
+        when its bytes have the cart's hash; else fetched into the cart's directory, published as the entry
+        and copied from there (the tar's region still gets the bytes once; the entry keeps the file); else,
+        while another download fetches it, left to wait like a file on tape."""
+        assert status.size is not None
+        found = cache.find_or_claim(str(file.file_name), status.size, status.mtime)
+        if found.ready is not None:
+            copied = self._copy_cached(cache, cart, file, found.ready, staging, offset, log)
+            return copied if copied is not None else self._fill_downloaded(cart, file, status, staging, offset=offset,
+                                                                           log=log)
+        if found.lease is None:
+            LOGGER.info('cart %s file %s: another download is fetching it; looked at again later', cart.cart_uid,
+                        file.bundle_path)
+            return StageOutcome(file.id, on_tape=True, size=status.size)
+        outcome = self._fetch_shared(cache, cart, file, status, log, found.lease)
+        own = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
+        try:
+            copy_into_region(own, staging, offset, status.size)
+        finally:
+            own.unlink(missing_ok=True)  # the entry keeps the bytes; the tar has them now
+        return outcome
+
+    @staticmethod
+    def _copy_cached(cache: StagedFiles, cart: Cart, file: File, entry: StagedFile, staging: Path, offset: int,
+                     log: AttemptLog) -> Optional[StageOutcome]:
+        """Copy a ready entry's bytes into the file's region of the bundle tar if they have the cart's hash;
+        None (the entry distrusted) if not, or if the entry's file is gone."""
+        source = cache.path(entry.id)
+        try:
+            if not cache.matches(entry, str(file.hash_type), str(file.hash_value), source):
+                LOGGER.info('cart %s file %s: the staged copy does not match the cart\'s hash; downloading it',
+                            cart.cart_uid, file.bundle_path)
+                cache.distrust(entry)
+                return None
+            copy_into_region(source, staging, offset, int(entry.size or 0))
+        except FileNotFoundError:
+            LOGGER.warning('cart %s file %s: staged file %d is gone from the volume; downloading it', cart.cart_uid,
+                           file.bundle_path, entry.id)
+            cache.distrust(entry)
+            return None
+        LOGGER.debug('cart %s file %s: copied into the bundle from staged file %d', cart.cart_uid, file.bundle_path,
+                     entry.id)
+        return StageOutcome(file.id, download=Download(int(entry.size or 0), entry.mtime),
+                            attempts=log.attempts(file.id), staged_file_id=entry.id, cache_hit=True)
 
     def _link_cached(self, cache: StagedFiles, cart: Cart, file: File, entry: StagedFile,
                      log: AttemptLog) -> Optional[StageOutcome]:
@@ -419,35 +512,37 @@ class Stager:
             place_file(cart.id, file.id, offset, size)
         return offset
 
-    def _stage_in_place(self, cart: Cart, file: File, status: ArchiveStatus, offset: int,
-                        log: AttemptLog) -> StageOutcome:
-        """Download a large file of a bundle cart straight into its place in the bundle tar.
+    def _stage_in_place(self, cart: Cart, file: File, size: int, offset: int,
+                        fill: Callable[[Path], StageOutcome]) -> StageOutcome:
+        """Write a large file of a bundle cart straight into its place in the bundle tar: `fill` writes the
+        region of the staging tar it is given (a download, or a copy from the staged-file cache).
 
         The region is locked while it is written, and the file is recorded staged before the
         lock is let go, so a duplicated task waits, then finds it staged and writes nothing:
-        no bytes land on a region after it was verified. Returns an outcome already recorded.
+        no bytes land on a region after it was verified. Returns an outcome already recorded,
+        or fill's outcome of a file left to wait (another download fetches it).
         """
-        size = status.size
-        assert size is not None
         staging = self.volume.bundle_staging_path(cart.id)
+        outcome = StageOutcome(file.id)
         with self.space.reservation(cart, file, size, staging, offset):
             with locked_region(staging, offset, size):
                 with database.connection():
                     current = get_file(file.id)
                     state = cart_status(cart.id)
                 if current is not None and current.status != FileStatus.STAGED.value and state in LIVE_STATUSES:
-                    download = self._second_chance(
-                        cart, file, lambda: self._download_into(cart, file, status, staging, log, offset))
-                    with database.connection():
-                        self._record_staged(cart, [StageOutcome(file.id, download=download,
-                                                                attempts=log.attempts(file.id))])
+                    filled = fill(staging)
+                    if filled.download is None:
+                        outcome = filled
+                    else:
+                        with database.connection():
+                            self._record_staged(cart, [filled])
             # A late task opened (and so made) the staging tar of a cart that moved on meanwhile.
             if state in (None, CartStatus.DELETED.value):
                 with database.connection():
                     cart_went_away(self.volume, cart.id, cart.cart_uid, 'staging')
             elif state in (CartStatus.READY.value, CartStatus.ERROR.value):
                 staging.unlink(missing_ok=True)
-        return StageOutcome(file.id)
+        return outcome
 
     def _download_into(self, cart: Cart, file: File, status: ArchiveStatus, target: Path, log: AttemptLog,
                        offset: Optional[int] = None, lease: Optional[Callable[[], None]] = None) -> Download:
