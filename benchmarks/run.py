@@ -860,7 +860,7 @@ class Bench:
         sharing = ''
         if 'stageonce' in workloads:
             sharing = (f'; stageonce on a second stack of ours, the same plus {SHARE_SETTING} (the other workloads: '
-                       f'{"as set above" if "share_staged_files" in settings else "the default, off"}), and '
+                       f'{"as set above" if "share_staged_files" in settings else "the default, on"}), and '
                        f'the archive\'s access log on to count its requests')
         return (f'# pacifica-cartd {cart_version()} ({self.args.database}, {self.args.workers} worker(s) x '
                 f'concurrency {self.args.concurrency}{settings})'

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import time
 from typing import Dict, Iterator, List, Optional, Set, Union
 
@@ -30,6 +31,7 @@ import yaml
 from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from pacifica.cartd.volume import STAGED_FILES_DIR
 from cartd_testkit.stack import CartStack
 
 pytestmark = [pytest.mark.integration]
@@ -76,12 +78,17 @@ def _listing(directory: pathlib.Path) -> Set[str]:
 
 
 def _volume_problems(volume: pathlib.Path) -> List[str]:
-    """Entries of the volume that are not `<cart id>/...` or a `cartuids/` link into the volume."""
+    """Entries of the volume that are not `<cart id>/...`, a `cartuids/` link into the volume, or the
+    staged-file cache's `staged-files/<2 hex>/<entry id>` (share_staged_files)."""
     problems = []
     root = volume.resolve()
     for entry in _listing(volume):
         path = volume / entry
-        if entry == 'cartuids':
+        if entry == STAGED_FILES_DIR:
+            problems.extend(f'{entry}/{name}' for name in _listing(path)
+                            if not re.fullmatch('[0-9a-f]{2}', name) or not (path / name).is_dir()
+                            or not all(child.isdigit() for child in _listing(path / name)))
+        elif entry == 'cartuids':
             for link in _listing(path):
                 target = (path / link).resolve()
                 if not (path / link).is_symlink() or root not in target.parents:

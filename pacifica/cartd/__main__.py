@@ -168,11 +168,11 @@ def _purge(settings: Settings, args: argparse.Namespace) -> int:
     purged = service.purge(cutoff)
     for cart_id, cart_uid in purged:
         print(f'deleted cart {cart_uid} (id {cart_id})')
-    print(f'{len(purged)} carts not used since {cutoff:%Y-%m-%d %H:%M:%S} deleted')
-    cache = service.purge_staged_files(cutoff)
+    cache = service.purge_staged_files(cutoff)  # after the carts: the deleted ones pin nothing now
     if cache is not None:
         print(f'staged files removed: {cache.unused} unused since then and pinned by no cart, '
               f'{cache.untrusted} untrusted, {cache.temporaries} temp files left by a crash')
+    print(f'{len(purged)} carts not used since {cutoff:%Y-%m-%d %H:%M:%S} deleted')  # the last line, as before
     return 0
 
 

@@ -56,7 +56,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option('cartd', 'tombstone_time', 'TOMBSTONE_TIME', '604800'),
     Option('cartd', 'worker_heartbeat', 'WORKER_HEARTBEAT', '10'),
     Option('cartd', 'log_format', 'LOG_FORMAT', 'plain'),
-    Option('cartd', 'share_staged_files', 'SHARE_STAGED_FILES', 'off'),
+    Option('cartd', 'share_staged_files', 'SHARE_STAGED_FILES', 'on'),
     Option('archiveinterface', 'url', 'ARCHIVE_INTERFACE_URL', 'http://127.0.0.1:8080/'),
     Option('archiveinterface', 'timeout', 'ARCHIVE_INTERFACE_TIMEOUT', '60'),
     Option('archiveinterface', 'retries', 'ARCHIVE_INTERFACE_RETRIES', '4'),
@@ -271,7 +271,7 @@ class Settings:
     metrics_multiprocess_dir: Optional[Path] = None
     metrics_worker_port: int = 0
     metrics_worker_address: str = '127.0.0.1'
-    share_staged_files: bool = False
+    share_staged_files: bool = True
     config_file: Optional[str] = None
 
     @property
