@@ -334,7 +334,7 @@ class StagedFile(BaseModel):
     lease_until = DateTimeField(null=True)
     lease_owner = CharField(max_length=32, null=True)  # the claiming download's token, compared to move the entry
     hits = IntegerField(default=0)  # carts served from it without a download
-    last_used = DateTimeField(default=now)
+    last_used = DateTimeField(default=now, index=True)  # indexed in schema 2.11: eviction takes the oldest first
     created = DateTimeField(default=now)
 
     class Meta:

@@ -156,8 +156,9 @@ def _upgrade_2_8_to_2_9() -> None:
 
 
 def _add_indexed_column(migrator: SchemaMigrator, table: str, field: Field) -> None:
-    """Add a nullable column with its index (resumable: adding the column adds its index, and an upgrade
-    cut off between the two, as MySQL commits each ALTER at once, gets the index on the rerun)."""
+    """Add a column with its index, or the index of a column there is (resumable: adding the column adds
+    its index, and an upgrade cut off between the two, as MySQL commits each ALTER at once, gets the
+    index on the rerun)."""
     had_column = field.column_name in {column.name for column in DB.get_columns(table)}
     operations = _add_columns(migrator, [(table, field)])
     if had_column and not any(tuple(index.columns) == (field.column_name,) for index in DB.get_indexes(table)):
@@ -173,8 +174,11 @@ def _upgrade_2_9_to_2_10() -> None:
 
 
 def _upgrade_2_10_to_2_11() -> None:
-    """Add stagedfile.archive_key with its index and fill it in for the entries there are (resumable)."""
-    _add_indexed_column(SchemaMigrator.from_database(DB.obj), 'stagedfile', StagedFile.archive_key)
+    """Add stagedfile.archive_key with its index and fill it in for the entries there are, and index
+    stagedfile.last_used (resumable)."""
+    migrator = SchemaMigrator.from_database(DB.obj)
+    _add_indexed_column(migrator, 'stagedfile', StagedFile.archive_key)
+    _add_indexed_column(migrator, 'stagedfile', StagedFile.last_used)  # the column is there: its index only
     fill_archive_keys()
 
 
