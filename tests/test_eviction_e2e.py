@@ -4,7 +4,11 @@ test_eviction.py checks the policy at the service level with a fake archive. Her
 rules are checked end to end: the volume is a tmpfs mounted with a size limit, the files come
 from the real archive interface (through cartd_testkit.faultproxy, so one cart can be held on
 "tape"), real celery workers stage them over RabbitMQ, and clients talk to the real
-pacifica-cartd server. One stack per database.
+pacifica-cartd server. One stack per database, with share_staged_files off and on (the
+staged-file cache): each file is then staged into the cache and linked into its cart, and a
+cart's eviction frees its bytes only once its entries, pinned by no live cart, go too. The
+last test checks what sharing adds: an entry no live cart pins goes before any ready cart,
+and no eviction or DELETE takes bytes a remaining cart links.
 
 How old a cart looks is set in the database (its `updated_date`, the time of its last use):
 real hours cannot pass in a test. Uses that matter are made for real: a GET marks a cart
@@ -14,11 +18,13 @@ in the test that restarts the worker with a buffer of 30 minutes.
 
 Sizes: files of 512 KiB. Before the cart that needs room is posted, the rest of the volume
 is filled with a file of other data so that exactly 256 KiB stay free; a 512 KiB file then
-needs one evicted 512 KiB cart, two such files need two.
+needs one evicted 512 KiB cart, two such files need two. Each cart's files are its own in the
+archive (no two carts share one), except in the test about sharing.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import pathlib
 import time
@@ -30,12 +36,11 @@ import requests
 
 from pacifica.cartd import database
 from pacifica.cartd.config import load_settings
-from pacifica.cartd.orm import Cart, CartTasks, now
-from cartd_testkit.archive import ArchiveServer
-from cartd_testkit.databases import KINDS, fresh_database, server_available
+from pacifica.cartd.orm import Cart, CartTasks, StagedFile, now
+from cartd_testkit.archive import ArchiveServer, NamedFiles
 from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive
-from cartd_testkit.stack import CartStack, running, tar_contents
-from cartd_testkit.tmpfs import fill_until, mounted_tmpfs
+from cartd_testkit.stack import KINDS_AND_CACHE_MODES, CartStack, cache_id, kind_and_cache_id, tar_contents
+from cartd_testkit.tmpfs import fill_until, running_on_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,24 +54,19 @@ NO_SPACE = 'No space left on the volume'
 EVICTED = 'evicted to make room on the volume'
 
 
-@pytest.fixture(scope='module', params=KINDS)
+@pytest.fixture(scope='module', params=KINDS_AND_CACHE_MODES, ids=kind_and_cache_id)
 def stack(request: pytest.FixtureRequest, archive: ArchiveServer, proxy: FaultProxy,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
-    """Server and one worker on each database in turn, with volume_path on an 8 MiB tmpfs."""
-    kind = request.param
-    if not server_available(kind):
-        pytest.skip(f'the {kind} server is not answering on 127.0.0.1')
-    base = tmp_path_factory.mktemp(f'evict-{kind}')
-    with mounted_tmpfs(base / 'volume', VOLUME_SIZE):
-        url = fresh_database(kind, base)
-        # tape_wait 60: a cart held on tape is looked at again (and marked alive) only after the test
-        # is done with it; no reconciler, so nothing but the test and the carts' own work touches a cart.
-        proxied = cast(ArchiveServer, ProxiedArchive(archive, proxy))
-        cart = CartStack(base, proxied, url, workers=1, concurrency=2, overrides={
-            'cartd': {'lru_buffer_time': '0', 'lru_purge': 'on', 'reconcile_interval': '0'},
-            'archiveinterface': {'tape_wait': '60', 'tape_wait_max': '60'}})
-        with running(cart, kind, url):
-            yield cart
+    """Server and one worker on each database, share_staged_files off and on, volume_path on an 8 MiB tmpfs."""
+    kind, share = request.param
+    # tape_wait 60: a cart held on tape is looked at again (and marked alive) only after the test
+    # is done with it; no reconciler, so nothing but the test and the carts' own work touches a cart.
+    proxied = cast(ArchiveServer, ProxiedArchive(archive, proxy))
+    with running_on_tmpfs(kind, tmp_path_factory.mktemp(f'evict-{kind}-{cache_id(share)}'), proxied, VOLUME_SIZE,
+                          overrides={'cartd': {'lru_buffer_time': '0', 'lru_purge': 'on', 'reconcile_interval': '0'},
+                                     'archiveinterface': {'tape_wait': '60', 'tape_wait_max': '60'}},
+                          share_staged_files=share) as cart:
+        yield cart
 
 
 def restart_worker(stack: CartStack, lru_buffer_seconds: int) -> None:
@@ -90,14 +90,16 @@ class Carts:
         self.bundle = False  # POST carts with "bundle": this (their tar written on the volume)
         self.tag = uuid.uuid4().hex[:8]
         self.expected: Dict[str, Dict[str, bytes]] = {}
+        self.shared = NamedFiles(stack.archive, self.tag, FILE_SIZE)  # the test's files carts share by name
         self.db = database.bind(load_settings(str(stack.config), environ={}))
 
     def uid(self, name: str) -> str:
         """The uid of this test's cart `name`."""
         return f'{name}-{self.tag}'
 
-    def post(self, name: str, sizes: Sequence[int]) -> requests.Response:
-        """Put files of these sizes in the archive and POST a cart of them."""
+    def post(self, name: str, sizes: Sequence[int] = (), shared: Sequence[str] = ()) -> requests.Response:
+        """POST a cart of new archive files of these sizes (the cart's own), and of the test's archive
+        files named in `shared` (FILE_SIZE bytes each, put in the archive when first named)."""
         uid = self.uid(name)
         fileids, expected = [], {}
         for index, size in enumerate(sizes):
@@ -106,10 +108,22 @@ class Carts:
             fileids.append({'id': f'{uid}-{index}', 'path': f'part{index}.bin', 'hashtype': 'sha1',
                             'hashsum': sums['sha1']})
             expected[f'part{index}.bin'] = data
+        for file in shared:
+            archive_id = self.shared.archive_id(file)
+            fileids.append({'id': archive_id, 'path': f'{file}.bin', 'hashtype': 'sha1',
+                            'hashsum': hashlib.sha1(self.shared.data[archive_id]).hexdigest()})
+            expected[f'{file}.bin'] = self.shared.data[archive_id]
         self.expected[name] = expected
         answer = self.stack.post(uid, fileids, bundle=self.bundle)
         assert answer.status_code == 201, answer.text
         return answer
+
+    def entries(self) -> Dict[str, str]:
+        """Shared file name -> state of its staged-file cache entry, for those that have one."""
+        with database.connection():
+            rows = StagedFile.select(StagedFile.archive_id, StagedFile.state).where(
+                StagedFile.archive_id.in_(list(self.shared.data)))
+            return {self.shared.name(row.archive_id): row.state for row in rows}
 
     def wait_final(self, name: str, tick: Callable[[], None] = lambda: None,
                    deadline_s: float = 60) -> requests.Response:
@@ -130,9 +144,9 @@ class Carts:
         answer = requests.get(f'{self.stack.url}/{self.uid(name)}/status', params={'files': 'all'}, timeout=30)
         return answer.json() if answer.status_code == 200 else answer.status_code
 
-    def ready(self, name: str, sizes: Sequence[int], minutes_ago: float) -> None:
-        """Make a cart, wait until it is ready, then make its last use `minutes_ago` minutes old."""
-        self.post(name, sizes)
+    def ready(self, name: str, sizes: Sequence[int], minutes_ago: float, shared: Sequence[str] = ()) -> None:
+        """Make a cart (see post), wait until it is ready, then make its last use `minutes_ago` minutes old."""
+        self.post(name, sizes, shared)
         answer = self.wait_final(name)
         assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (204, 'ready'), (
             answer.headers.get('X-Pacifica-Message'), self.stack.logs())
@@ -177,10 +191,17 @@ class Carts:
         fill_until(self.stack.volume, self.stack.volume / PAD_NAME, free)
 
     def cleanup(self) -> None:
-        """DELETE every cart of the test, remove the filler, give back the database connections."""
+        """DELETE every cart of the test, remove the filler, purge, give back the database connections.
+
+        A DELETE removes a cart's own links only: with share_staged_files its files stay in the
+        cache, pinned by no cart, and would be the first to go in the next test. The purge removes
+        them (and the carts' rows), so each test starts from an empty volume.
+        """
         for name in self.expected:
             self.stack.delete(self.uid(name))
         (self.stack.volume / PAD_NAME).unlink(missing_ok=True)
+        purged = self.stack.run_cmd('purge', '--time-ago', '0 seconds')
+        assert purged.returncode == 0, purged.stdout + purged.stderr
         if hasattr(self.db, 'close_all'):  # a pool (PostgreSQL, MySQL)
             self.db.close_all()
         else:
@@ -398,5 +419,37 @@ def test_a_failed_carts_files_go_before_a_ready_cart(carts: Carts, proxy: FaultP
     assert (row.status, row.files_staged, row.deleted_date is not None) == ('error', 1, True)  # counters never go down
     assert after.headers['X-Pacifica-Files-Staged'] == '1'
     assert not (carts.stack.volume / str(row.id)).exists()
+    assert carts.part_files() == []
+    carts.assert_volume_never_ran_out()
+
+
+def test_with_the_cache_an_unpinned_entry_goes_first_and_no_cart_loses_bytes_it_links(carts: Carts) -> None:
+    """share_staged_files: an entry no live cart pins goes before a ready cart used much longer ago; a ready
+    cart's eviction frees the bytes of its entries no other cart pins, and only those; after the DELETE
+    and the evictions every cart left downloads whole."""
+    if not carts.stack.share_staged_files:
+        pytest.skip('about the staged-file cache: share_staged_files on only')
+    carts.ready('dropped', [], minutes_ago=1, shared=['both', 'dropped-only'])
+    carts.ready('old', [], minutes_ago=300, shared=['both', 'linked'])
+    carts.ready('young', [], minutes_ago=200, shared=['linked', 'own'])
+    assert carts.entries() == dict.fromkeys(['both', 'dropped-only', 'linked', 'own'], 'ready')
+    assert carts.stack.delete(carts.uid('dropped')).status_code == 200  # 'dropped-only' is pinned by no cart now
+    carts.assert_whole('old')  # the DELETE left the bytes of 'both' to the cart that links them
+    carts.age('old', 300)
+    assert carts.entries() == dict.fromkeys(['both', 'dropped-only', 'linked', 'own'], 'ready')
+
+    carts.leave_free(LEFT_FREE)
+    # Room for two files: the unpinned entry (used a minute ago) before any ready cart; then the
+    # least recently used cart, 'old', and its entry 'both' that no cart pins any more; never 'linked',
+    # which 'young' (as evictable as 'old', but used later) still pins.
+    carts.post('new', [FILE_SIZE, FILE_SIZE])
+    answer = carts.wait_final('new')
+    assert (answer.status_code, answer.headers['X-Pacifica-Status']) == (204, 'ready'), (
+        answer.headers.get('X-Pacifica-Message'), carts.stack.logs())
+    assert carts.entries() == {'linked': 'ready', 'own': 'ready'}, carts.stack.logs()
+    carts.assert_evicted('old')
+    carts.assert_state('young', 204, 'ready')
+    carts.assert_whole('young')
+    carts.assert_whole('new')
     assert carts.part_files() == []
     carts.assert_volume_never_ran_out()

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 import time
 import uuid
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
 from pacifica.cartd import database
 from pacifica.cartd.config import load_settings
 from pacifica.cartd.orm import Cart, File, StagedFile, now
-from cartd_testkit.archive import ArchiveServer
-from cartd_testkit.databases import KINDS, fresh_database, server_available
-from cartd_testkit.stack import CartStack, running, tar_contents
-from cartd_testkit.tmpfs import fill_until, free_bytes, mounted_tmpfs
+from cartd_testkit.archive import ArchiveServer, NamedFiles
+from cartd_testkit.databases import KINDS
+from cartd_testkit.stack import CartStack, tar_contents
+from cartd_testkit.tmpfs import fill_until, free_bytes, running_on_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,16 +38,10 @@ def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[CartStack]:
     """Server and one worker on each database in turn, sharing staged files, on an 8 MiB tmpfs."""
     kind = request.param
-    if not server_available(kind):
-        pytest.skip(f'the {kind} server is not answering on 127.0.0.1')
-    base = tmp_path_factory.mktemp(f'once-room-{kind}')
-    with mounted_tmpfs(base / 'volume', VOLUME_SIZE):
-        url = fresh_database(kind, base)
-        cart = CartStack(base, archive, url, workers=1, concurrency=2, overrides={
-            'cartd': {'share_staged_files': 'on', 'lru_buffer_time': '0', 'lru_purge': 'on',
-                      'reconcile_interval': '0'}})
-        with running(cart, kind, url):
-            yield cart
+    with running_on_tmpfs(kind, tmp_path_factory.mktemp(f'once-room-{kind}'), archive, VOLUME_SIZE, overrides={
+            'cartd': {'lru_buffer_time': '0', 'lru_purge': 'on', 'reconcile_interval': '0'}},
+            share_staged_files=True) as cart:
+        yield cart
 
 
 class Shared:
@@ -58,17 +51,11 @@ class Shared:
         """Bind this process to the stack's database (to read rows and age them)."""
         self.stack = stack
         self.tag = uuid.uuid4().hex[:8]
-        self.data: Dict[str, bytes] = {}
+        self.files = NamedFiles(stack.archive, self.tag, FILE_SIZE)
+        self.data = self.files.data
+        self.archive_id = self.files.archive_id
         self.carts: Dict[str, List[str]] = {}
         self.db = database.bind(load_settings(str(stack.config), environ={}))
-
-    def archive_id(self, name: str) -> str:
-        """The archive id of this test's file `name`, put in the archive the first time it is asked for."""
-        archive_id = f'{self.tag}-{name}'
-        if archive_id not in self.data:
-            self.data[archive_id] = os.urandom(FILE_SIZE)
-            self.stack.archive.put(archive_id, self.data[archive_id])
-        return archive_id
 
     def uid(self, cart: str) -> str:
         """The uid of this test's cart `cart`."""
@@ -100,8 +87,8 @@ class Shared:
         """File name -> state of this test's cache entries."""
         with database.connection():
             rows = StagedFile.select(StagedFile.archive_id, StagedFile.state).where(
-                StagedFile.archive_id.startswith(f'{self.tag}-'))
-            return {row.archive_id[len(self.tag) + 1:]: row.state for row in rows}
+                StagedFile.archive_id.in_(list(self.data)))
+            return {self.files.name(row.archive_id): row.state for row in rows}
 
     def age_cart(self, cart: str, minutes: float) -> None:
         """Make the cart's last use `minutes` old (out of the in-use window)."""
@@ -115,7 +102,7 @@ class Shared:
             assert StagedFile.update(last_used=now() - datetime.timedelta(minutes=minutes)).where(
                 StagedFile.archive_id == self.archive_id(name)).execute() == 1
 
-    def pins(self, cart: str) -> Dict[str, int]:
+    def pins(self, cart: str) -> Dict[str, Optional[int]]:
         """File name -> the entry id the cart's file row was served from."""
         with database.connection():
             rows = File.select(File.file_name, File.staged_file_id).join(Cart).where(Cart.cart_uid == self.uid(cart))

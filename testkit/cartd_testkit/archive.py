@@ -162,3 +162,27 @@ class ArchiveServer:
         self.stop()
         if self._own_base:
             shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+class NamedFiles:
+    """A test's archive files that several carts ask for by name: `size` random bytes each, written into
+    the archive under the id '<tag>-<name>' the first time the name is used."""
+
+    def __init__(self, archive: ArchiveServer, tag: str, size: int) -> None:
+        """Files of `size` bytes in `archive`, their ids made unique to the test by `tag`."""
+        self.archive = archive
+        self.tag = tag
+        self.size = size
+        self.data: Dict[str, bytes] = {}  # archive id -> the bytes put in the archive
+
+    def archive_id(self, name: str) -> str:
+        """The archive id of the file `name`, put in the archive the first time it is named."""
+        archive_id = f'{self.tag}-{name}'
+        if archive_id not in self.data:
+            self.data[archive_id] = os.urandom(self.size)
+            self.archive.put(archive_id, self.data[archive_id])
+        return archive_id
+
+    def name(self, archive_id: str) -> str:
+        """The name the archive id of one of these files was made from."""
+        return archive_id[len(self.tag) + 1:]

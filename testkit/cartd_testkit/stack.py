@@ -9,13 +9,13 @@ import pathlib
 import subprocess
 import tarfile
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import requests
 
 from .archive import ArchiveServer
 from .broker import BROKER_URL, delete_queue, unique_queue_name
-from .databases import drop_database
+from .databases import KINDS, drop_database
 from .procs import BIN_DIR, ManagedProcess, binary, free_port  # noqa: F401  (BIN_DIR, binary: also imported from here)
 from .uwsgi import start_uwsgi
 
@@ -25,6 +25,24 @@ TEST_SETTINGS: Dict[str, Dict[str, str]] = {
                          'tape_wait_max': '2'},
     'database': {'connect_attempts': '3', 'connect_wait': '1'},
 }
+
+# share_staged_files off and on: the modes the end-to-end tests of eviction, crashes and load run in.
+CACHE_MODES: Tuple[bool, ...] = (False, True)
+
+
+def cache_id(share_staged_files: bool) -> str:
+    """A test id's word for the mode: 'cache' (share_staged_files on) or 'nocache'."""
+    return 'cache' if share_staged_files else 'nocache'
+
+
+# (database kind, share_staged_files) for every database in both modes: params of a stack fixture.
+KINDS_AND_CACHE_MODES: Tuple[Tuple[str, bool], ...] = tuple((kind, share) for kind in KINDS for share in CACHE_MODES)
+
+
+def kind_and_cache_id(param: Tuple[str, bool]) -> str:
+    """The test id of a KINDS_AND_CACHE_MODES param: 'sqlite-cache', 'mysql-nocache', ..."""
+    kind, share = param
+    return f'{kind}-{cache_id(share)}'
 
 
 def write_config(path: pathlib.Path, sections: Mapping[str, Mapping[str, str]]) -> pathlib.Path:
@@ -43,14 +61,17 @@ class CartStack:
 
     def __init__(self, base_dir: pathlib.Path, archive: ArchiveServer, peewee_url: str, workers: int = 2,
                  concurrency: int = 2, overrides: Optional[Mapping[str, Mapping[str, str]]] = None,
-                 server: str = 'cartd') -> None:
+                 server: str = 'cartd', share_staged_files: Optional[bool] = None) -> None:
         """Lay out the stack's directory and config; nothing runs until start().
 
         `server`: 'cartd' (pacifica-cartd's own server) or 'uwsgi' (uWSGI as the docs run it).
+        `share_staged_files`: written into the config file when given (the file wins over the
+        environment); None leaves it to SHARE_STAGED_FILES in the environment, or the default.
         """
         if server not in ('cartd', 'uwsgi'):
             raise ValueError(f'unknown server {server!r}')
         self.server_kind = server
+        self.share_staged_files = share_staged_files
         self.base_dir = base_dir
         self.archive = archive
         self.peewee_url = peewee_url
@@ -64,6 +85,8 @@ class CartStack:
         sections['archiveinterface']['url'] = archive.url
         sections['celery'] = {'broker_url': BROKER_URL, 'backend_url': 'rpc://', 'queue': self.queue}
         sections['database']['peewee_url'] = peewee_url
+        if share_staged_files is not None:
+            sections['cartd']['share_staged_files'] = 'on' if share_staged_files else 'off'
         for name, values in (overrides or {}).items():
             sections.setdefault(name, {}).update(values)
         base_dir.mkdir(parents=True, exist_ok=True)

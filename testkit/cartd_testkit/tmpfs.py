@@ -5,9 +5,13 @@ import contextlib
 import os
 import pathlib
 import subprocess
-from typing import Iterator
+from typing import Iterator, Mapping, Optional
 
 import pytest
+
+from .archive import ArchiveServer
+from .databases import fresh_database, server_available
+from .stack import CartStack, running
 
 
 @contextlib.contextmanager
@@ -44,3 +48,22 @@ def fill_until(volume: pathlib.Path, pad: pathlib.Path, free: int) -> None:
             handle.write(bytes(block))
         handle.write(bytes(fill % block))
     assert abs(free_bytes(volume) - free) <= 2 * 4096, free_bytes(volume)
+
+
+@contextlib.contextmanager
+def running_on_tmpfs(kind: str, base: pathlib.Path, archive: ArchiveServer, size: str,
+                     overrides: Mapping[str, Mapping[str, str]], share_staged_files: Optional[bool] = None,
+                     workers: int = 1, concurrency: int = 2) -> Iterator[CartStack]:
+    """A started stack on a fresh `kind` database, its volume_path a tmpfs of `size` mounted at base/volume.
+
+    Skips the test when the database server is not answering or no tmpfs can be mounted here.
+    Afterwards the stack is stopped, its database dropped and the tmpfs unmounted.
+    """
+    if not server_available(kind):
+        pytest.skip(f'the {kind} server is not answering on 127.0.0.1')
+    with mounted_tmpfs(base / 'volume', size):
+        url = fresh_database(kind, base)
+        stack = CartStack(base, archive, url, workers=workers, concurrency=concurrency, overrides=overrides,
+                          share_staged_files=share_staged_files)
+        with running(stack, kind, url):
+            yield stack
