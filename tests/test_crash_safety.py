@@ -6,7 +6,9 @@ one), the REST server restarted, the PostgreSQL database refusing connections fo
 and then checks the same things: the cart ends `ready`, every byte of the tar is what was put
 in the archive, no temporary file (`*.part`) is left on the volume, and a file that was already
 staged and verified before the disturbance was not downloaded again (its inode is unchanged
-and the archive's access log shows one GET for it).
+and the archive's access log shows one GET for it). Each test runs with share_staged_files
+off and on (files staged into the staged-file cache and linked into the cart, a download
+claimed with a lease that a killed worker leaves to run out).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.databases import _admin_execute, drop_database, fresh_database, server_available
 from cartd_testkit.procs import ManagedProcess
 from cartd_testkit.rabbit import PrivateRabbit, rabbitmq_server_script
-from cartd_testkit.stack import CartStack
+from cartd_testkit.stack import CACHE_MODES, CartStack, cache_id
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -51,6 +53,12 @@ def logged_archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive
     with ArchiveServer(tmp_path_factory.mktemp('logged-archive'), workers=4,
                        extra_args=['--access-logfile', '-']) as server:
         yield server
+
+
+@pytest.fixture(params=CACHE_MODES, ids=cache_id)
+def share(request: pytest.FixtureRequest) -> bool:
+    """share_staged_files off, then on: every disturbance is survived both ways."""
+    return bool(request.param)
 
 
 def archive_gets(archive: ArchiveServer) -> Counter:
@@ -256,14 +264,15 @@ def _big_files(archive: ArchiveServer, uid: str, size: int
     return fileids, expected, archive_ids
 
 
-def _two_worker_stack(archive: ArchiveServer, tmp_path: pathlib.Path, url: str) -> CartStack:
+def _two_worker_stack(archive: ArchiveServer, tmp_path: pathlib.Path, url: str, share: bool) -> CartStack:
     """Two workers staging one file at a time each, in small reads, with a quick reconciler."""
-    return CartStack(tmp_path / 'stack', archive, url, workers=2, concurrency=1,
+    return CartStack(tmp_path / 'stack', archive, url, workers=2, concurrency=1, share_staged_files=share,
                      overrides={'cartd': {'stage_batch_size': '1', 'stage_concurrency': '1',
                                           'transfer_size': '256 Kb', **RECONCILE}})
 
 
-def test_worker_killed_mid_download_is_redriven(logged_archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
+def test_worker_killed_mid_download_is_redriven(logged_archive: ArchiveServer, tmp_path: pathlib.Path,
+                                                share: bool) -> None:
     """SIGKILL the worker (its whole process group) that is writing a 200 MiB file: the cart still ends ready.
 
     The killed task was never acknowledged, so the broker hands it to the other worker (and
@@ -274,7 +283,7 @@ def test_worker_killed_mid_download_is_redriven(logged_archive: ArchiveServer, t
     size = 200 * MiB
     fileids, expected, archive_ids = _big_files(logged_archive, uid, size)
     url = fresh_database('sqlite', tmp_path)
-    stack = _two_worker_stack(logged_archive, tmp_path, url)
+    stack = _two_worker_stack(logged_archive, tmp_path, url, share)
     try:
         stack.start()
         assert stack.post(uid, fileids).status_code == 201
@@ -328,7 +337,8 @@ def test_worker_killed_mid_download_is_redriven(logged_archive: ArchiveServer, t
         shutil.rmtree(stack.volume, ignore_errors=True)
 
 
-def test_worker_killed_while_writing_into_the_bundle_tar(logged_archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
+def test_worker_killed_while_writing_into_the_bundle_tar(logged_archive: ArchiveServer, tmp_path: pathlib.Path,
+                                                         share: bool) -> None:
     """Bundle mode: SIGKILL a worker writing a large file straight into the cart's tar.
 
     The file's region of the tar is locked by the killed process (the kernel drops the lock
@@ -339,7 +349,7 @@ def test_worker_killed_while_writing_into_the_bundle_tar(logged_archive: Archive
     size = 96 * MiB
     fileids, expected, archive_ids = _big_files(logged_archive, uid, size)
     url = fresh_database('sqlite', tmp_path)
-    stack = _two_worker_stack(logged_archive, tmp_path, url)
+    stack = _two_worker_stack(logged_archive, tmp_path, url, share)
     try:
         stack.start()
         assert stack.post(uid, fileids, bundle=True).status_code == 201
@@ -409,14 +419,15 @@ def _ensure_running(node: PrivateRabbit) -> None:
         node.start()
 
 
-def _broker_stack(archive: ArchiveServer, node: PrivateRabbit, tmp_path: pathlib.Path, url: str) -> CartStack:
-    return CartStack(tmp_path / 'stack', archive, url, workers=1, concurrency=1,
+def _broker_stack(archive: ArchiveServer, node: PrivateRabbit, tmp_path: pathlib.Path, url: str,
+                  share: bool) -> CartStack:
+    return CartStack(tmp_path / 'stack', archive, url, workers=1, concurrency=1, share_staged_files=share,
                      overrides={'cartd': {'stage_batch_size': '1', 'stage_concurrency': '1', **RECONCILE},
                                 'celery': {'broker_url': node.url}})
 
 
 def test_broker_restart_while_staging(logged_archive: ArchiveServer, private_rabbit: PrivateRabbit,
-                                      tmp_path: pathlib.Path) -> None:
+                                      tmp_path: pathlib.Path, share: bool) -> None:
     """Stop RabbitMQ (cleanly) mid-staging and start it again on the same port and data: the cart ends ready.
 
     The queue is durable and its messages persistent, so the batches still queued survive the
@@ -426,7 +437,7 @@ def test_broker_restart_while_staging(logged_archive: ArchiveServer, private_rab
     fileids, expected = small_files(logged_archive, uid, 400)
     archive_ids = {entry['path']: entry['id'] for entry in fileids}
     url = fresh_database('sqlite', tmp_path)
-    stack = _broker_stack(logged_archive, private_rabbit, tmp_path, url)
+    stack = _broker_stack(logged_archive, private_rabbit, tmp_path, url, share)
     try:
         stack.start()
         assert stack.post(uid, fileids).status_code == 201
@@ -451,8 +462,8 @@ def test_broker_restart_while_staging(logged_archive: ArchiveServer, private_rab
         drop_database('sqlite', url)
 
 
-def test_post_while_broker_is_down(logged_archive: ArchiveServer, private_rabbit: PrivateRabbit,
-                                   tmp_path: pathlib.Path) -> None:
+def test_post_while_broker_is_down(logged_archive: ArchiveServer, private_rabbit: PrivateRabbit, tmp_path: pathlib.Path,
+                                   share: bool) -> None:
     """A POST while the broker is down is accepted (201), says it waits for the task queue, and ends ready.
 
     Nothing can be queued at POST time; the rows are committed, and a worker's reconciler
@@ -461,7 +472,7 @@ def test_post_while_broker_is_down(logged_archive: ArchiveServer, private_rabbit
     uid = f'rabbit-down-{uuid.uuid4().hex[:8]}'
     fileids, expected = small_files(logged_archive, uid, 20)
     url = fresh_database('sqlite', tmp_path)
-    stack = _broker_stack(logged_archive, private_rabbit, tmp_path, url)
+    stack = _broker_stack(logged_archive, private_rabbit, tmp_path, url, share)
     try:
         stack.start()
         # the server's connection to the broker is made (and pooled) before the broker goes
@@ -503,13 +514,13 @@ def test_post_while_broker_is_down(logged_archive: ArchiveServer, private_rabbit
 # ---- 3. the REST server restarts while a cart stages ---------------------------------------------
 
 
-def test_server_restart_while_staging(logged_archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
+def test_server_restart_while_staging(logged_archive: ArchiveServer, tmp_path: pathlib.Path, share: bool) -> None:
     """Stop the server (SIGTERM), start another on the same port, later SIGKILL and start again: cart ends ready."""
     uid = f'server-{uuid.uuid4().hex[:8]}'
     fileids, expected = small_files(logged_archive, uid, 250)
     archive_ids = {entry['path']: entry['id'] for entry in fileids}
     url = fresh_database('sqlite', tmp_path)
-    stack = CartStack(tmp_path / 'stack', logged_archive, url, workers=1, concurrency=1,
+    stack = CartStack(tmp_path / 'stack', logged_archive, url, workers=1, concurrency=1, share_staged_files=share,
                       overrides={'cartd': {'stage_batch_size': '1', 'stage_concurrency': '1', **RECONCILE}})
     try:
         stack.start()
@@ -553,7 +564,7 @@ def _pg_admin(statement: str) -> None:
     _admin_execute('postgres', statement)
 
 
-def test_database_unavailable_while_staging(logged_archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
+def test_database_unavailable_while_staging(logged_archive: ArchiveServer, tmp_path: pathlib.Path, share: bool) -> None:
     """PostgreSQL refuses the cart's database for ~10 s (connections cut too): the reconciler re-drives it.
 
     Tasks that meet the outage fail and are acknowledged (a failure is not a crash), so it
@@ -568,7 +579,7 @@ def test_database_unavailable_while_staging(logged_archive: ArchiveServer, tmp_p
     url = fresh_database('postgres', tmp_path)
     name = url.rsplit('/', 1)[1]
     assert re.fullmatch(r'cartd_t_[0-9a-z_]+', name)
-    stack = CartStack(tmp_path / 'stack', logged_archive, url, workers=2, concurrency=1,
+    stack = CartStack(tmp_path / 'stack', logged_archive, url, workers=2, concurrency=1, share_staged_files=share,
                       overrides={'cartd': {'stage_batch_size': '1', 'stage_concurrency': '1', **RECONCILE}})
     blocked = False
     try:
@@ -689,7 +700,7 @@ class SlowArchive:
             self.server.server_close()
 
 
-def test_long_download_is_not_redriven(logged_archive: ArchiveServer, tmp_path: pathlib.Path) -> None:
+def test_long_download_is_not_redriven(logged_archive: ArchiveServer, tmp_path: pathlib.Path, share: bool) -> None:
     """A file that takes ~8 s to arrive, with stall_timeout 2 s: the cart is not re-queued, the file is fetched once."""
     uid = f'slow-{uuid.uuid4().hex[:8]}'
     size = 24 * MiB
@@ -698,7 +709,7 @@ def test_long_download_is_not_redriven(logged_archive: ArchiveServer, tmp_path: 
     fileids = [{'id': archive_id, 'path': 'slow.bin', 'hashtype': 'sha256', 'hashsum': digest}]
     slow = SlowArchive(logged_archive.url, 3 * MiB).start()
     url = fresh_database('sqlite', tmp_path)
-    stack = CartStack(tmp_path / 'stack', logged_archive, url, workers=2, concurrency=1,
+    stack = CartStack(tmp_path / 'stack', logged_archive, url, workers=2, concurrency=1, share_staged_files=share,
                       overrides={'cartd': {'stage_batch_size': '1', 'stage_concurrency': '1',
                                            'stall_timeout': '2', 'reconcile_interval': '0.5'},
                                  'archiveinterface': {'url': slow.url, 'timeout': '30'}})
