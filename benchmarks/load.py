@@ -24,6 +24,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import sys
 import threading
 import time
@@ -294,6 +295,7 @@ class Aftermath:
     left_links: int = 0
     left_examples: List[str] = dataclasses.field(default_factory=list)
     settle_s: float = 0.0
+    cache_hits: str = 'unknown'  # cartd_staged_file_cache_hits_total at the end, as /-/metrics gave it
 
     @property
     def stuck(self) -> int:
@@ -347,6 +349,19 @@ def volume_leftovers(volume: pathlib.Path, live_ids: Set[int],
     return dirs, files, len(links), examples[:5]
 
 
+def cache_hits(url: str) -> str:
+    """Files linked into carts from the staged-file cache so far (cartd_staged_file_cache_hits_total of the
+    server's /-/metrics), or why that is unknown."""
+    try:
+        answer = requests.get(f'{url}/-/metrics', timeout=60)
+    except requests.RequestException as exc:
+        return f'unknown ({type(exc).__name__})'
+    found = re.search(r'^cartd_staged_file_cache_hits_total ([0-9.e+]+)$', answer.text, re.MULTILINE)
+    if answer.status_code != 200 or found is None:
+        return f'unknown (/-/metrics answered {answer.status_code} without the counter)'
+    return number(float(found.group(1)))
+
+
 def aftermath(stack: OurStack, tally: Tally, settle_s: float) -> Aftermath:
     """Final HEAD of every cart not deleted, the database's view, and what deleted carts left on the volume.
 
@@ -355,6 +370,7 @@ def aftermath(stack: OurStack, tally: Tally, settle_s: float) -> Aftermath:
     """
     found = Aftermath()
     found.final_heads, found.stuck_uids = final_head(stack.url, sorted(tally.live), settle_s)
+    found.cache_hits = cache_hits(stack.url)
     began = time.monotonic()
     while True:
         dumped = stack.run_cmd('dump', '--json', timeout=600)
@@ -431,6 +447,7 @@ def figures(args: argparse.Namespace, tally: Tally, after: Aftermath, sampler: R
     lines.append(f'volume    {after.left_files} files in {after.left_dirs} directories of deleted carts, '
                  f'{after.left_links} cartuids links to them (looked at for {after.settle_s:.0f} s after the load)'
                  + (f', e.g. {", ".join(after.left_examples)}' if after.left_examples else ''))
+    lines.append(f'cache     {after.cache_hits} files linked from the staged-file cache (share_staged_files)')
     lines.append('latency   ms     count     p50     p95     p99     max')
     for kind in KINDS:
         values = sorted(tally.latency[kind])
