@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import pathlib
 import os
+import threading
 from typing import Dict, List, Tuple
 
 import pytest
@@ -175,6 +176,38 @@ def test_delete_while_downloads_fail_leaves_nothing_on_the_volume(make_service) 
     _assert_gone(service, cart_id, 'w1')
     # the file whose directory vanished is not recorded as a volume failure of a deleted cart
     assert File.get((File.cart == cart_id) & (File.file_name == 'first')).status != 'error'
+
+
+def test_a_staged_file_is_recorded_while_another_file_still_downloads(make_service, monkeypatch) -> None:
+    # A file that arrived is recorded within a flush interval, not only when the next file ends: else a
+    # long download keeps it unrecorded (HEAD does not count it; a cart failing meanwhile looked as if it
+    # had kept nothing, seen in test_eviction_e2e). The slow download waits for the first record (10 s at most).
+    files = {'fast': b'here at once', 'slow': b'held back' * 100}
+    service, archive, queue = make_service(files)
+    cart_id = service.create_cart('f1', {'fileids': _entries(files)})
+    recorded = threading.Event()
+    record = service.stager._record_staged  # pylint: disable=protected-access
+
+    def recording(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        record(*args, **kwargs)
+        recorded.set()
+
+    monkeypatch.setattr(service.stager, '_record_staged', recording)
+    download = archive.download
+    seen: List[Tuple[bool, str, int]] = []
+
+    def held(archive_id: str, partial: pathlib.Path, *args, **kwargs) -> Download:  # noqa: ANN002, ANN003
+        if archive_id == 'slow':
+            in_time = recorded.wait(10)
+            with database.connection():
+                fast = File.get((File.cart == cart_id) & (File.file_name == 'fast'))
+                seen.append((in_time, fast.status, Cart.get_by_id(cart_id).files_staged))
+        return download(archive_id, partial, *args, **kwargs)
+
+    archive.download = held  # type: ignore[method-assign]
+    run_queue(service, queue)
+    assert seen == [(True, 'staged', 1)]
+    assert service.status('f1').status == 'ready' and Cart.get_by_id(cart_id).files_staged == 2
 
 
 def test_delete_while_the_bundle_is_written_leaves_nothing(make_service, monkeypatch) -> None:

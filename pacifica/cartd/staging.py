@@ -169,6 +169,9 @@ class Stager:
                         break
                     except queue.Empty:
                         self._record_started(cart, log, ended)
+                        if staged:  # staged files are recorded now too, not when the next download ends
+                            self._record_staged(cart, staged)
+                            staged, last_flush = [], time.monotonic()
                 ended.add(outcome.file_id)
                 failed = failed or outcome.error is not None
                 if outcome.on_tape:
