@@ -27,7 +27,7 @@ from pacifica.cartd.service import CartService
 from pacifica.cartd.transport import response_body
 from pacifica.cartd.volume import CartVolume
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue
-from cartd_testkit.tmpfs import mounted_tmpfs
+from cartd_testkit.tmpfs import fill_until, mounted_tmpfs
 
 MIB = 1024 * 1024
 FILE_SIZE = 600 * 1024
@@ -369,3 +369,27 @@ def test_no_room_on_the_volume_fails_a_cart_that_skips_failed_files(tmp_path: pa
         run_queue(service, queue)
         state = service.status('room')
         assert state.status == 'error' and 'No space left on the volume' in state.message
+
+
+def test_a_bundle_file_fetched_through_the_cache_reserves_room_for_its_copy_in_the_tar(
+        tmp_path: pathlib.Path, small_volume: pathlib.Path) -> None:
+    # share_staged_files: a bundle cart's large file is fetched as a cache entry, then copied into its region
+    # of the tar: two copies on the volume. The copy is reserved too (here an old cart and then its entries
+    # are evicted for it); written unreserved, it met a full volume (ENOSPC), as test_eviction_e2e saw.
+    service, archive, queue = _service(tmp_path, small_volume, {}, SHARE_STAGED_FILES='on', STAGE_CONCURRENCY='1')
+    with database.connection():
+        _cart(service, queue, archive, 'old', 3, age_minutes=300)
+        fill_until(small_volume, small_volume / 'other-data.pad', 1500 * 1024)  # room for 2 of the 4 copies
+        datas = [os.urandom(FILE_SIZE) for _ in range(2)]
+        archive.files.update({f'new-{index}': data for index, data in enumerate(datas)})
+        cart_id = service.create_cart('new', {'bundle': True, 'fileids': [
+            {'id': f'new-{index}', 'path': f'f{index}', 'hashtype': 'md5', 'hashsum': hashlib.md5(data).hexdigest()}
+            for index, data in enumerate(datas)]})
+        run_queue(service, queue)
+        cart = Cart.get_by_id(cart_id)
+        assert (cart.status, cart.error) == ('ready', '')
+        assert Cart.get(Cart.cart_uid == 'old').status == 'deleted'
+        with tarfile.open(service.volume.tar_path(cart_id, 'new'), mode='r:') as tar:
+            members = {member.name: (tar.extractfile(member) or io.BytesIO()).read() for member in tar.getmembers()
+                       if member.isfile()}
+        assert members == {f'new/f{index}': data for index, data in enumerate(datas)}

@@ -419,6 +419,8 @@ class Stager:
         outcome = self._fetch_shared(cache, cart, file, status, log, found.lease)
         own = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
         try:
+            # The fetch's reservation replaced (and its end released) the region's: the copy needs its own.
+            self.space.reserve(cart, file, status.size, staging, offset)
             copy_into_region(own, staging, offset, status.size)
         finally:
             own.unlink(missing_ok=True)  # the entry keeps the bytes; the tar has them now
