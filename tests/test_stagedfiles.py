@@ -17,7 +17,7 @@ from peewee import OperationalError
 
 from pacifica.cartd import database, stagedfiles
 from pacifica.cartd.eviction import evict_one
-from pacifica.cartd.orm import Cart, File, ReadyEntry, StagedFile, staged_files_ready
+from pacifica.cartd.orm import Cart, File, NewEntry, ReadyEntry, StagedFile, staged_files_ready
 from pacifica.cartd.service import CartService
 from pacifica.cartd.stagedfiles import Found, StagedFiles, cache_key
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue, sqlite_service
@@ -155,15 +155,15 @@ def test_a_database_failure_while_claims_are_made_reaches_every_caller(
     is made. Mocked: a real database cannot be made to fail at exactly that statement."""
     cache = _service(tmp_path, cleanup).stager.cache
     assert cache is not None
-    real = stagedfiles.staged_files_by_keys
+    real = stagedfiles.insert_staged_files
 
-    def failing(keys: List[str]) -> Dict[str, StagedFile]:
+    def failing(entries: List[NewEntry], lease_until: datetime.datetime) -> None:
         raise OperationalError('the database went away')
 
-    monkeypatch.setattr(stagedfiles, 'staged_files_by_keys', failing)
+    monkeypatch.setattr(stagedfiles, 'insert_staged_files', failing)
     with pytest.raises(OperationalError):
         cache.find_or_claim('x', 10, None)
-    monkeypatch.setattr(stagedfiles, 'staged_files_by_keys', real)
+    monkeypatch.setattr(stagedfiles, 'insert_staged_files', real)
     assert cache.find_or_claim('x', 10, None).lease is not None
 
 

@@ -178,12 +178,10 @@ class StagedFiles:
                 open_claims = [claim for claim in batch if claim.found is None]
                 if not open_claims:
                     return
-                keys = [claim.entry.cache_key for claim in open_claims]
-                entries = staged_files_by_keys(keys)
-                if any(key not in entries for key in keys):
-                    insert_staged_files([claim.entry for claim in open_claims if claim.entry.cache_key not in entries],
-                                        until)
-                    entries = staged_files_by_keys(keys)
+                # Each key nobody holds becomes this batch's, the others stay as they are; then one read says
+                # whose each one is (two statements, whether the files are new or not).
+                insert_staged_files([claim.entry for claim in open_claims], until)
+                entries = staged_files_by_keys([claim.entry.cache_key for claim in open_claims])
                 for claim in open_claims:
                     claim.found = self._settle(claim, entries.get(claim.entry.cache_key), until)
 
