@@ -19,6 +19,7 @@ from pacifica.cartd import database, stagedfiles
 from pacifica.cartd.eviction import evict_one
 from pacifica.cartd.orm import Cart, File, NewEntry, ReadyEntry, StagedFile, staged_files_ready
 from pacifica.cartd.service import CartService
+from pacifica.cartd.staging import StageOutcome
 from pacifica.cartd.stagedfiles import Found, StagedFiles, cache_key
 from cartd_testkit.fakes import FakeArchive, FakeQueue, run_queue, sqlite_service
 
@@ -516,8 +517,23 @@ def test_dump_fixit_and_the_counters_know_the_cache(tmp_path: pathlib.Path, clea
         {archive_id: entry.id for archive_id, entry in entries.items()}
     # fixit re-stages a lost file through the cache: linked again, no download
     service.volume.file_path(second.id, second.cart_uid, _path('run/2')).unlink()
-    result = service.fixit('second')
+
+    class Progress:
+        """What fixit's progress bar is told: each file's outcome."""
+
+        def __init__(self) -> None:
+            self.done: List[int] = []
+
+        def files(self, count: int) -> None:
+            assert count == 1
+
+        def file_done(self, outcome: StageOutcome) -> None:
+            self.done.append(outcome.file_id)
+
+    progress = Progress()
+    result = service.fixit('second', progress)
     assert result.state.status == 'ready' and _cart_files(service, second) == DATA
+    assert progress.done == [File.get((File.cart == second.id) & (File.file_name == 'run/2')).id]  # the linked one
     assert len(_archive(service).downloads) == len(DATA)
     assert counter_values()[('staged_file_cache_hits', '')] == len(DATA) + 1
 

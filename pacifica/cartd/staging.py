@@ -146,7 +146,7 @@ class Stager:
         known: Dict[int, StagedFile] = {}
         if self.cache is not None:
             try:
-                files, known = self._link_known(self.cache, cart, files, log)
+                files, known = self._link_known(self.cache, cart, files, log, on_done)
             except CartGone:
                 return []
             if not files:
@@ -202,8 +202,9 @@ class Stager:
                 mark_recalling(cart.id, on_tape)
         return sorted(on_tape)
 
-    def _link_known(self, cache: StagedFiles, cart: Cart, files: Sequence[File],
-                    log: AttemptLog) -> Tuple[List[File], Dict[int, StagedFile]]:
+    def _link_known(self, cache: StagedFiles, cart: Cart, files: Sequence[File], log: AttemptLog,
+                    on_done: Optional[Callable[[StageOutcome], None]] = None
+                    ) -> Tuple[List[File], Dict[int, StagedFile]]:
         """Link into the cart, in this thread, the files whose cached bytes are known to have the cart's
         hash (StagedFiles.known_to_match: no request to the archive, no byte read), recorded staged
         LINKED_AT_ONCE at a time; return the files left to the pool, and of those, the entries known to
@@ -235,10 +236,10 @@ class Stager:
             linked.append(StageOutcome(file.id, download=Download(int(entry.size or 0), entry.mtime),
                                        attempts=log.attempts(file.id), staged_file_id=entry.id, cache_hit=True))
             if len(linked) >= LINKED_AT_ONCE:
-                self._record_staged(cart, linked)
+                self._record_linked(cart, linked, on_done)
                 linked = []
         if linked:
-            self._record_staged(cart, linked)
+            self._record_linked(cart, linked, on_done)
         if len(rest) < len(files):
             LOGGER.info('cart %s: %d of %d files linked from the staged-file cache, their digests on record',
                         cart.cart_uid, len(files) - len(rest), len(files))
@@ -251,6 +252,14 @@ class Stager:
         if started:
             with database.atomic():
                 mark_transferring(cart.id, started)
+
+    def _record_linked(self, cart: Cart, linked: Sequence[StageOutcome],
+                       on_done: Optional[Callable[[StageOutcome], None]]) -> None:
+        """Record files linked from the cache staged; `on_done` hears about each once recorded."""
+        self._record_staged(cart, linked)
+        if on_done is not None:
+            for outcome in linked:
+                on_done(outcome)
 
     def _stage_in_thread(self, cart: Cart, file: File, log: AttemptLog,
                          known: Optional[StagedFile] = None) -> StageOutcome:
