@@ -106,7 +106,9 @@ def _ready_while_down(stack: CartStack, uid: str, attempts: int) -> CartEvent:
     """Post a cart while the receiver is down; return its event once it is ready and tried `attempts` times."""
     assert _post(stack, uid).status_code == 201
     assert stack.wait_final(uid).headers['X-Pacifica-Status'] == 'ready'
-    _until(lambda: bool(_outbox(uid)) and _outbox(uid)[0].attempts >= attempts, f'{uid} not tried', stack)
+    # An attempt is counted when the event is claimed, before the send; its error is written after it fails.
+    _until(lambda: bool(_outbox(uid)) and _outbox(uid)[0].attempts >= attempts and bool(_outbox(uid)[0].last_error),
+           f'{uid} not tried', stack)
     [waiting] = _outbox(uid)
     assert waiting.state == 'pending' and 'Connection' in waiting.last_error
     return waiting
