@@ -26,21 +26,18 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import pathlib
 import time
-import uuid
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, cast
+from typing import Callable, Dict, Iterator, Optional, Sequence, cast
 
 import pytest
 import requests
 
 from pacifica.cartd import database
-from pacifica.cartd.config import load_settings
 from pacifica.cartd.orm import Cart, CartTasks, StagedFile, now
-from cartd_testkit.archive import ArchiveServer, NamedFiles
+from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.faultproxy import FaultProxy, ProxiedArchive
 from cartd_testkit.stack import KINDS_AND_CACHE_MODES, CartStack, cache_id, kind_and_cache_id, tar_contents
-from cartd_testkit.tmpfs import fill_until, running_on_tmpfs
+from cartd_testkit.tmpfs import VolumeTest, running_on_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -49,7 +46,6 @@ FILE_SIZE = 512 * KIB
 LEFT_FREE = FILE_SIZE // 2  # free bytes when the cart that needs room arrives
 VOLUME_SIZE = '8m'  # the largest scenario holds about 5 MiB of carts; the rest is filled
 BUFFER_MINUTES = 30  # lru_buffer_time of the test that sets one: carts used in the last 30 minutes stay
-PAD_NAME = 'other-data.pad'  # not a cart: stands for whatever else fills a shared volume
 NO_SPACE = 'No space left on the volume'
 EVICTED = 'evicted to make room on the volume'
 
@@ -81,21 +77,14 @@ def restart_worker(stack: CartStack, lru_buffer_seconds: int) -> None:
     stack.wait_workers_ready()
 
 
-class Carts:
+class Carts(VolumeTest):
     """The carts one test makes: archive files, POST, waiting, ageing, and what each should hold."""
 
     def __init__(self, stack: CartStack) -> None:
-        """Bind this process to the stack's database (to read cart rows and age them)."""
-        self.stack = stack
+        """The test's files carts share by name are FILE_SIZE bytes each."""
+        super().__init__(stack, FILE_SIZE)
         self.bundle = False  # POST carts with "bundle": this (their tar written on the volume)
-        self.tag = uuid.uuid4().hex[:8]
         self.expected: Dict[str, Dict[str, bytes]] = {}
-        self.shared = NamedFiles(stack.archive, self.tag, FILE_SIZE)  # the test's files carts share by name
-        self.db = database.bind(load_settings(str(stack.config), environ={}))
-
-    def uid(self, name: str) -> str:
-        """The uid of this test's cart `name`."""
-        return f'{name}-{self.tag}'
 
     def post(self, name: str, sizes: Sequence[int] = (), shared: Sequence[str] = ()) -> requests.Response:
         """POST a cart of new archive files of these sizes (the cart's own), and of the test's archive
@@ -109,21 +98,14 @@ class Carts:
                             'hashsum': sums['sha1']})
             expected[f'part{index}.bin'] = data
         for file in shared:
-            archive_id = self.shared.archive_id(file)
+            archive_id = self.files.archive_id(file)
             fileids.append({'id': archive_id, 'path': f'{file}.bin', 'hashtype': 'sha1',
-                            'hashsum': hashlib.sha1(self.shared.data[archive_id]).hexdigest()})
-            expected[f'{file}.bin'] = self.shared.data[archive_id]
+                            'hashsum': hashlib.sha1(self.files.data[archive_id]).hexdigest()})
+            expected[f'{file}.bin'] = self.files.data[archive_id]
         self.expected[name] = expected
         answer = self.stack.post(uid, fileids, bundle=self.bundle)
         assert answer.status_code == 201, answer.text
         return answer
-
-    def entries(self) -> Dict[str, str]:
-        """Shared file name -> state of its staged-file cache entry, for those that have one."""
-        with database.connection():
-            rows = StagedFile.select(StagedFile.archive_id, StagedFile.state).where(
-                StagedFile.archive_id.in_(list(self.shared.data)))
-            return {self.shared.name(row.archive_id): row.state for row in rows}
 
     def entry_states(self, names: Sequence[str]) -> Dict[str, Optional[str]]:
         """Cart name -> the state of the cache entry of its own first file (None when it has none), in order."""
@@ -178,43 +160,9 @@ class Carts:
         with database.connection():
             return CartTasks.select().join(Cart).where(Cart.cart_uid == self.uid(name)).count()
 
-    def free_bytes(self) -> int:
-        """Free bytes on the volume, as the cart sees them."""
-        stats = os.statvfs(self.stack.volume)
-        return stats.f_bavail * stats.f_frsize
-
-    def part_files(self) -> List[pathlib.Path]:
-        """Downloads in progress (or left behind) on the volume."""
-        return [path for path in self.stack.volume.rglob('*') if path.name.endswith('.part')]
-
-    def wait_no_part_files(self, deadline_s: float = 30) -> None:
-        """Wait until no download is writing to the volume."""
-        deadline = time.monotonic() + deadline_s
-        while self.part_files():
-            assert time.monotonic() < deadline, f'downloads still writing: {self.part_files()}'
-            time.sleep(0.1)
-
-    def leave_free(self, free: int) -> None:
-        """Fill the volume with other data until `free` bytes (to a page) are left."""
-        self.wait_no_part_files()
-        fill_until(self.stack.volume, self.stack.volume / PAD_NAME, free)
-
     def cleanup(self) -> None:
-        """DELETE every cart of the test, remove the filler, purge, give back the database connections.
-
-        A DELETE removes a cart's own links only: with share_staged_files its files stay in the
-        cache, pinned by no cart, and would be the first to go in the next test. The purge removes
-        them (and the carts' rows), so each test starts from an empty volume.
-        """
-        for name in self.expected:
-            self.stack.delete(self.uid(name))
-        (self.stack.volume / PAD_NAME).unlink(missing_ok=True)
-        purged = self.stack.run_cmd('purge', '--time-ago', '0 seconds')
-        assert purged.returncode == 0, purged.stdout + purged.stderr
-        if hasattr(self.db, 'close_all'):  # a pool (PostgreSQL, MySQL)
-            self.db.close_all()
-        else:
-            self.db.close()
+        """Remove every cart of the test, and all else it left (VolumeTest.remove_all)."""
+        self.remove_all(self.expected)
 
     # ---- what a client sees ----------------------------------------------------------
 

@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import time
-import uuid
 from typing import Dict, Iterator, List, Optional
 
 import pytest
 
 from pacifica.cartd import database
-from pacifica.cartd.config import load_settings
 from pacifica.cartd.orm import Cart, File, StagedFile, now
-from cartd_testkit.archive import ArchiveServer, NamedFiles
+from cartd_testkit.archive import ArchiveServer
 from cartd_testkit.databases import KINDS
 from cartd_testkit.stack import CartStack, tar_contents
-from cartd_testkit.tmpfs import fill_until, free_bytes, running_on_tmpfs
+from cartd_testkit.tmpfs import VolumeTest, running_on_tmpfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FILE_SIZE = 512 * 1024
 VOLUME_SIZE = '8m'
-PAD_NAME = 'other-data.pad'  # not a cart: whatever else fills a shared volume
 
 
 @pytest.fixture(scope='module', params=KINDS)
@@ -44,22 +40,15 @@ def stack(request: pytest.FixtureRequest, archive: ArchiveServer,
         yield cart
 
 
-class Shared:
+class Shared(VolumeTest):
     """One test's archive files (shared between its carts by name) and carts."""
 
     def __init__(self, stack: CartStack) -> None:
-        """Bind this process to the stack's database (to read rows and age them)."""
-        self.stack = stack
-        self.tag = uuid.uuid4().hex[:8]
-        self.files = NamedFiles(stack.archive, self.tag, FILE_SIZE)
+        """The test's files are FILE_SIZE bytes each."""
+        super().__init__(stack, FILE_SIZE)
         self.data = self.files.data
         self.archive_id = self.files.archive_id
         self.carts: Dict[str, List[str]] = {}
-        self.db = database.bind(load_settings(str(stack.config), environ={}))
-
-    def uid(self, cart: str) -> str:
-        """The uid of this test's cart `cart`."""
-        return f'{cart}-{self.tag}'
 
     def ready(self, cart: str, files: List[str]) -> None:
         """POST a cart of these files and wait until it is ready."""
@@ -83,13 +72,6 @@ class Shared:
         with database.connection():
             return StagedFile.get(StagedFile.archive_id == self.archive_id(name))
 
-    def entries(self) -> Dict[str, str]:
-        """File name -> state of this test's cache entries."""
-        with database.connection():
-            rows = StagedFile.select(StagedFile.archive_id, StagedFile.state).where(
-                StagedFile.archive_id.in_(list(self.data)))
-            return {self.files.name(row.archive_id): row.state for row in rows}
-
     def age_cart(self, cart: str, minutes: float) -> None:
         """Make the cart's last use `minutes` old (out of the in-use window)."""
         with database.connection():
@@ -108,28 +90,9 @@ class Shared:
             rows = File.select(File.file_name, File.staged_file_id).join(Cart).where(Cart.cart_uid == self.uid(cart))
             return {row.file_name[len(self.tag) + 1:]: row.staged_file_id for row in rows}
 
-    def free_bytes(self) -> int:
-        """Free bytes on the volume."""
-        return free_bytes(self.stack.volume)
-
-    def leave_free(self, free: int) -> None:
-        """Fill the volume with other data until `free` bytes (to a page) are left, once no download writes."""
-        deadline = time.monotonic() + 30
-        while list(self.stack.volume.rglob('*.part')):
-            assert time.monotonic() < deadline, 'downloads still writing'
-            time.sleep(0.1)
-        fill_until(self.stack.volume, self.stack.volume / PAD_NAME, free)
-
     def cleanup(self) -> None:
-        """DELETE the carts, purge everything (carts' rows and the cache's entries), give back connections."""
-        for cart in self.carts:
-            self.stack.delete(self.uid(cart))
-        (self.stack.volume / PAD_NAME).unlink(missing_ok=True)
-        self.stack.run_cmd('purge', '--time-ago', '0 seconds')
-        if hasattr(self.db, 'close_all'):
-            self.db.close_all()
-        else:
-            self.db.close()
+        """Remove every cart of the test, and all else it left (VolumeTest.remove_all)."""
+        self.remove_all(self.carts)
 
 
 @pytest.fixture
