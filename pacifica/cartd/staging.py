@@ -55,6 +55,20 @@ class StageOutcome:
     redo: bool = False  # nothing done: to be staged the usual way (a cached copy that could not be used)
 
 
+def _cache_hit(file: File, entry: StagedFile, log: AttemptLog) -> StageOutcome:
+    """The outcome of a file served from a cache entry without a download: staged with the entry's size and
+    mtime (the archive's when it was fetched, its key), pinned on the entry, counted a hit."""
+    return StageOutcome(file.id, download=Download(int(entry.size or 0), entry.mtime), attempts=log.attempts(file.id),
+                        staged_file_id=entry.id, cache_hit=True)
+
+
+def _fetched_elsewhere(cart: Cart, file: File, status: ArchiveStatus) -> StageOutcome:
+    """The outcome of a file another download is fetching into the cache now: it waits like a file on tape."""
+    LOGGER.info('cart %s file %s: another download is fetching it; looked at again later', cart.cart_uid,
+                file.bundle_path)
+    return StageOutcome(file.id, on_tape=True, size=status.size)
+
+
 class AttemptLog:
     """Downloads started by one staging task, per file: counted by the threads, recorded by the task's thread.
 
@@ -233,8 +247,7 @@ class Stager:
                 rest.append(file)  # gone, another filesystem, or a leftover at its name: the usual way sees to it
                 continue
             LOGGER.debug('cart %s file %s: linked from staged file %d', cart.cart_uid, file.bundle_path, entry.id)
-            linked.append(StageOutcome(file.id, download=Download(int(entry.size or 0), entry.mtime),
-                                       attempts=log.attempts(file.id), staged_file_id=entry.id, cache_hit=True))
+            linked.append(_cache_hit(file, entry, log))
             if len(linked) >= LINKED_AT_ONCE:
                 self._record_linked(cart, linked, on_done)
                 linked = []
@@ -380,12 +393,9 @@ class Stager:
         if found.ready is not None:
             linked = self._link_cached(cache, cart, file, found.ready, log)
             return linked if linked is not None else self._stage_alone(cart, file, status, log)
-        lease = found.lease
-        if lease is None:
-            LOGGER.info('cart %s file %s: another download is fetching it; looked at again later', cart.cart_uid,
-                        file.bundle_path)
-            return StageOutcome(file.id, on_tape=True, size=status.size)
-        return self._fetch_shared(cache, cart, file, status, log, lease)
+        if found.lease is None:
+            return _fetched_elsewhere(cart, file, status)
+        return self._fetch_shared(cache, cart, file, status, log, found.lease)
 
     def _fetch_shared(self, cache: StagedFiles, cart: Cart, file: File, status: ArchiveStatus, log: AttemptLog,
                       lease: Lease) -> StageOutcome:
@@ -422,9 +432,7 @@ class Stager:
             return copied if copied is not None else self._fill_downloaded(cart, file, status, staging, offset=offset,
                                                                            log=log)
         if found.lease is None:
-            LOGGER.info('cart %s file %s: another download is fetching it; looked at again later', cart.cart_uid,
-                        file.bundle_path)
-            return StageOutcome(file.id, on_tape=True, size=status.size)
+            return _fetched_elsewhere(cart, file, status)
         outcome = self._fetch_shared(cache, cart, file, status, log, found.lease)
         own = self.volume.file_path(cart.id, cart.cart_uid, file.bundle_path)
         try:
@@ -455,8 +463,7 @@ class Stager:
             return None
         LOGGER.debug('cart %s file %s: copied into the bundle from staged file %d', cart.cart_uid, file.bundle_path,
                      entry.id)
-        return StageOutcome(file.id, download=Download(int(entry.size or 0), entry.mtime),
-                            attempts=log.attempts(file.id), staged_file_id=entry.id, cache_hit=True)
+        return _cache_hit(file, entry, log)
 
     def _link_cached(self, cache: StagedFiles, cart: Cart, file: File, entry: StagedFile,
                      log: AttemptLog) -> Optional[StageOutcome]:
@@ -483,9 +490,7 @@ class Stager:
         finally:
             partial.unlink(missing_ok=True)
         LOGGER.debug('cart %s file %s: linked from staged file %d', cart.cart_uid, file.bundle_path, entry.id)
-        # The entry's size and mtime are the archive's when it was fetched (its key), as a download's would be.
-        return StageOutcome(file.id, download=Download(int(entry.size or 0), entry.mtime),
-                            attempts=log.attempts(file.id), staged_file_id=entry.id, cache_hit=True)
+        return _cache_hit(file, entry, log)
 
     def _link_or_reserve_copy(self, cart: Cart, file: File, source: Path, partial: Path) -> bool:
         """Make `partial` the cart's own name for the entry's bytes: a hard link (no room needed: it adds no
