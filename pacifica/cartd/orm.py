@@ -838,11 +838,6 @@ def drop_finished_events(finished_before: datetime.datetime) -> int:
 
 # ---- the staged-file cache (schema 2.9) -------------------------------------------------
 
-def staged_file_by_key(cache_key: str) -> Optional[StagedFile]:
-    """The cache entry answering to this key (fetching or ready), or None."""
-    return StagedFile.get_or_none(StagedFile.cache_key == cache_key)
-
-
 def archive_key_of(archive_id: str) -> str:
     """The indexed stand-in for an archive id (StagedFile.archive_key)."""
     return hashlib.sha256(archive_id.encode('utf-8')).hexdigest()

@@ -17,7 +17,7 @@ from . import database
 from .archive import new_hash
 from .orm import (File, NewEntry, ReadyEntry, StagedFile, StagedFileState, claim_entry_removal, insert_staged_files,
                   now, oldest_unpinned_entry, ready_entries_of, renew_staged_file_lease, retire_staged_file,
-                  set_staged_file_digests, staged_file_by_key, staged_files_by_keys, take_over_staged_file,
+                  set_staged_file_digests, staged_files_by_keys, take_over_staged_file,
                   untrusted_entries)
 from .volume import CartVolume
 
@@ -247,7 +247,7 @@ class StagedFiles:
                 after = json.dumps({**json.loads(before), algorithm: digest}, sort_keys=True)
                 if set_staged_file_digests(entry.id, before, after):
                     return
-                current = staged_file_by_key(str(entry.cache_key))
+                current = staged_files_by_keys([str(entry.cache_key)]).get(str(entry.cache_key))
                 if current is None or current.id != entry.id:
                     return  # retired meanwhile: nothing to record on
                 before = str(current.digests or '{}')
