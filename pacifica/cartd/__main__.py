@@ -129,7 +129,9 @@ def cmd_parser() -> argparse.ArgumentParser:
     status.add_argument('--json', action='store_true', default=False,
                         help='print the status documents (as GET /<uid>/status answers them) as JSON')
     purge = subparsers.add_parser('purge', help='delete carts not used for a while',
-                                  description='delete all carts before a time', parents=each)
+                                  description='delete all carts before a time; with share_staged_files (the '
+                                  'default), then also the staged-file cache entries no cart pins unused since then, '
+                                  'untrusted entries and the cache\'s old temp files', parents=each)
     purge.add_argument('--time-ago', type=time_ago, default=time_ago('180 days ago'), dest='time_ago',
                        help='only cart older than X days ago (i.e. --time-ago="7 days ago"); default 180 days')
     return parser
